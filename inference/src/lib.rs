@@ -1,0 +1,21 @@
+//! glm-inference: an OpenAI-compatible server for GLM-4, DeepSeek and embedding models.
+//!
+//! Where a request goes:
+//! - `http/`     axum routes, request/response types, validation, the OpenAI error envelope.
+//!               Knows nothing of tensors.
+//! - `registry`  served model name -> loaded model (embedding or chat), built from `--model NAME=PATH`.
+//! - `batcher`   embeddings: token-budget dynamic batching, admission control, cancellation.
+//! - `engine/`   chat: queue, scheduler, sampling, stop strings, streaming detokenizer, templates.
+//! - `models/`   one module per model family (candle); traits `Embedder` and `CausalLM`.
+//! - `keyword`   KeyBERT-style keyword extraction over an embedder.
+//! - `metrics`   Prometheus registry (`glm_*`).
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod keyword;
+pub mod metrics;
+pub mod models;
+pub mod registry;
+pub mod tokenizer;
