@@ -1,6 +1,7 @@
 //! Decoder families for chat: GLM-4 (hf, 0414 and original THUDM layouts), Qwen2, Llama,
 //! DeepSeek-V3 (MLA + MoE), and GGUF quantized checkpoints.
 pub mod cache;
+pub mod snapshot;
 
 use std::path::Path;
 
