@@ -1,1 +1,212 @@
-//! (skeleton)
+//! The chat engine: prompt building (chat templates), a bounded queue, a continuous-batching
+//! scheduler on its own thread, sampling, stop handling and streaming detokenization.
+//!
+//! [`ChatEngine`] is the handle the HTTP layer holds: it renders and tokenizes prompts and submits
+//! [`GenerateRequest`]s; every request gets its own channel of [`Event`]s. Dropping the receiver
+//! cancels the request within one scheduler step.
+pub mod detokenizer;
+pub mod reasoning;
+pub mod sampler;
+mod scheduler;
+pub mod stop;
+pub mod template;
+pub mod types;
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub use reasoning::ReasoningStart;
+pub use scheduler::Counters;
+pub use template::{ChatTemplate, TemplateError};
+pub use types::*;
+
+use crate::models::{CausalLMInfo, LoadedChat};
+use scheduler::{Pending, Scheduler};
+
+/// Limits of one model's engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Sequences generating at the same time.
+    pub max_batch_size: usize,
+    /// Tokens in one forward pass (decode tokens plus prompt chunks); long prompts are prefilled in
+    /// chunks of at most this size.
+    pub max_batch_tokens: usize,
+    /// Requests waiting for a batch slot before new ones are refused (HTTP 429).
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch_size: 8, max_batch_tokens: 2048, max_waiting: 64 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// HTTP 429.
+    #[error("model '{model}' is overloaded: {waiting} requests are already waiting (limit {max_waiting}); retry later")]
+    QueueFull { model: String, waiting: usize, max_waiting: usize },
+    /// HTTP 400.
+    #[error("the prompt has {prompt_tokens} tokens but model '{model}' has a context of {max_context} tokens (at least one must be left to generate)")]
+    PromptTooLong { model: String, prompt_tokens: usize, max_context: usize },
+    /// HTTP 400.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// HTTP 400.
+    #[error("model '{0}' has no chat template; it cannot take chat messages")]
+    NoChatTemplate(String),
+    /// HTTP 400 (client messages the template rejects) or 500 (a broken template, reported at start).
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// HTTP 500.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    /// HTTP 503.
+    #[error("the engine of model '{0}' has stopped")]
+    Stopped(String),
+}
+
+/// A rendered and tokenized chat prompt.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Set for reasoning models (vocabularies with `</think>`): where generation starts.
+    pub reasoning: Option<ReasoningStart>,
+}
+
+/// What a submitted request returns: its prompt size and its stream of events.
+#[derive(Debug)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub events: UnboundedReceiver<Event>,
+}
+
+/// Handle to one chat model's engine. Cheap to share behind an `Arc`; the scheduler thread stops
+/// once the handle is dropped and running requests are done.
+pub struct ChatEngine {
+    name: String,
+    info: CausalLMInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    reasoning: bool,
+    config: EngineConfig,
+    counters: Arc<Counters>,
+    queue: Sender<Pending>,
+}
+
+impl std::fmt::Debug for ChatEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatEngine").field("name", &self.name).field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl ChatEngine {
+    /// Compile the template and spawn the scheduler thread.
+    pub fn start(name: impl Into<String>, loaded: LoadedChat, config: EngineConfig) -> Result<Self, EngineError> {
+        let name = name.into();
+        let template = loaded
+            .chat_template
+            .as_deref()
+            .map(|src| ChatTemplate::new(src, loaded.bos_token.as_deref(), loaded.eos_token.as_deref()))
+            .transpose()?;
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let reasoning = tokenizer.token_to_id("</think>").is_some();
+        let info = loaded.model.info().clone();
+        let counters = Arc::new(Counters::default());
+        let (queue, rx) = std::sync::mpsc::channel();
+        let scheduler = Scheduler {
+            model: loaded.model,
+            tokenizer: tokenizer.clone(),
+            eos_token_ids: loaded.eos_token_ids,
+            config: config.clone(),
+            counters: counters.clone(),
+            queue: rx,
+            name: name.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || scheduler.run())
+            .map_err(|e| EngineError::Stopped(format!("{name}: cannot spawn its thread: {e}")))?;
+        tracing::info!(model = %name, family = info.family, max_context = info.max_context, ?config, "chat engine started");
+        Ok(ChatEngine { name, info, tokenizer, template, reasoning, config, counters, queue })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn info(&self) -> &CausalLMInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Sequences generating now.
+    pub fn running(&self) -> usize {
+        self.counters.running.load(Ordering::Relaxed)
+    }
+
+    /// Requests queued for a batch slot.
+    pub fn waiting(&self) -> usize {
+        self.counters.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Render `messages` with the model's chat template (generation prompt added) and tokenize the
+    /// text without adding special tokens: the template already wrote BOS / `[gMASK]<sop>`.
+    pub fn chat_prompt<M: Serialize>(&self, messages: &[M], tools: Option<&serde_json::Value>) -> Result<Prompt, EngineError> {
+        let template = self.template.as_ref().ok_or_else(|| EngineError::NoChatTemplate(self.name.clone()))?;
+        let text = template.render(messages, tools, true)?;
+        let ids = self.encode(&text)?;
+        let reasoning = self.reasoning.then(|| reasoning::ReasoningParser::start_for_prompt(&text));
+        Ok(Prompt { text, ids, reasoning })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Queue a request. Fails at once when the prompt does not fit or the queue is full.
+    pub fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let prompt_tokens = request.prompt_ids.len();
+        let max_context = self.info.max_context;
+        if prompt_tokens == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt_tokens >= max_context {
+            return Err(EngineError::PromptTooLong { model: self.name.clone(), prompt_tokens, max_context });
+        }
+        let room = max_context - prompt_tokens;
+        let max_new_tokens = request.stop.max_tokens.map_or(room, |m| m.clamp(1, room));
+        self.reserve_slot()?;
+        let (tx, events) = unbounded_channel();
+        let pending = Pending { request, events: tx, enqueued: Instant::now(), max_new_tokens };
+        if self.queue.send(pending).is_err() {
+            self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Stopped(self.name.clone()));
+        }
+        Ok(Generation { prompt_tokens, events })
+    }
+
+    fn reserve_slot(&self) -> Result<(), EngineError> {
+        let max_waiting = self.config.max_waiting;
+        self.counters
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max_waiting).then_some(w + 1))
+            .map(|_| ())
+            .map_err(|waiting| EngineError::QueueFull { model: self.name.clone(), waiting, max_waiting })
+    }
+}

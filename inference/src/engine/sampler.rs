@@ -1,0 +1,230 @@
+//! Next-token choice from one row of float32 logits: penalties, temperature, top-k, top-p, min-p,
+//! seeded randomness, log-probabilities.
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::types::SamplingParams;
+
+/// Temperatures below this are treated as greedy (dividing by ~0 would overflow anyway).
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// One sampled token; `logprobs` are from the model's own distribution (log-softmax of the raw
+/// logits, before penalties and temperature), as ids with values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state: parameters, random generator, token counts for penalties.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Occurrences of each generated token (presence/frequency penalties).
+    generated: HashMap<u32, u32>,
+    /// Every token of prompt and output (repetition penalty).
+    seen: HashMap<u32, ()>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt_ids: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_rng(&mut rand::rng()),
+        };
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt_ids.iter().map(|&t| (t, ())).collect()
+        } else {
+            HashMap::new()
+        };
+        Sampler { params, rng, generated: HashMap::new(), seen }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Choose the next token and record it for the penalties of later steps.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let mut work: Vec<f32> = logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }).collect();
+        self.apply_penalties(&mut work);
+        let id = if self.params.temperature < GREEDY_TEMPERATURE { argmax(&work) } else { self.draw(&mut work) };
+        let (logprob, top_logprobs) = if self.params.logprobs { log_probs(logits, id, self.params.top_logprobs) } else { (None, Vec::new()) };
+        *self.generated.entry(id).or_insert(0) += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(id, ());
+        }
+        Sampled { id, logprob, top_logprobs }
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
+            for &id in self.seen.keys() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &count) in &self.generated {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                }
+            }
+        }
+    }
+
+    /// Temperature, then top-k, top-p and min-p over the sorted candidates, then one draw.
+    fn draw(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        let mut candidates: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        if candidates.is_empty() {
+            return argmax(logits);
+        }
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            candidates.truncate(p.top_k);
+        }
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let max = candidates[0].1;
+        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                cumulative += q;
+                if cumulative >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let kept = &probs[..keep];
+        let mass: f32 = kept.iter().sum();
+        let mut target = self.rng.random::<f32>() * mass;
+        for (i, q) in kept.iter().enumerate() {
+            if target < *q {
+                return candidates[i].0;
+            }
+            target -= q;
+        }
+        candidates[keep - 1].0
+    }
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] || values[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Log-probability of `id` and the `top` best tokens under log-softmax(logits).
+fn log_probs(logits: &[f32], id: u32, top: usize) -> (Option<f32>, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().filter(|l| !l.is_nan()).map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let logprob = logits.get(id as usize).map(|&l| l - log_sum);
+    let mut best: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).filter(|(_, l)| !l.is_nan()).collect();
+    let top = top.min(best.len());
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, |a, b| b.1.total_cmp(&a.1));
+    }
+    best.truncate(top);
+    best.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    (logprob, best.into_iter().map(|(i, l)| (i, l - log_sum)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_picks_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).id, 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_different_seeds_differ() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.seed = Some(seed) }), &[]);
+            (0..40).map(|_| s.sample(&logits).id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.0, 1.0, 2.5, 2.4];
+        for p in [params(|p| { p.temperature = 1.0; p.top_k = 1 }), params(|p| { p.temperature = 1.0; p.top_p = 0.01 })] {
+            let mut s = Sampler::new(p, &[]);
+            assert!((0..20).all(|_| s.sample(&logits).id == 2));
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // probabilities ~ [0.0003, 0.5, 0.5]: min_p 0.1 keeps only tokens 1 and 2
+        let logits = [-6.0, 2.0, 2.0];
+        let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.min_p = 0.1; p.seed = Some(1) }), &[]);
+        assert!((0..200).all(|_| s.sample(&logits).id != 0));
+    }
+
+    #[test]
+    fn frequency_penalty_counts_occurrences_and_presence_once() {
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.6), &[]);
+        // token 0 wins first (1.0 > 0.5), then 1.0 - 0.6 < 0.5
+        assert_eq!(s.sample(&[1.0, 0.5]).id, 0);
+        assert_eq!(s.sample(&[1.0, 0.5]).id, 1);
+        let mut s = Sampler::new(params(|p| p.presence_penalty = 0.4), &[]);
+        assert_eq!(s.sample(&[1.0, 0.7]).id, 0);
+        assert_eq!(s.sample(&[1.0, 0.7]).id, 1);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_tokens() {
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[0, 2]);
+        // 3.0 / 2 = 1.5 < 2.0, so token 1 wins
+        assert_eq!(s.sample(&[3.0, 2.0, -1.0]).id, 1);
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[1]);
+        // -1.0 * 2 = -2.0 < -1.5
+        assert_eq!(s.sample(&[-1.0, -1.0, -1.5]).id, 0);
+        assert_eq!(s.sample(&[-2.1, -1.0, -1.5]).id, 2);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_of_raw_logits() {
+        let mut s = Sampler::new(params(|p| { p.logprobs = true; p.top_logprobs = 2 }), &[]);
+        let out = s.sample(&[0.0, (2.0f32).ln(), 0.0]);
+        assert_eq!(out.id, 1);
+        let lp = out.logprob.unwrap();
+        assert!((lp - 0.5f32.ln()).abs() < 1e-6, "{lp}");
+        assert_eq!(out.top_logprobs.len(), 2);
+        assert_eq!(out.top_logprobs[0].0, 1);
+        assert_eq!(out.top_logprobs[1].0, 0);
+        assert!((out.top_logprobs[1].1 - 0.25f32.ln()).abs() < 1e-6);
+    }
+}
