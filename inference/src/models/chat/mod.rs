@@ -1,13 +1,48 @@
 //! Decoder families for chat: GLM-4 (hf, 0414 and original THUDM layouts), Qwen2, Llama,
 //! DeepSeek-V3 (MLA + MoE), and GGUF quantized checkpoints.
 pub mod cache;
+pub mod decoder;
+pub mod gguf;
+pub mod layers;
 pub mod snapshot;
+pub mod weights;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{Device, Family, LoadedChat, ModelError};
 
 /// Load a chat model folder or .gguf file of the given family.
-pub fn load(path: &Path, family: Family, _device: &Device) -> Result<LoadedChat, ModelError> {
-    Err(ModelError::load(path, format!("{family:?} chat models are not implemented yet")))
+pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
+    match family {
+        Family::Glm | Family::Glm4 | Family::Qwen2 | Family::Llama => load_dense(path, family, device),
+        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Quantized),
+        Family::DeepseekV3 | Family::ChatGlm => {
+            Err(ModelError::load(path, format!("{family:?} chat models are not built into this binary yet")))
+        }
+        Family::Bert | Family::XlmRoberta | Family::Ernie => {
+            Err(ModelError::load(path, format!("{family:?} is an embedding model, not a chat model")))
+        }
+    }
+}
+
+/// A transformers snapshot folder of a dense decoder family.
+fn load_dense(dir: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
+    let cfg = decoder::DecoderConfig::from_hf(&cfg, family, dir)?;
+    let dtype = decoder::compute_dtype(device);
+    let weights = weights::SafetensorsWeights::open(dir, dtype, device)?;
+    let model = decoder::Decoder::load(&cfg, &weights, dtype, device)?;
+    let assets = snapshot::load_chat_assets(dir)?;
+    Ok(LoadedChat {
+        model: Arc::new(model),
+        tokenizer: assets.tokenizer,
+        chat_template: assets.chat_template,
+        bos_token: assets.bos_token,
+        eos_token: assets.eos_token,
+        eos_token_ids: assets.eos_token_ids,
+    })
 }

@@ -1,0 +1,433 @@
+//! GGUF checkpoints (llama.cpp layout) of the llama, qwen2 and glm4 architectures: the same decoder
+//! as the safetensors families, fed with quantized (or dequantized) weights, plus the tokenizer and
+//! chat template stored in the file's metadata.
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::decoder::{compute_dtype, Decoder, DecoderConfig};
+use super::layers::{Embedding, Linear, RopeScaling};
+use super::weights::Weights;
+use crate::models::{LoadedChat, ModelError};
+
+/// How GGUF weights are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufMode {
+    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small and fast.
+    Quantized,
+    /// Weights dequantized to the compute dtype at load: the reference numerics, 4-8x the memory.
+    Dequantized,
+}
+
+/// Load a `.gguf` chat model: weights, tokenizer (`tokenizer.ggml.*`) and chat template.
+pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, ModelError> {
+    let file = File::open(path).map_err(|e| ModelError::load(path, e))?;
+    let mut reader = BufReader::new(file);
+    let content =
+        Content::read(&mut reader).map_err(|e| ModelError::load(path, format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta { content: &content, path };
+    let mut cfg = config(&meta)?;
+    let tok = tokenizer::from_metadata(&meta, cfg.family)?;
+    let dtype = compute_dtype(device);
+    let weights = GgufWeights { content: &content, reader: RefCell::new(reader), path, device, dtype, mode };
+    if meta.has_tensor("rope_freqs.weight") {
+        // llama.cpp's form of llama3 rope scaling: one divisor per rotary frequency.
+        let factors = weights.qtensor("rope_freqs.weight", Some(&[cfg.rotary_dim / 2]))?;
+        let factors = factors.dequantize(device)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        cfg.rope_scaling = RopeScaling::FreqFactors(factors);
+    }
+    let model = Decoder::load(&cfg, &weights, dtype, device)?;
+    tracing::info!(path = %path.display(), family = cfg.family, ?mode, layers = cfg.num_layers, "loaded GGUF model");
+    Ok(LoadedChat {
+        model: Arc::new(model),
+        tokenizer: tok.tokenizer,
+        chat_template: meta.string("tokenizer.chat_template"),
+        bos_token: tok.bos_token,
+        eos_token: tok.eos_token,
+        eos_token_ids: tok.eos_token_ids,
+    })
+}
+
+/// Typed access to GGUF metadata.
+pub(crate) struct Meta<'a> {
+    content: &'a Content,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn num(&self, key: &str) -> Option<f64> {
+        number(self.get(key)?)
+    }
+
+    fn usize(&self, key: &str) -> Option<usize> {
+        self.num(key).filter(|v| *v >= 0.0 && v.fract() == 0.0).map(|v| v as usize)
+    }
+
+    fn req_usize(&self, key: &str) -> Result<usize, ModelError> {
+        self.usize(key).ok_or_else(|| self.err(format!("metadata {key} is missing or not an integer")))
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        match self.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn array(&self, key: &str) -> Option<&Vec<Value>> {
+        match self.get(key)? {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> ModelError {
+        ModelError::load(self.path, msg)
+    }
+}
+
+fn number(v: &Value) -> Option<f64> {
+    Some(match v {
+        Value::U8(x) => f64::from(*x),
+        Value::I8(x) => f64::from(*x),
+        Value::U16(x) => f64::from(*x),
+        Value::I16(x) => f64::from(*x),
+        Value::U32(x) => f64::from(*x),
+        Value::I32(x) => f64::from(*x),
+        Value::U64(x) => *x as f64,
+        Value::I64(x) => *x as f64,
+        Value::F32(x) => f64::from(*x),
+        Value::F64(x) => *x,
+        _ => return None,
+    })
+}
+
+/// Decoder shapes from `{arch}.*` metadata and the tensors present.
+fn config(meta: &Meta) -> Result<DecoderConfig, ModelError> {
+    let arch = meta.string("general.architecture").ok_or_else(|| meta.err("metadata general.architecture is missing"))?;
+    // llama.cpp stores llama q/k rows permuted for pairwise rotation, glm4 rotates pairs natively;
+    // qwen2 keeps transformers' half rotation.
+    let (family, interleaved) = match arch.as_str() {
+        "llama" => ("gguf-llama", true),
+        "qwen2" => ("gguf-qwen2", false),
+        "glm4" => ("gguf-glm4", true),
+        other => return Err(meta.err(format!("unsupported GGUF architecture {other} (supported: llama, qwen2, glm4)"))),
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden_size = meta.req_usize(&key("embedding_length"))?;
+    let num_heads = meta.req_usize(&key("attention.head_count"))?;
+    let head_dim = meta.usize(&key("attention.key_length")).unwrap_or(hidden_size / num_heads.max(1));
+    let vocab_size = meta
+        .content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied())
+        .ok_or_else(|| meta.err("tensor token_embd.weight is missing"))?;
+    let cfg = DecoderConfig {
+        family,
+        vocab_size,
+        hidden_size,
+        intermediate_size: meta.req_usize(&key("feed_forward_length"))?,
+        num_layers: meta.req_usize(&key("block_count"))?,
+        num_heads,
+        num_kv_heads: meta.usize(&key("attention.head_count_kv")).unwrap_or(num_heads),
+        head_dim,
+        rms_norm_eps: meta.num(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta.num(&key("rope.freq_base")).unwrap_or(10_000.0),
+        rotary_dim: meta.usize(&key("rope.dimension_count")).unwrap_or(head_dim),
+        rope_scaling: rope_scaling(meta, &arch)?,
+        rope_interleaved: interleaved,
+        fused_gate_up: !meta.has_tensor("blk.0.ffn_gate.weight"),
+        sandwich_norms: meta.has_tensor("blk.0.post_attention_norm.weight"),
+        tie_word_embeddings: !meta.has_tensor("output.weight"),
+        max_context: meta.usize(&key("context_length")).unwrap_or(4096),
+    };
+    cfg.validate().map_err(|m| meta.err(m))?;
+    Ok(cfg)
+}
+
+fn rope_scaling(meta: &Meta, arch: &str) -> Result<RopeScaling, ModelError> {
+    match meta.string(&format!("{arch}.rope.scaling.type")).as_deref() {
+        None | Some("none") => Ok(RopeScaling::None),
+        Some("linear") => {
+            let f = meta.num(&format!("{arch}.rope.scaling.factor")).unwrap_or(1.0);
+            Ok(RopeScaling::Linear(f))
+        }
+        Some(other) => Err(meta.err(format!("unsupported rope scaling {other} (supported: none, linear, llama3)"))),
+    }
+}
+
+/// Transformers tensor names -> llama.cpp names.
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens" => return Some("token_embd".into()),
+        "model.norm" => return Some("output_norm".into()),
+        "lm_head" => return Some("output".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let part = match part {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_self_attn_layernorm" => "post_attention_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "post_mlp_layernorm" => "post_ffw_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}"))
+}
+
+struct GgufWeights<'a> {
+    content: &'a Content,
+    reader: RefCell<BufReader<File>>,
+    path: &'a Path,
+    device: &'a Device,
+    dtype: DType,
+    mode: GgufMode,
+}
+
+impl GgufWeights<'_> {
+    fn name(&self, hf: &str, suffix: &str) -> Result<String, ModelError> {
+        gguf_name(hf)
+            .map(|n| format!("{n}.{suffix}"))
+            .ok_or_else(|| ModelError::load(self.path, format!("no GGUF tensor corresponds to {hf}")))
+    }
+
+    fn qtensor(&self, name: &str, shape: Option<&[usize]>) -> Result<QTensor, ModelError> {
+        let mut reader = self.reader.borrow_mut();
+        let t = self
+            .content
+            .tensor(&mut *reader, name, self.device)
+            .map_err(|e| ModelError::load(self.path, format!("tensor {name}: {e}")))?;
+        if let Some(shape) = shape {
+            if t.shape().dims() != shape {
+                return Err(ModelError::load(
+                    self.path,
+                    format!("tensor {name} has shape {:?}, expected {shape:?}", t.shape().dims()),
+                ));
+            }
+        }
+        Ok(t)
+    }
+
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self.qtensor(name, Some(shape))?;
+        Ok(t.dequantize(self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+fn is_float(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+impl Weights for GgufWeights<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.dense(&self.name(name, "weight")?, shape)
+    }
+
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
+        let weight = self.name(name, "weight")?;
+        let bias = self.name(name, "bias")?;
+        let bias = if self.content.tensor_infos.contains_key(&bias) { Some(self.dense(&bias, &[out_dim])?) } else { None };
+        match self.mode {
+            GgufMode::Quantized => Ok(Linear::quantized(Arc::new(self.qtensor(&weight, Some(&[out_dim, in_dim]))?), bias)?),
+            GgufMode::Dequantized => Ok(Linear::dense(self.dense(&weight, &[out_dim, in_dim])?, bias)),
+        }
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
+        let name = self.name(name, "weight")?;
+        let t = self.qtensor(&name, Some(&[vocab, hidden]))?;
+        if self.mode == GgufMode::Quantized && !is_float(t.dtype()) && hidden % t.dtype().block_size() == 0 {
+            return Ok(Embedding::Quantized(Arc::new(t)));
+        }
+        Ok(Embedding::Dense(t.dequantize(self.device)?.to_dtype(self.dtype)?))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&format!("{n}.weight")))
+    }
+}
+
+pub(crate) mod tokenizer {
+    //! A `tokenizers::Tokenizer` rebuilt from `tokenizer.ggml.*` (gpt2-style byte-level BPE), the
+    //! way transformers converts GGUF tokenizers: vocabulary and merges as stored, control tokens
+    //! (type 3) as special added tokens, user-defined tokens (type 4) as plain added tokens.
+    use serde_json::{json, Map};
+
+    use super::{Meta, Value};
+    use crate::models::ModelError;
+
+    pub(crate) struct GgufTokenizer {
+        pub tokenizer: tokenizers::Tokenizer,
+        pub bos_token: Option<String>,
+        pub eos_token: Option<String>,
+        pub eos_token_ids: Vec<u32>,
+    }
+
+    const CONTROL: i64 = 3;
+    const USER_DEFINED: i64 = 4;
+
+    /// llama.cpp's pre-tokenizer regexes for the `tokenizer.ggml.pre` names this server meets.
+    const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+    pub(crate) fn from_metadata(meta: &Meta, family: &str) -> Result<GgufTokenizer, ModelError> {
+        let model = meta.string("tokenizer.ggml.model").unwrap_or_default();
+        if model != "gpt2" {
+            return Err(meta.err(format!(
+                "tokenizer.ggml.model {model:?} is not supported (only gpt2-style byte-level BPE)"
+            )));
+        }
+        let tokens = strings(meta.array("tokenizer.ggml.tokens"))
+            .ok_or_else(|| meta.err("metadata tokenizer.ggml.tokens is missing or not a string array"))?;
+        let merges = strings(meta.array("tokenizer.ggml.merges"))
+            .ok_or_else(|| meta.err("metadata tokenizer.ggml.merges is missing or not a string array"))?;
+        let types: Vec<i64> = meta
+            .array("tokenizer.ggml.token_type")
+            .map(|a| a.iter().map(|v| super::number(v).unwrap_or(1.0) as i64).collect())
+            .unwrap_or_default();
+        let id = |key: &str| meta.usize(key).and_then(|i| u32::try_from(i).ok()).filter(|i| (*i as usize) < tokens.len());
+        let token_of = |i: u32| tokens.get(i as usize).cloned();
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let add_bos = matches!(meta.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let pre = meta.string("tokenizer.ggml.pre").unwrap_or_default();
+
+        let json = tokenizer_json(&tokens, &merges, &types, &pre, bos.filter(|_| add_bos).and_then(|b| Some((b, token_of(b)?))));
+        let tokenizer: tokenizers::Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| meta.err(format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+
+        let mut eos_token_ids: Vec<u32> = ["eos", "eot", "eom"]
+            .iter()
+            .filter_map(|k| id(&format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        if family == "gguf-glm4" {
+            // GLM-4 chats also end when the model starts the next user or tool turn.
+            eos_token_ids.extend(["<|user|>", "<|observation|>"].iter().filter_map(|t| tokenizer.token_to_id(t)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        eos_token_ids.retain(|i| seen.insert(*i));
+        if eos_token_ids.is_empty() {
+            return Err(meta.err("metadata tokenizer.ggml.eos_token_id is missing"));
+        }
+        Ok(GgufTokenizer {
+            bos_token: bos.and_then(token_of),
+            eos_token: id("tokenizer.ggml.eos_token_id").and_then(token_of),
+            eos_token_ids,
+            tokenizer,
+        })
+    }
+
+    fn strings(a: Option<&Vec<Value>>) -> Option<Vec<String>> {
+        a?.iter()
+            .map(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The tokenizer.json document of the GGUF tokenizer.
+    fn tokenizer_json(
+        tokens: &[String],
+        merges: &[String],
+        types: &[i64],
+        pre: &str,
+        bos: Option<(u32, String)>,
+    ) -> serde_json::Value {
+        // Later duplicates win, as in transformers' `{tok: i for i, tok in enumerate(tokens)}`.
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+        }
+        let added: Vec<serde_json::Value> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
+            .filter_map(|(i, t)| {
+                Some(json!({
+                    "id": i, "content": tokens.get(i)?, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": *t == CONTROL,
+                }))
+            })
+            .collect();
+        let split = match pre {
+            "llama-bpe" | "llama3" | "smaug-bpe" | "glm4" | "chatglm-bpe" => Some(LLAMA3_SPLIT),
+            "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
+            _ => None,
+        };
+        let pre_tokenizer = match split {
+            Some(regex) => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            ]}),
+            None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        };
+        let post_processor = match bos {
+            Some((id, tok)) => {
+                let mut specials = Map::new();
+                specials.insert(tok.clone(), json!({"id": tok, "ids": [id], "tokens": [tok]}));
+                json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": specials,
+                })
+            }
+            None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
+        };
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": split == Some(LLAMA3_SPLIT), "vocab": vocab, "merges": merges,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn maps_transformers_names_to_llama_cpp_names() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj").as_deref(), Some("blk.3.attn_q"));
+        assert_eq!(gguf_name("model.layers.0.mlp.gate_up_proj").as_deref(), Some("blk.0.ffn_up"));
+        assert_eq!(gguf_name("model.layers.1.post_mlp_layernorm").as_deref(), Some("blk.1.post_ffw_norm"));
+        assert_eq!(gguf_name("lm_head").as_deref(), Some("output"));
+        assert_eq!(gguf_name("model.layers.1.unknown"), None);
+    }
+}

@@ -1,0 +1,91 @@
+//! Where decoder weights come from. The decoder asks for tensors by their transformers names
+//! (`model.layers.0.self_attn.q_proj`); each source maps them to its own layout.
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{Embedding, Linear};
+use crate::models::ModelError;
+
+pub trait Weights {
+    /// A dense tensor `{name}.weight` of the given shape, in the compute dtype.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError>;
+    /// `{name}.weight` as `[out, in]`, with `{name}.bias` when the checkpoint has one.
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError>;
+    /// `{name}.weight` as `[vocab, hidden]` token embeddings.
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError>;
+    /// Whether `{name}.weight` exists.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// A Hugging Face snapshot: `model.safetensors` or the shards listed in
+/// `model.safetensors.index.json`, memory-mapped.
+pub struct SafetensorsWeights {
+    vb: VarBuilder<'static>,
+    dir: PathBuf,
+}
+
+impl SafetensorsWeights {
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
+        // them not being truncated while the server runs.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .map_err(|e| ModelError::load(dir, format!("cannot read safetensors: {e}")))?;
+        Ok(SafetensorsWeights { vb, dir: dir.to_owned() })
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.vb
+            .get(shape, name)
+            .map_err(|e| ModelError::load(&self.dir, format!("tensor {name} (expected shape {shape:?}): {e}")))
+    }
+}
+
+impl Weights for SafetensorsWeights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.get(&format!("{name}.weight"), shape)
+    }
+
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
+        let weight = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let bias_name = format!("{name}.bias");
+        let bias =
+            if self.vb.contains_tensor(&bias_name) { Some(self.get(&bias_name, &[out_dim])?) } else { None };
+        Ok(Linear::dense(weight, bias))
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
+        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.vb.contains_tensor(&format!("{name}.weight"))
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::load(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::load(&index, "no weight_map object"))?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(ModelError::load(missing, "listed in model.safetensors.index.json but missing"));
+        }
+        return Ok(files);
+    }
+    Err(ModelError::load(dir, "no model.safetensors or model.safetensors.index.json"))
+}
