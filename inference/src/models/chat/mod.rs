@@ -1,7 +1,10 @@
 //! Decoder families for chat: GLM-4 (hf, 0414 and original THUDM layouts), Qwen2, Llama,
 //! DeepSeek-V3 (MLA + MoE), and GGUF quantized checkpoints.
 pub mod cache;
+pub mod chatglm;
+pub mod deepseek_v3;
 pub mod snapshot;
+pub mod tiktoken;
 
 use std::path::Path;
 
