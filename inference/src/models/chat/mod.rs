@@ -1,10 +1,13 @@
 //! Decoder families for chat: GLM-4 (hf, 0414 and original THUDM layouts), Qwen2, Llama,
 //! DeepSeek-V3 (MLA + MoE), and GGUF quantized checkpoints.
 pub mod cache;
+pub mod chatglm;
 pub mod decoder;
+pub mod deepseek_v3;
 pub mod gguf;
 pub mod layers;
 pub mod snapshot;
+pub mod tiktoken;
 pub mod weights;
 
 use std::path::Path;

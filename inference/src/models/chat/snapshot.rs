@@ -18,7 +18,12 @@ pub struct ChatAssets {
 }
 
 pub fn load_chat_assets(dir: &Path) -> Result<ChatAssets, ModelError> {
-    let tokenizer = crate::tokenizer::load_tokenizer(dir)?;
+    load_chat_assets_with(dir, crate::tokenizer::load_tokenizer(dir)?)
+}
+
+/// The same, with a tokenizer built by the caller (THUDM's GLM-4 ships `tokenizer.model` as
+/// tiktoken ranks instead of a `tokenizer.json`).
+pub fn load_chat_assets_with(dir: &Path, tokenizer: tokenizers::Tokenizer) -> Result<ChatAssets, ModelError> {
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
     let bos_token = special_token(&tok_cfg, "bos_token");

@@ -1,0 +1,1 @@
+//! THUDM's original GLM-4 layout (`ChatGLMModel`).
