@@ -17,6 +17,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
@@ -110,10 +111,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Attach the resolved model name (for metrics) to a handler's outcome.
-pub(crate) fn respond<T: axum::response::IntoResponse>(
+pub(crate) fn respond<T: IntoResponse>(
     result: Result<T, ApiError>,
     model: Option<String>,
-) -> axum::response::Response {
+) -> Response {
     let mut resp = match result {
         Ok(ok) => ok.into_response(),
         Err(err) => err.into_response(),

@@ -155,6 +155,7 @@ impl Encoder {
             return Err(ModelError::load(w.file(), "max_position_embeddings leaves no positions after pad_token_id"));
         }
         Ok(Self {
+            device: word.device().clone(),
             word,
             position,
             constant_rows,
@@ -163,8 +164,6 @@ impl Encoder {
             positions: flavour.positions,
             pad_id: cfg.pad_token_id,
             vocab_size: cfg.vocab_size,
-            device: word.device().clone(),
-            word,
         })
     }
 
