@@ -1,1 +1,143 @@
-//! (skeleton)
+//! Command-line flags; every flag has an environment twin so that the same binary runs from a shell,
+//! a Helm chart or the seed's `run.sh` environment (`API_PORT`, `GLM_MODEL`).
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "glm-inference", version, about = "OpenAI-compatible server for chat and embedding models")]
+pub struct Args {
+    /// A model to serve, as NAME=PATH (PATH: Hugging Face snapshot folder or .gguf file). Repeatable;
+    /// the env twin is a comma-separated list.
+    #[arg(long = "model", env = "GLM_MODELS", value_delimiter = ',', required = true)]
+    pub models: Vec<ModelSpec>,
+
+    /// Chat model used when a chat request omits `model` (the seed's GLM_MODEL); defaults to the
+    /// first chat model.
+    #[arg(long, env = "GLM_MODEL")]
+    pub default_chat_model: Option<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "API_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on (the seed's API_PORT).
+    #[arg(long, env = "API_PORT", default_value_t = 8200)]
+    pub port: u16,
+
+    /// Require `Authorization: Bearer <key>` on every route except /health, /ready and /metrics.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Padded tokens (batch size x longest input) one embedding forward pass may take.
+    #[arg(long, env = "GLM_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+
+    /// Inputs one embedding request may carry.
+    #[arg(long, env = "GLM_MAX_CLIENT_BATCH_SIZE", default_value_t = 256)]
+    pub max_client_batch_size: usize,
+
+    /// Requests handled at once across inference routes; more are refused with 429.
+    #[arg(long, env = "GLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+
+    /// Inputs waiting in one embedding model's queue; a request that does not fit is refused with 429.
+    #[arg(long, env = "GLM_MAX_QUEUED_INPUTS", default_value_t = 4096)]
+    pub max_queued_inputs: usize,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "GLM_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Truncate over-long embedding inputs instead of rejecting them (per request: `"truncate": true`).
+    #[arg(long, env = "GLM_AUTO_TRUNCATE", default_value_t = false)]
+    pub auto_truncate: bool,
+
+    /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
+    /// balancers stop sending traffic first.
+    #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
+
+    /// Log as JSON lines (level via RUST_LOG, default info).
+    #[arg(long, env = "GLM_JSON_LOGS", default_value_t = false)]
+    pub json_logs: bool,
+}
+
+/// One `--model NAME=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl FromStr for ModelSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, path) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=PATH, got `{s}`"))?;
+        let (name, path) = (name.trim(), path.trim());
+        if name.is_empty() || path.is_empty() {
+            return Err(format!("expected NAME=PATH with both parts non-empty, got `{s}`"));
+        }
+        Ok(ModelSpec { name: name.to_string(), path: PathBuf::from(path) })
+    }
+}
+
+impl Args {
+    /// Checks clap cannot express: unique names, positive limits.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if !seen.insert(m.name.as_str()) {
+                return Err(format!("model name `{}` is given twice", m.name));
+            }
+        }
+        let positive = [
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--max-client-batch-size", self.max_client_batch_size),
+            ("--max-concurrent-requests", self.max_concurrent_requests),
+            ("--max-queued-inputs", self.max_queued_inputs),
+            ("--max-body-bytes", self.max_body_bytes),
+        ];
+        match positive.iter().find(|(_, v)| *v == 0) {
+            Some((flag, _)) => Err(format!("{flag} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs_parse_and_reject_garbage() {
+        let m: ModelSpec = "minilm=.models/all-MiniLM-L6-v2".parse().unwrap();
+        assert_eq!(m.name, "minilm");
+        assert_eq!(m.path, PathBuf::from(".models/all-MiniLM-L6-v2"));
+        // Only the first '=' separates: paths may contain '='.
+        let m: ModelSpec = "a=/x=y".parse().unwrap();
+        assert_eq!(m.path, PathBuf::from("/x=y"));
+        assert!("noequals".parse::<ModelSpec>().is_err());
+        assert!("=path".parse::<ModelSpec>().is_err());
+        assert!("name=".parse::<ModelSpec>().is_err());
+    }
+
+    #[test]
+    fn flags_parse_with_defaults_and_duplicates_are_refused() {
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "b=/y"]).unwrap();
+        assert_eq!(args.models.len(), 2);
+        assert_eq!(args.port, 8200);
+        assert!(args.validate().is_ok());
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "a=/y"]).unwrap();
+        assert!(args.validate().unwrap_err().contains("`a`"));
+        let args =
+            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--max-batch-tokens", "0"]).unwrap();
+        assert!(args.validate().unwrap_err().contains("--max-batch-tokens"));
+        assert!(Args::try_parse_from(["glm-inference"]).is_err(), "--model is required");
+    }
+}

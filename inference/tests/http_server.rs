@@ -1,0 +1,236 @@
+//! The real binary serving the real all-MiniLM-L6-v2, checked against sentence-transformers'
+//! reference outputs (`real/minilm/reference.json`).
+mod http_support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_support::*;
+use serde_json::{json, Value};
+
+fn reference() -> Value {
+    fixture_json("real/minilm/reference.json")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let dot: f32 = got.iter().zip(want).map(|(a, b)| a * b).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cos = dot / (norm(got) * norm(want));
+    assert!(max <= 1e-5 && cos >= 0.99999, "{what}: max abs diff {max}, cosine {cos}");
+}
+
+#[tokio::test]
+async fn openai_embeddings_match_sentence_transformers() {
+    let server = Server::minilm(&[]);
+    let reference = reference();
+    let sentences = reference["sentences"].clone();
+    let (status, body) = server.post_json("/v1/embeddings", json!({"model": "minilm", "input": sentences})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "minilm");
+    let want = reference["embeddings"].as_array().unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), want.len());
+    for (i, (item, row)) in data.iter().zip(want).enumerate() {
+        assert_eq!(item["object"], "embedding");
+        assert_eq!(item["index"], i);
+        assert_close(&floats(&item["embedding"]), &floats(row), &format!("sentence {i}"));
+    }
+    let tokens: usize = reference["tokenization"].as_array().unwrap().iter().map(|t| t["ids"].as_array().unwrap().len()).sum();
+    assert_eq!(body["usage"], json!({"prompt_tokens": tokens, "total_tokens": tokens}));
+
+    // One string alone gives the same vector as inside the batch (padding does not leak).
+    let (_, one) = server.post_json("/v1/embeddings", json!({"model": "minilm", "input": sentences[3]})).await;
+    assert_close(&floats(&one["data"][0]["embedding"]), &floats(&want[3]), "alone");
+
+    // Token ids from the reference tokenization give the reference vector too.
+    let ids = reference["tokenization"][5]["ids"].clone();
+    let (status, by_ids) = server.post_json("/v1/embeddings", json!({"model": "minilm", "input": [ids]})).await;
+    assert_eq!(status, 200, "{by_ids}");
+    assert_close(&floats(&by_ids["data"][0]["embedding"]), &floats(&want[5]), "token ids");
+}
+
+#[tokio::test]
+async fn base64_dimensions_and_the_seed_route() {
+    let server = Server::minilm(&[]);
+    let reference = reference();
+    let want = floats(&reference["embeddings"][0]);
+    let text = reference["sentences"][0].clone();
+
+    let (status, body) =
+        server.post_json("/v1/embeddings", json!({"model": "minilm", "input": text, "encoding_format": "base64"})).await;
+    assert_eq!(status, 200, "{body}");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().expect("base64 string"))
+        .expect("valid base64");
+    let decoded: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_close(&decoded, &want, "base64");
+
+    let (status, body) = server.post_json("/v1/embeddings", json!({"input": text, "dimensions": 64})).await;
+    assert_eq!(status, 200, "{body}");
+    let short = floats(&body["data"][0]["embedding"]);
+    let norm = want[..64].iter().map(|x| x * x).sum::<f32>().sqrt();
+    let expected: Vec<f32> = want[..64].iter().map(|x| x / norm).collect();
+    assert_close(&short, &expected, "dimensions 64");
+    let (status, body) = server.post_json("/v1/embeddings", json!({"input": text, "dimensions": 385})).await;
+    assert_envelope(status, &body, 400, "dimensions above 384");
+    assert!(body["error"]["message"].as_str().unwrap().contains("384"), "{body}");
+
+    // The seed's /embedding: {"model","prompt"} -> {"data":[[..]],"model","object":"embedding"}.
+    let (status, body) = server.post_json("/embedding", json!({"model": "minilm", "prompt": [text]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "embedding");
+    assert_eq!(body["model"], "minilm");
+    assert_eq!(body.as_object().unwrap().len(), 3, "exactly data/model/object: {body}");
+    assert_close(&floats(&body["data"][0]), &want, "seed /embedding");
+}
+
+#[tokio::test]
+async fn models_tokenize_detokenize() {
+    let server = Server::minilm(&[]);
+    for path in ["/models", "/v1/models"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["object"], "list");
+        let card = &body["data"][0];
+        assert_eq!(card["id"], "minilm");
+        assert_eq!(card["object"], "embedding");
+        assert!(card["created"].as_i64().unwrap() > 1_700_000_000);
+        for key in ["owned_by", "root", "parent", "permission"] {
+            assert!(card.get(key).is_some(), "{key} missing: {card}");
+        }
+    }
+    for case in reference()["tokenization"].as_array().unwrap() {
+        let (status, body) = server.post_json("/tokenize", json!({"prompt": case["text"], "model": "minilm"})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["tokenIds"], case["ids"], "{}", case["text"]);
+        assert_eq!(body["tokens"], case["tokens"], "{}", case["text"]);
+        assert_eq!(body["model"], "minilm");
+        assert_eq!(body["object"], "tokenizer");
+    }
+    let (status, body) =
+        server.post_json("/detokenize", json!({"model": "minilm", "tokens": [101, 7592, 2088, 102]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], "[CLS] hello world [SEP]");
+    let (_, body) = server
+        .post_json("/detokenize", json!({"tokens": [101, 7592, 2088, 102], "skip_special_tokens": true}))
+        .await;
+    assert_eq!(body["text"], "hello world");
+}
+
+#[tokio::test]
+async fn ready_metrics_and_graceful_shutdown() {
+    let mut server = Server::minilm(&["--shutdown-delay-secs", "2"]);
+    assert_eq!(server.get("/health").await.0, 200);
+    let (status, body) = server.get("/ready").await;
+    assert_eq!(status, 200, "{body}");
+    server.post_json("/v1/embeddings", json!({"input": "hello"})).await;
+    server.post_json("/v1/embeddings", json!({"input": "hello", "model": "nope"})).await;
+    let (status, text) = server.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        r#"glm_requests_total{model="minilm",route="/v1/embeddings",status="200"}"#,
+        r#"glm_requests_total{model="",route="/v1/embeddings",status="404"} 1"#,
+        r#"glm_request_duration_seconds_bucket{model="minilm",route="/v1/embeddings""#,
+        r#"glm_queue_duration_seconds_count{model="minilm"}"#,
+        r#"glm_batch_size_count{model="minilm"}"#,
+        r#"glm_embedded_tokens_total{model="minilm"}"#,
+        r#"glm_queue_depth{model="minilm"} 0"#,
+        "glm_ready 1",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+
+    // SIGTERM: /ready turns 503 during the delay, then the process exits cleanly.
+    let pid = server.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut saw_503 = false;
+    for _ in 0..30 {
+        match server.client.get(server.url("/ready")).send().await {
+            Ok(resp) if resp.status().as_u16() == 503 => {
+                saw_503 = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(saw_503, "/ready never answered 503 while draining");
+    let status = server.wait(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn api_key_is_required_except_on_probes() {
+    let model = format!("minilm={}", minilm_dir().display());
+    let server = Server::start(&["--model", &model], &[("API_KEY", "s3cret")]);
+    let (status, body) = server.post_json("/v1/embeddings", json!({"input": "hi"})).await;
+    assert_envelope(status, &body, 401, "no key");
+    let resp = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .bearer_auth("wrong")
+        .json(&json!({"input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .bearer_auth("s3cret")
+        .json(&json!({"input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    for probe in ["/health", "/ready", "/metrics"] {
+        assert_eq!(server.get_text(probe).await.0, 200, "{probe}");
+    }
+    assert_eq!(server.get("/v1/models").await.0, 401);
+}
+
+#[tokio::test]
+async fn concurrency_limit_answers_429_with_the_envelope() {
+    let server = Server::minilm(&["--max-concurrent-requests", "1"]);
+    let text = "Kubernetes is an open-source container orchestration system. ".repeat(20);
+    let body = json!({"input": vec![text; 16], "truncate": true});
+    let requests = (0..12).map(|_| server.post_json("/v1/embeddings", body.clone()));
+    let results = futures::future::join_all(requests).await;
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(!refused.is_empty(), "no 429 among {:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    for (status, body) in &results {
+        match status {
+            200 => {}
+            429 => assert_envelope(*status, body, 429, "overloaded"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+}
+
+#[test]
+fn broken_model_folders_fail_the_start_naming_the_folder() {
+    let missing = std::env::temp_dir().join(format!("glm-missing-{}", std::process::id()));
+    let arg = format!("broken={}", missing.display());
+    let (status, stderr) = run_to_exit(&["--model", &arg]);
+    assert!(!status.success());
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert!(stderr.contains("broken"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "t5"}"#).unwrap();
+    let arg = format!("t5={}", dir.path().display());
+    let (status, stderr) = run_to_exit(&["--model", &arg]);
+    assert!(!status.success());
+    assert!(stderr.contains(&dir.path().display().to_string()) && stderr.contains("unsupported"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+
+    let (status, stderr) = run_to_exit(&["--model", "no-equals-sign"]);
+    assert!(!status.success());
+    assert!(stderr.contains("NAME=PATH"), "{stderr}");
+}
