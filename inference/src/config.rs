@@ -55,6 +55,19 @@ pub struct Args {
     #[arg(long, env = "GLM_AUTO_TRUNCATE", default_value_t = false)]
     pub auto_truncate: bool,
 
+    /// Chat: sequences one model's engine generates at the same time (continuous batching).
+    #[arg(long, env = "GLM_CHAT_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub chat_max_batch_size: usize,
+
+    /// Chat: tokens in one forward pass (a decode token per running sequence plus prompt chunks);
+    /// longer prompts are prefilled in chunks of this size.
+    #[arg(long, env = "GLM_CHAT_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub chat_max_batch_tokens: usize,
+
+    /// Chat: requests waiting for a batch slot per model; beyond, requests are refused with 429.
+    #[arg(long, env = "GLM_CHAT_MAX_WAITING", default_value_t = 64)]
+    pub chat_max_waiting: usize,
+
     /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
     /// balancers stop sending traffic first.
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -102,10 +115,23 @@ impl Args {
             ("--max-concurrent-requests", self.max_concurrent_requests),
             ("--max-queued-inputs", self.max_queued_inputs),
             ("--max-body-bytes", self.max_body_bytes),
+            ("--chat-max-batch-size", self.chat_max_batch_size),
+            ("--chat-max-batch-tokens", self.chat_max_batch_tokens),
+            // Every request passes through the queue on its way into the batch.
+            ("--chat-max-waiting", self.chat_max_waiting),
         ];
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((flag, _)) => Err(format!("{flag} must be at least 1")),
             None => Ok(()),
+        }
+    }
+
+    /// Limits of every chat model's engine.
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            max_batch_size: self.chat_max_batch_size,
+            max_batch_tokens: self.chat_max_batch_tokens,
+            max_waiting: self.chat_max_waiting,
         }
     }
 }

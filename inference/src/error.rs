@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::engine::EngineError;
 use crate::models::ModelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum ApiError {
     InputTooLong { param: String, model: String, tokens: usize, limit: usize },
     #[error("{param}: token id {id} is outside the vocabulary of `{model}` (0..{vocab})")]
     InvalidTokenId { param: String, model: String, id: String, vocab: usize },
+    /// A chat prompt that leaves no room to generate (the message states both numbers).
+    #[error("{0}")]
+    ContextLengthExceeded(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -47,6 +51,21 @@ pub enum ApiError {
     Model(#[from] ModelError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Every engine refusal maps here once: the HTTP routes never match on engine errors themselves.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
+            EngineError::PromptTooLong { .. } => ApiError::ContextLengthExceeded(e.to_string()),
+            EngineError::EmptyPrompt | EngineError::NoChatTemplate(_) | EngineError::Template(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            EngineError::Tokenizer(_) => ApiError::Internal(e.to_string()),
+            EngineError::Stopped(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -79,6 +98,7 @@ impl ApiError {
             | TooManyInputs { .. }
             | InputTooLong { .. }
             | InvalidTokenId { .. }
+            | ContextLengthExceeded(_)
             | BadRequest(_) => StatusCode::BAD_REQUEST,
             ModelNotFound { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -112,6 +132,7 @@ impl ApiError {
             | InvalidTokenId { param, .. } => Some(param),
             ModelNotFound { .. } | WrongModelKind { .. } | NoDefaultModel { .. } => Some("model"),
             TooManyInputs { .. } => Some("input"),
+            ContextLengthExceeded(_) => Some("messages"),
             _ => None,
         }
     }
@@ -126,7 +147,7 @@ impl ApiError {
             NoDefaultModel { .. } => "model_required",
             EmptyInput { .. } => "empty_input",
             TooManyInputs { .. } => "too_many_inputs",
-            InputTooLong { .. } => "context_length_exceeded",
+            InputTooLong { .. } | ContextLengthExceeded(_) => "context_length_exceeded",
             InvalidTokenId { .. } => "invalid_token_id",
             PayloadTooLarge { .. } => "payload_too_large",
             NotFound(_) => "not_found",

@@ -11,7 +11,7 @@ use glm_inference::config::Args;
 use glm_inference::http::{self, AppState, Limits};
 use glm_inference::metrics::Metrics;
 use glm_inference::models::Device;
-use glm_inference::registry::Registry;
+use glm_inference::registry::{LoadOptions, Registry};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -35,10 +35,13 @@ async fn serve(args: Args) -> Result<(), String> {
     args.validate()?;
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot create metrics: {e}"))?);
     let device = select_device()?;
-    let batching = BatcherConfig { max_batch_tokens: args.max_batch_tokens, max_queued_inputs: args.max_queued_inputs };
+    let options = LoadOptions {
+        batching: BatcherConfig { max_batch_tokens: args.max_batch_tokens, max_queued_inputs: args.max_queued_inputs },
+        engine: args.engine_config(),
+    };
 
     let (specs, default_chat, m) = (args.models.clone(), args.default_chat_model.clone(), metrics.clone());
-    let registry = tokio::task::spawn_blocking(move || Registry::load(&specs, default_chat, &device, batching, &m))
+    let registry = tokio::task::spawn_blocking(move || Registry::load(&specs, default_chat, &device, &options, &m))
         .await
         .map_err(|e| format!("model loading panicked: {e}"))??;
     registry.warm_up().await?;

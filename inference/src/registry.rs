@@ -1,16 +1,17 @@
 //! Served model name -> loaded model, built once from `--model NAME=PATH` before the server listens.
 //! Every model is either an embedding model (tokenizer + batcher) or a chat model (served by
 //! `crate::engine`); routes ask the registry for the kind they serve and get a precise error otherwise.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::config::ModelSpec;
+use crate::engine::{ChatEngine, EngineConfig, Event, GenerateRequest, SamplingParams, StopParams};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::models::{self, Device, EmbedOutputs, EmbedderInfo, Family, LoadedEmbedder, ModelError, ModelKind};
+use crate::models::{self, Device, EmbedOutputs, EmbedderInfo, Family, LoadedEmbedder, ModelKind};
 
 /// An embedding model ready to serve.
 pub struct EmbeddingModel {
@@ -32,15 +33,18 @@ impl EmbeddingModel {
     }
 }
 
-/// What a served name refers to. The chat engine adds `Chat(Arc<crate::engine::ChatEngine>)`.
+/// What a served name refers to.
 pub enum ServedModel {
     Embedding(Arc<EmbeddingModel>),
+    /// A chat model behind its continuous-batching engine (its own scheduler thread).
+    Chat(Arc<ChatEngine>),
 }
 
 impl ServedModel {
     pub fn kind(&self) -> ModelKind {
         match self {
             ServedModel::Embedding(_) => ModelKind::Embedding,
+            ServedModel::Chat(_) => ModelKind::Chat,
         }
     }
 
@@ -48,8 +52,16 @@ impl ServedModel {
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         match self {
             ServedModel::Embedding(m) => &m.tokenizer,
+            ServedModel::Chat(engine) => engine.tokenizer(),
         }
     }
+}
+
+/// How models are loaded and served (from the command line).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub batching: BatcherConfig,
+    pub engine: EngineConfig,
 }
 
 pub struct ModelEntry {
@@ -89,13 +101,13 @@ impl Registry {
         specs: &[ModelSpec],
         default_chat: Option<String>,
         device: &Device,
-        batching: BatcherConfig,
+        options: &LoadOptions,
         metrics: &Metrics,
     ) -> Result<Self, String> {
         let mut entries = Vec::with_capacity(specs.len());
         for spec in specs {
             let started = std::time::Instant::now();
-            let model = load_one(spec, device, batching, metrics)
+            let model = load_one(spec, device, options, metrics)
                 .map_err(|e| format!("cannot load model `{}`: {e}", spec.name))?;
             tracing::info!(
                 model = %spec.name,
@@ -113,10 +125,13 @@ impl Registry {
         Registry::new(entries, default_chat)
     }
 
-    /// Run one tiny input through every embedding model (the whole path: tokenizer, queue,
-    /// forward pass), so that the first client does not pay for lazy initialisation.
+    /// Run one tiny input through every model (the whole path: tokenizer or chat template, queue,
+    /// forward pass, sampling), so that the first client does not pay for lazy initialisation.
     pub async fn warm_up(&self) -> Result<(), String> {
         for entry in &self.entries {
+            if let ServedModel::Chat(engine) = &entry.model {
+                warm_up_chat(engine).await?;
+            }
             if let ServedModel::Embedding(m) = &entry.model {
                 let enc = m.tokenizer.encode("warm up", true).map_err(|e| format!("`{}`: {e}", m.name))?;
                 let out = m
@@ -163,13 +178,12 @@ impl Registry {
         };
         match &entry.model {
             ServedModel::Embedding(m) => Ok(m.clone()),
-            #[allow(unreachable_patterns)] // reachable once the chat variant exists
-            _ => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: true, route }),
+            ServedModel::Chat(_) => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: true, route }),
         }
     }
 
     /// The chat model a request names, or the default chat model (GLM_MODEL) when it names none.
-    pub fn chat(&self, name: Option<&str>, route: &'static str) -> Result<&ModelEntry, ApiError> {
+    pub fn chat(&self, name: Option<&str>, route: &'static str) -> Result<Arc<ChatEngine>, ApiError> {
         let entry = match (name.filter(|n| !n.is_empty()), &self.default_chat) {
             (Some(name), _) => self.get(name)?,
             (None, Some(default)) => self.get(default)?,
@@ -177,10 +191,16 @@ impl Registry {
                 return Err(ApiError::NoDefaultModel { kind: "chat", available: self.names_of(ModelKind::Chat) })
             }
         };
-        match entry.model.kind() {
-            ModelKind::Chat => Ok(entry),
-            ModelKind::Embedding => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route }),
+        match &entry.model {
+            ServedModel::Chat(engine) => Ok(engine.clone()),
+            ServedModel::Embedding(_) => {
+                Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route })
+            }
         }
+    }
+
+    pub fn default_chat(&self) -> Option<&str> {
+        self.default_chat.as_deref()
     }
 
     /// The model whose tokenizer `/tokenize` uses: the named one, else the default chat model (the
@@ -206,19 +226,49 @@ impl Registry {
     }
 }
 
-fn load_one(spec: &ModelSpec, device: &Device, batching: BatcherConfig, metrics: &Metrics) -> Result<ServedModel, String> {
+fn load_one(spec: &ModelSpec, device: &Device, options: &LoadOptions, metrics: &Metrics) -> Result<ServedModel, String> {
     let family: Family = models::detect_family(&spec.path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
             let loaded = models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
-            let model = EmbeddingModel::new(&spec.name, loaded, batching, metrics)?;
+            let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
-        ModelKind::Chat => Err(chat_not_available(&spec.path, family).to_string()),
+        ModelKind::Chat => {
+            let loaded = models::chat::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let engine =
+                ChatEngine::start_with_metrics(&spec.name, loaded, options.engine.clone(), metrics.engine(&spec.name))
+                    .map_err(|e| e.to_string())?;
+            Ok(ServedModel::Chat(Arc::new(engine)))
+        }
     }
 }
 
-/// Until the chat engine is wired in, chat checkpoints are refused at start with a clear reason.
-fn chat_not_available(path: &Path, family: Family) -> ModelError {
-    ModelError::load(path, format!("{family:?} is a chat model; this build cannot serve chat models yet"))
+/// Generate one greedy token from a one-message chat (or a raw prompt for template-less models):
+/// checks the template renders and runs a prefill and a decode step before `/ready` turns 200.
+async fn warm_up_chat(engine: &ChatEngine) -> Result<(), String> {
+    let name = engine.name();
+    let ids = match engine.chat_prompt(&[serde_json::json!({"role": "user", "content": "Hi"})], None) {
+        Ok(prompt) => prompt.ids,
+        Err(crate::engine::EngineError::NoChatTemplate(_)) => engine.encode("Hi").map_err(|e| e.to_string())?,
+        Err(e) => return Err(format!("warm-up of `{name}`: {e}")),
+    };
+    let request = GenerateRequest {
+        prompt_ids: ids,
+        sampling: SamplingParams::default(),
+        stop: StopParams { max_tokens: Some(1), ..StopParams::default() },
+        reasoning: None,
+    };
+    let mut generation = engine.submit(request).map_err(|e| format!("warm-up of `{name}`: {e}"))?;
+    while let Some(event) = generation.events.recv().await {
+        match event {
+            Event::Delta(_) => {}
+            Event::Finish { usage, .. } => {
+                tracing::debug!(model = %name, ?usage, "chat engine warmed up");
+                return Ok(());
+            }
+            Event::Error(e) => return Err(format!("warm-up of `{name}` failed: {e}")),
+        }
+    }
+    Err(format!("warm-up of `{name}`: the engine stopped"))
 }

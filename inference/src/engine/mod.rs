@@ -17,6 +17,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -72,6 +73,33 @@ pub enum EngineError {
     Stopped(String),
 }
 
+/// Prometheus series the scheduler thread updates, already labelled with the model's name
+/// (see `crate::metrics::Metrics::engine`).
+#[derive(Clone)]
+pub struct EngineMetrics {
+    pub generated_tokens: IntCounter,
+    pub batch_size: Histogram,
+    pub step_duration: Histogram,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub cancelled: IntCounter,
+}
+
+impl EngineMetrics {
+    /// Series registered nowhere: for engines started outside a server (tests, benchmarks).
+    pub fn detached() -> Result<Self, prometheus::Error> {
+        let histogram = |name: &str| Histogram::with_opts(HistogramOpts::new(name, "detached"));
+        Ok(EngineMetrics {
+            generated_tokens: IntCounter::new("generated_tokens", "detached")?,
+            batch_size: histogram("batch_size")?,
+            step_duration: histogram("step_duration")?,
+            running: IntGauge::new("running", "detached")?,
+            waiting: IntGauge::new("waiting", "detached")?,
+            cancelled: IntCounter::new("cancelled", "detached")?,
+        })
+    }
+}
+
 /// A rendered and tokenized chat prompt.
 #[derive(Debug, Clone)]
 pub struct Prompt {
@@ -98,6 +126,7 @@ pub struct ChatEngine {
     reasoning: bool,
     config: EngineConfig,
     counters: Arc<Counters>,
+    metrics: EngineMetrics,
     queue: Sender<Pending>,
 }
 
@@ -108,8 +137,20 @@ impl std::fmt::Debug for ChatEngine {
 }
 
 impl ChatEngine {
-    /// Compile the template and spawn the scheduler thread.
+    /// Compile the template and spawn the scheduler thread, with metrics registered nowhere.
     pub fn start(name: impl Into<String>, loaded: LoadedChat, config: EngineConfig) -> Result<Self, EngineError> {
+        let name = name.into();
+        let metrics = EngineMetrics::detached().map_err(|e| EngineError::Stopped(format!("{name}: metrics: {e}")))?;
+        Self::start_with_metrics(name, loaded, config, metrics)
+    }
+
+    /// Compile the template and spawn the scheduler thread, which updates `metrics`.
+    pub fn start_with_metrics(
+        name: impl Into<String>,
+        loaded: LoadedChat,
+        config: EngineConfig,
+        metrics: EngineMetrics,
+    ) -> Result<Self, EngineError> {
         let name = name.into();
         let template = loaded
             .chat_template
@@ -127,6 +168,7 @@ impl ChatEngine {
             eos_token_ids: loaded.eos_token_ids,
             config: config.clone(),
             counters: counters.clone(),
+            metrics: metrics.clone(),
             queue: rx,
             name: name.clone(),
         };
@@ -135,7 +177,7 @@ impl ChatEngine {
             .spawn(move || scheduler.run())
             .map_err(|e| EngineError::Stopped(format!("{name}: cannot spawn its thread: {e}")))?;
         tracing::info!(model = %name, family = info.family, max_context = info.max_context, ?config, "chat engine started");
-        Ok(ChatEngine { name, info, tokenizer, template, reasoning, config, counters, queue })
+        Ok(ChatEngine { name, info, tokenizer, template, reasoning, config, counters, metrics, queue })
     }
 
     pub fn name(&self) -> &str {
@@ -150,8 +192,13 @@ impl ChatEngine {
         &self.config
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    /// Reasoning models (vocabularies with `</think>`) answer with `reasoning_content` too.
+    pub fn is_reasoning(&self) -> bool {
+        self.reasoning
     }
 
     /// Sequences generating now.
@@ -206,7 +253,7 @@ impl ChatEngine {
         self.counters
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max_waiting).then_some(w + 1))
-            .map(|_| ())
+            .map(|w| self.metrics.waiting.set(w as i64 + 1))
             .map_err(|waiting| EngineError::QueueFull { model: self.name.clone(), waiting, max_waiting })
     }
 }

@@ -20,7 +20,7 @@ use super::reasoning::ReasoningParser;
 use super::sampler::{Sampled, Sampler};
 use super::stop::StopMatcher;
 use super::types::{Delta, Event, FinishReason, GenerateRequest, Timing, TokenLogprob, TopLogprob, Usage};
-use super::EngineConfig;
+use super::{EngineConfig, EngineMetrics};
 use crate::models::{CausalLM, ModelError, SeqCache, SeqStep};
 
 /// A request handed from [`super::ChatEngine::submit`] to the scheduler thread.
@@ -45,6 +45,7 @@ pub(crate) struct Scheduler {
     pub eos_token_ids: Vec<u32>,
     pub config: EngineConfig,
     pub counters: Arc<Counters>,
+    pub metrics: EngineMetrics,
     pub queue: Receiver<Pending>,
     pub name: String,
 }
@@ -62,6 +63,7 @@ impl Scheduler {
             running.retain(|seq| {
                 let gone = seq.events.is_closed();
                 if gone {
+                    self.metrics.cancelled.inc();
                     tracing::debug!(model = %self.name, generated = seq.generated.len(), "client went away; sequence cancelled");
                 }
                 !gone
@@ -97,6 +99,7 @@ impl Scheduler {
             let gone = p.events.is_closed();
             if gone {
                 self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.cancelled.inc();
             }
             !gone
         });
@@ -109,18 +112,25 @@ impl Scheduler {
 
     fn publish(&self, running: &[Sequence]) {
         self.counters.running.store(running.len(), Ordering::Relaxed);
+        self.metrics.running.set(running.len() as i64);
+        self.metrics.waiting.set(self.counters.waiting.load(Ordering::Relaxed) as i64);
     }
 
     /// One forward pass over the batch, then sampling and output for every sequence that got logits
     /// of a position to continue from.
     fn step(&self, running: &mut Vec<Sequence>) {
         let plan = self.plan(running);
-        match self.forward(running, &plan) {
+        self.metrics.batch_size.observe(plan.iter().filter(|&&n| n > 0).count() as f64);
+        let started = Instant::now();
+        let result = self.forward(running, &plan);
+        self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(rows) => {
                 let taking_part = running.iter_mut().zip(&plan).filter(|(_, &n)| n > 0);
                 for ((seq, &n), row) in taking_part.zip(rows) {
                     if seq.advance(n) {
                         seq.on_logits(&row, &self.tokenizer, &self.eos_token_ids);
+                        self.metrics.generated_tokens.inc();
                     }
                 }
             }

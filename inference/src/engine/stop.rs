@@ -75,8 +75,10 @@ mod tests {
     fn stop_string_across_pieces_is_cut_and_never_partially_emitted() {
         let (out, stopped) = run(&["###"], &["Hello #", "# wor", "ld ##", "# tail"]);
         assert!(stopped);
-        assert_eq!(out, vec!["Hello ", "# wor", "ld ", ""]);
-        assert_eq!(out.concat(), "Hello # world ");
+        // "#" is held until "# wor" shows it is "##", not "###"; "##" of "ld ##" is held and
+        // completes the stop string with the next piece.
+        assert_eq!(out, vec!["Hello ", "## wor", "ld ", ""]);
+        assert_eq!(out.concat(), "Hello ## world ");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! `tojson` (no HTML escaping, Python `json.dumps` spacing, `indent`/`ensure_ascii` options) and a
 //! `raise_exception` global. Templates also call Python methods (`str.split`, `dict.get`...), which
 //! minijinja provides through `minijinja_contrib::pycompat`.
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
 
@@ -66,8 +66,8 @@ impl ChatTemplate {
     ) -> Result<String, TemplateError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Compile(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize),
+            messages => Value::from(Serde(messages)),
+            tools => tools.map(|t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),

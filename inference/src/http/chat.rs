@@ -4,16 +4,126 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::{respond, AppState, JsonBody};
 use crate::engine::{
     ChatEngine, Delta, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, StopParams, TokenLogprob, Usage,
 };
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+const OPENAI_ROUTE: &str = "/v1/chat/completions";
+const SEED_ROUTE: &str = "/chat";
+
+/// The chat routes; the caller adds admission control and auth.
+pub fn routes() -> Router<AppState> {
+    Router::new().route(OPENAI_ROUTE, post(openai)).route(SEED_ROUTE, post(seed))
+}
+
+async fn openai(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
+    handle(state, req, OPENAI_ROUTE).await
+}
+
+/// The seed's path: same request and response shapes as OpenAI's.
+async fn seed(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
+    handle(state, req, SEED_ROUTE).await
+}
+
+async fn handle(state: AppState, req: ChatRequest, route: &'static str) -> Response {
+    let mut label = None;
+    let result = complete(&state, req, route, &mut label).await;
+    respond(result, label)
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        match e.param {
+            Some(param) => ApiError::invalid(param, e.message),
+            None => ApiError::BadRequest(e.message),
+        }
+    }
+}
+
+async fn complete(
+    state: &AppState,
+    req: ChatRequest,
+    route: &'static str,
+    label: &mut Option<String>,
+) -> Result<Response, ApiError> {
+    let engine = state.registry.chat(req.model.as_deref(), route)?;
+    *label = Some(engine.name().to_owned());
+    let plan = req.validate()?;
+    let (stream, include_usage, want_logprobs) = (plan.stream, plan.include_usage, plan.sampling.logprobs);
+    // Template rendering and tokenization are CPU work: off the async workers.
+    let blocking_engine = engine.clone();
+    let (request, reasoning_model) = tokio::task::spawn_blocking(move || generate_request(&blocking_engine, &plan))
+        .await
+        .map_err(|e| ApiError::Internal(format!("prompt task failed: {e}")))??;
+    let generation = engine.submit(request)?;
+    let mut recorder = Recorder::new(state.metrics.clone(), engine.name());
+    recorder.prompt_tokens(generation.prompt_tokens);
+    let id = CompletionId::new(engine.name());
+    if stream {
+        let on_event = move |ev: &Event| recorder.observe(ev);
+        return Ok(sse_response(generation.events, id, reasoning_model, want_logprobs, include_usage, on_event));
+    }
+    let collected = collect(generation.events, |ev| recorder.observe(ev))
+        .await
+        .map_err(|e| ApiError::Internal(format!("generation failed: {e}")))?;
+    Ok(Json(collected.to_json(&id, reasoning_model, want_logprobs)).into_response())
+}
+
+/// Per-request chat metrics. A request dropped before its final event (client gone) counts as
+/// `cancelled`.
+struct Recorder {
+    metrics: Arc<Metrics>,
+    model: String,
+    ended: bool,
+}
+
+impl Recorder {
+    fn new(metrics: Arc<Metrics>, model: &str) -> Self {
+        Recorder { metrics, model: model.to_owned(), ended: false }
+    }
+
+    fn prompt_tokens(&self, n: usize) {
+        self.metrics.chat_prompt_tokens.with_label_values(&[self.model.as_str()]).inc_by(n as u64);
+    }
+
+    fn observe(&mut self, ev: &Event) {
+        let model = self.model.as_str();
+        match ev {
+            Event::Delta(_) => {}
+            Event::Finish { reason, timing, .. } => {
+                self.ended = true;
+                let m = &self.metrics;
+                m.chat_requests.with_label_values(&[model, reason.as_str()]).inc();
+                m.chat_time_to_first_token.with_label_values(&[model]).observe(timing.time_to_first_token.as_secs_f64());
+                m.chat_queue_duration.with_label_values(&[model]).observe(timing.queued.as_secs_f64());
+            }
+            Event::Error(_) => {
+                self.ended = true;
+                self.metrics.chat_requests.with_label_values(&[model, "error"]).inc();
+            }
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.chat_requests.with_label_values(&[self.model.as_str(), "cancelled"]).inc();
+        }
+    }
+}
 
 /// Most stop strings per request (OpenAI allows 4; more are cheap here).
 const MAX_STOP_STRINGS: usize = 16;
@@ -160,7 +270,7 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(Invalid::new("messages", "messages must not be empty"));
         }
-        let messages = self.messages.into_iter().enumerate().map(|(i, m)| template_message(i, m)).collect::<Result<_, _>>()?;
+        let messages = template_messages(self.messages)?;
         let sampling = sampling_params(
             self.temperature,
             self.top_p,
@@ -214,6 +324,11 @@ fn reject_unsupported(other: &Map<String, Value>) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// Check roles and content parts and shape messages for the chat template.
+pub fn template_messages(messages: Vec<ChatMessage>) -> Result<Vec<TemplateMessage>, Invalid> {
+    messages.into_iter().enumerate().map(|(i, m)| template_message(i, m)).collect()
 }
 
 fn template_message(i: usize, m: ChatMessage) -> Result<TemplateMessage, Invalid> {
@@ -482,7 +597,7 @@ pub fn sse_response(
     sse(stream).into_response()
 }
 
-fn sse<S>(stream: S) -> Sse<S>
+fn sse<S>(stream: S) -> Sse<axum::response::sse::KeepAliveStream<S>>
 where
     S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
 {
@@ -522,5 +637,3 @@ pub fn generate_request(engine: &ChatEngine, plan: &ChatPlan) -> Result<(Generat
     Ok((req, reasoning_model))
 }
 
-#[allow(dead_code)]
-fn _assert_send(_: Arc<ChatEngine>, _: Json<Value>) {}

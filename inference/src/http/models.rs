@@ -5,11 +5,12 @@ use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::chat::{template_messages, ChatMessage};
 use super::tokens::{check_ids, encode_bounded, EncodeError};
 use super::{respond, AppState, JsonBody};
 use crate::error::ApiError;
 use crate::models::ModelKind;
-use crate::registry::ModelEntry;
+use crate::registry::{ModelEntry, ServedModel};
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -54,7 +55,11 @@ pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> R
 
 #[derive(Debug, Deserialize)]
 pub struct TokenizeRequest {
-    prompt: String,
+    /// Text to tokenize; or `messages` (chat models), rendered with the model's chat template.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
     #[serde(default)]
     model: Option<String>,
     /// Keep at most this many ids (special tokens included), as the seed's `max_tokens`.
@@ -75,6 +80,9 @@ pub struct TokenizeResponse {
     tokens: Vec<String>,
     model: String,
     object: &'static str,
+    /// The rendered chat prompt (requests with `messages`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<String>,
 }
 
 pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
@@ -93,8 +101,14 @@ async fn tokenize_inner(
     if req.max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "must be at least 1"));
     }
+    let prompt = match (req.prompt, req.messages) {
+        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give either `prompt` or `messages`, not both".into())),
+        (None, None) => return Err(ApiError::BadRequest("give `prompt` (text) or `messages` (chat)".into())),
+        (None, Some(messages)) => return tokenize_messages(entry, messages, req.max_tokens).await,
+        (Some(prompt), None) => prompt,
+    };
     let tok = entry.model.tokenizer().clone();
-    let (prompt, max, specials) = (req.prompt, req.max_tokens, req.add_special_tokens);
+    let (max, specials) = (req.max_tokens, req.add_special_tokens);
     let enc = tokio::task::spawn_blocking(move || match (specials, max) {
         (true, Some(max)) => encode_bounded(&tok, &prompt, max, true),
         _ => tok.encode(prompt.as_str(), specials).map_err(|e| EncodeError::Tokenizer(e.to_string())),
@@ -111,6 +125,37 @@ async fn tokenize_inner(
         tokens: enc.get_tokens().iter().take(keep).cloned().collect(),
         model: entry.name.clone(),
         object: "tokenizer",
+        prompt: None,
+    }))
+}
+
+/// Render `messages` with a chat model's template and tokenize the text as generation would.
+async fn tokenize_messages(
+    entry: &ModelEntry,
+    messages: Vec<ChatMessage>,
+    max_tokens: Option<usize>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let ServedModel::Chat(engine) = &entry.model else {
+        return Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route: "/tokenize with messages" });
+    };
+    if messages.is_empty() {
+        return Err(ApiError::EmptyInput { param: "messages".into() });
+    }
+    let messages = template_messages(messages)?;
+    let engine = engine.clone();
+    let prompt = tokio::task::spawn_blocking(move || engine.chat_prompt(&messages, None))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))??;
+    let tok = entry.model.tokenizer();
+    let keep = max_tokens.unwrap_or(usize::MAX);
+    let ids: Vec<u32> = prompt.ids.into_iter().take(keep).collect();
+    let tokens = ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_default()).collect();
+    Ok(Json(TokenizeResponse {
+        token_ids: ids,
+        tokens,
+        model: entry.name.clone(),
+        object: "tokenizer",
+        prompt: Some(prompt.text),
     }))
 }
 
