@@ -142,7 +142,13 @@ impl Scheduler {
                 }
             }
         }
-        running.retain(|s| !s.done);
+        running.retain(|s| {
+            if s.cancelled {
+                self.metrics.cancelled.inc();
+                tracing::debug!(model = %self.name, generated = s.generated.len(), "client went away; sequence cancelled");
+            }
+            !s.done
+        });
     }
 
     /// New tokens per running sequence for this step (0: sits out): one for each decoding sequence
@@ -209,6 +215,8 @@ struct Sequence {
     admitted: Instant,
     first_token: Option<Instant>,
     done: bool,
+    /// Its receiver was gone when output was sent.
+    cancelled: bool,
 }
 
 impl Sequence {
@@ -231,6 +239,7 @@ impl Sequence {
             admitted: Instant::now(),
             first_token: None,
             done: false,
+            cancelled: false,
         }
     }
 
@@ -301,6 +310,7 @@ impl Sequence {
         let delta = Delta { content, reasoning_content, logprobs: std::mem::take(&mut self.logprobs) };
         if self.events.send(Event::Delta(delta)).is_err() {
             self.done = true;
+            self.cancelled = true;
         }
     }
 

@@ -601,7 +601,10 @@ fn sse<S>(stream: S) -> Sse<axum::response::sse::KeepAliveStream<S>>
 where
     S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
 {
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    // A disconnect is only noticed when something is written: keep-alive comments bound how long
+    // a generation whose tokens show no text yet (held-back stop prefixes, skipped special tokens)
+    // runs for a client that has gone.
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(2)))
 }
 
 /// Gather a whole generation (non-streaming response).
