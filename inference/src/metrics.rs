@@ -1,8 +1,8 @@
 //! Prometheus metrics, all named `glm_*`, in one registry rendered by `GET /metrics`.
 //! Other parts (the chat engine) register their own collectors in [`Metrics::registry`].
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::engine::EngineMetrics;
@@ -58,16 +58,23 @@ impl Metrics {
         let latency = exponential_buckets(0.001, 2.0, 16)?; // 1 ms .. ~33 s
         let m = Metrics {
             requests: IntCounterVec::new(
-                Opts::new("glm_requests_total", "HTTP requests by route, model and status"),
+                Opts::new(
+                    "glm_requests_total",
+                    "HTTP requests by route, model and status",
+                ),
                 &["route", "model", "status"],
             )?,
             request_duration: HistogramVec::new(
-                HistogramOpts::new("glm_request_duration_seconds", "HTTP request latency").buckets(latency.clone()),
+                HistogramOpts::new("glm_request_duration_seconds", "HTTP request latency")
+                    .buckets(latency.clone()),
                 &["route", "model"],
             )?,
             queue_duration: HistogramVec::new(
-                HistogramOpts::new("glm_queue_duration_seconds", "Time an embedding input waited for its batch")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "glm_queue_duration_seconds",
+                    "Time an embedding input waited for its batch",
+                )
+                .buckets(latency.clone()),
                 &["model"],
             )?,
             batch_size: HistogramVec::new(
@@ -76,17 +83,26 @@ impl Metrics {
                 &["model"],
             )?,
             batch_tokens: HistogramVec::new(
-                HistogramOpts::new("glm_batch_tokens", "Padded tokens per embedding forward pass")
-                    .buckets(exponential_buckets(16.0, 2.0, 14)?),
+                HistogramOpts::new(
+                    "glm_batch_tokens",
+                    "Padded tokens per embedding forward pass",
+                )
+                .buckets(exponential_buckets(16.0, 2.0, 14)?),
                 &["model"],
             )?,
             inference_duration: HistogramVec::new(
-                HistogramOpts::new("glm_inference_duration_seconds", "Time of one embedding forward pass")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "glm_inference_duration_seconds",
+                    "Time of one embedding forward pass",
+                )
+                .buckets(latency.clone()),
                 &["model"],
             )?,
             embedded_tokens: IntCounterVec::new(
-                Opts::new("glm_embedded_tokens_total", "Tokens embedded (without padding)"),
+                Opts::new(
+                    "glm_embedded_tokens_total",
+                    "Tokens embedded (without padding)",
+                ),
                 &["model"],
             )?,
             queue_depth: IntGaugeVec::new(
@@ -94,30 +110,48 @@ impl Metrics {
                 &["model"],
             )?,
             cancelled_inputs: IntCounterVec::new(
-                Opts::new("glm_cancelled_inputs_total", "Queued inputs dropped because the client went away"),
+                Opts::new(
+                    "glm_cancelled_inputs_total",
+                    "Queued inputs dropped because the client went away",
+                ),
                 &["model"],
             )?,
             ready: IntGauge::new("glm_ready", "1 when the server accepts traffic")?,
             chat_requests: IntCounterVec::new(
-                Opts::new("glm_chat_requests_total", "Chat generations by model and how they ended"),
+                Opts::new(
+                    "glm_chat_requests_total",
+                    "Chat generations by model and how they ended",
+                ),
                 &["model", "finish_reason"],
             )?,
             chat_prompt_tokens: IntCounterVec::new(
-                Opts::new("glm_chat_prompt_tokens_total", "Prompt tokens of chat requests"),
+                Opts::new(
+                    "glm_chat_prompt_tokens_total",
+                    "Prompt tokens of chat requests",
+                ),
                 &["model"],
             )?,
             chat_generated_tokens: IntCounterVec::new(
-                Opts::new("glm_chat_generated_tokens_total", "Tokens generated (cancelled generations included)"),
+                Opts::new(
+                    "glm_chat_generated_tokens_total",
+                    "Tokens generated (cancelled generations included)",
+                ),
                 &["model"],
             )?,
             chat_time_to_first_token: HistogramVec::new(
-                HistogramOpts::new("glm_chat_time_to_first_token_seconds", "From submission to the first token")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "glm_chat_time_to_first_token_seconds",
+                    "From submission to the first token",
+                )
+                .buckets(latency.clone()),
                 &["model"],
             )?,
             chat_queue_duration: HistogramVec::new(
-                HistogramOpts::new("glm_chat_queue_duration_seconds", "From submission to a batch slot")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "glm_chat_queue_duration_seconds",
+                    "From submission to a batch slot",
+                )
+                .buckets(latency.clone()),
                 &["model"],
             )?,
             chat_batch_size: HistogramVec::new(
@@ -126,20 +160,32 @@ impl Metrics {
                 &["model"],
             )?,
             chat_step_duration: HistogramVec::new(
-                HistogramOpts::new("glm_chat_step_duration_seconds", "Time of one chat forward pass")
-                    .buckets(latency),
+                HistogramOpts::new(
+                    "glm_chat_step_duration_seconds",
+                    "Time of one chat forward pass",
+                )
+                .buckets(latency),
                 &["model"],
             )?,
             chat_running: IntGaugeVec::new(
-                Opts::new("glm_chat_running_sequences", "Chat sequences generating now"),
+                Opts::new(
+                    "glm_chat_running_sequences",
+                    "Chat sequences generating now",
+                ),
                 &["model"],
             )?,
             chat_waiting: IntGaugeVec::new(
-                Opts::new("glm_chat_waiting_requests", "Chat requests waiting for a batch slot"),
+                Opts::new(
+                    "glm_chat_waiting_requests",
+                    "Chat requests waiting for a batch slot",
+                ),
                 &["model"],
             )?,
             chat_cancelled: IntCounterVec::new(
-                Opts::new("glm_chat_cancelled_total", "Chat generations stopped because the client went away"),
+                Opts::new(
+                    "glm_chat_cancelled_total",
+                    "Chat generations stopped because the client went away",
+                ),
                 &["model"],
             )?,
             registry,
@@ -149,18 +195,24 @@ impl Metrics {
         m.registry.register(Box::new(m.queue_duration.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.batch_tokens.clone()))?;
-        m.registry.register(Box::new(m.inference_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.inference_duration.clone()))?;
         m.registry.register(Box::new(m.embedded_tokens.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.cancelled_inputs.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         m.registry.register(Box::new(m.chat_requests.clone()))?;
-        m.registry.register(Box::new(m.chat_prompt_tokens.clone()))?;
-        m.registry.register(Box::new(m.chat_generated_tokens.clone()))?;
-        m.registry.register(Box::new(m.chat_time_to_first_token.clone()))?;
-        m.registry.register(Box::new(m.chat_queue_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.chat_prompt_tokens.clone()))?;
+        m.registry
+            .register(Box::new(m.chat_generated_tokens.clone()))?;
+        m.registry
+            .register(Box::new(m.chat_time_to_first_token.clone()))?;
+        m.registry
+            .register(Box::new(m.chat_queue_duration.clone()))?;
         m.registry.register(Box::new(m.chat_batch_size.clone()))?;
-        m.registry.register(Box::new(m.chat_step_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.chat_step_duration.clone()))?;
         m.registry.register(Box::new(m.chat_running.clone()))?;
         m.registry.register(Box::new(m.chat_waiting.clone()))?;
         m.registry.register(Box::new(m.chat_cancelled.clone()))?;
@@ -194,10 +246,17 @@ mod tests {
     #[test]
     fn renders_glm_series() {
         let m = Metrics::new().unwrap();
-        m.requests.with_label_values(&["/v1/embeddings", "minilm", "200"]).inc();
+        m.requests
+            .with_label_values(&["/v1/embeddings", "minilm", "200"])
+            .inc();
         m.batch_size.with_label_values(&["minilm"]).observe(3.0);
         let text = m.render().unwrap();
-        assert!(text.contains(r#"glm_requests_total{model="minilm",route="/v1/embeddings",status="200"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"glm_requests_total{model="minilm",route="/v1/embeddings",status="200"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains("glm_batch_size_bucket"), "{text}");
     }
 }

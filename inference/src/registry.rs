@@ -24,12 +24,23 @@ pub struct EmbeddingModel {
 }
 
 impl EmbeddingModel {
-    pub fn new(name: &str, loaded: LoadedEmbedder, config: BatcherConfig, metrics: &Metrics) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        loaded: LoadedEmbedder,
+        config: BatcherConfig,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
         let info = loaded.embedder.info().clone();
         let vocab_size = loaded.tokenizer.get_vocab_size(true);
         let batcher = Batcher::new(name, loaded.embedder, config, metrics)
             .map_err(|e| format!("cannot start the batching thread of `{name}`: {e}"))?;
-        Ok(EmbeddingModel { name: name.to_string(), info, tokenizer: Arc::new(loaded.tokenizer), vocab_size, batcher })
+        Ok(EmbeddingModel {
+            name: name.to_string(),
+            info,
+            tokenizer: Arc::new(loaded.tokenizer),
+            vocab_size,
+            batcher,
+        })
     }
 }
 
@@ -80,8 +91,11 @@ pub struct Registry {
 impl Registry {
     /// Build from already loaded entries (in `--model` order). `default_chat` must name a chat entry.
     pub fn new(entries: Vec<ModelEntry>, default_chat: Option<String>) -> Result<Self, String> {
-        let chat_names: Vec<&str> =
-            entries.iter().filter(|e| e.model.kind() == ModelKind::Chat).map(|e| e.name.as_str()).collect();
+        let chat_names: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.model.kind() == ModelKind::Chat)
+            .map(|e| e.name.as_str())
+            .collect();
         let default_chat = match default_chat {
             Some(name) if !chat_names.contains(&name.as_str()) => {
                 return Err(format!(
@@ -92,7 +106,10 @@ impl Registry {
             Some(name) => Some(name),
             None => chat_names.first().map(|s| s.to_string()),
         };
-        Ok(Registry { entries, default_chat })
+        Ok(Registry {
+            entries,
+            default_chat,
+        })
     }
 
     /// Load every `--model` (detect family, load weights and tokenizer, start batchers).
@@ -133,7 +150,10 @@ impl Registry {
                 warm_up_chat(engine).await?;
             }
             if let ServedModel::Embedding(m) = &entry.model {
-                let enc = m.tokenizer.encode("warm up", true).map_err(|e| format!("`{}`: {e}", m.name))?;
+                let enc = m
+                    .tokenizer
+                    .encode("warm up", true)
+                    .map_err(|e| format!("`{}`: {e}", m.name))?;
                 let out = m
                     .batcher
                     .embed(vec![enc.get_ids().to_vec()], EmbedOutputs::default())
@@ -160,42 +180,66 @@ impl Registry {
     }
 
     fn names_of(&self, kind: ModelKind) -> Vec<String> {
-        self.entries.iter().filter(|e| e.model.kind() == kind).map(|e| e.name.clone()).collect()
+        self.entries
+            .iter()
+            .filter(|e| e.model.kind() == kind)
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<&ModelEntry, ApiError> {
         self.entries
             .iter()
             .find(|e| e.name == name)
-            .ok_or_else(|| ApiError::ModelNotFound { model: name.to_string(), available: self.names() })
+            .ok_or_else(|| ApiError::ModelNotFound {
+                model: name.to_string(),
+                available: self.names(),
+            })
     }
 
     /// The embedding model a request names, or the first embedding model when it names none.
-    pub fn embedding(&self, name: Option<&str>, route: &'static str) -> Result<Arc<EmbeddingModel>, ApiError> {
+    pub fn embedding(
+        &self,
+        name: Option<&str>,
+        route: &'static str,
+    ) -> Result<Arc<EmbeddingModel>, ApiError> {
         let entry = match name.filter(|n| !n.is_empty()) {
             Some(name) => self.get(name)?,
             None => self.first_of(ModelKind::Embedding)?,
         };
         match &entry.model {
             ServedModel::Embedding(m) => Ok(m.clone()),
-            ServedModel::Chat(_) => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: true, route }),
+            ServedModel::Chat(_) => Err(ApiError::WrongModelKind {
+                model: entry.name.clone(),
+                is_chat: true,
+                route,
+            }),
         }
     }
 
     /// The chat model a request names, or the default chat model (GLM_MODEL) when it names none.
-    pub fn chat(&self, name: Option<&str>, route: &'static str) -> Result<Arc<ChatEngine>, ApiError> {
+    pub fn chat(
+        &self,
+        name: Option<&str>,
+        route: &'static str,
+    ) -> Result<Arc<ChatEngine>, ApiError> {
         let entry = match (name.filter(|n| !n.is_empty()), &self.default_chat) {
             (Some(name), _) => self.get(name)?,
             (None, Some(default)) => self.get(default)?,
             (None, None) => {
-                return Err(ApiError::NoDefaultModel { kind: "chat", available: self.names_of(ModelKind::Chat) })
+                return Err(ApiError::NoDefaultModel {
+                    kind: "chat",
+                    available: self.names_of(ModelKind::Chat),
+                })
             }
         };
         match &entry.model {
             ServedModel::Chat(engine) => Ok(engine.clone()),
-            ServedModel::Embedding(_) => {
-                Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route })
-            }
+            ServedModel::Embedding(_) => Err(ApiError::WrongModelKind {
+                model: entry.name.clone(),
+                is_chat: false,
+                route,
+            }),
         }
     }
 
@@ -216,29 +260,43 @@ impl Registry {
     }
 
     fn first_of(&self, kind: ModelKind) -> Result<&ModelEntry, ApiError> {
-        self.entries.iter().find(|e| e.model.kind() == kind).ok_or_else(|| ApiError::NoDefaultModel {
-            kind: match kind {
-                ModelKind::Embedding => "embedding",
-                ModelKind::Chat => "chat",
-            },
-            available: self.names(),
-        })
+        self.entries
+            .iter()
+            .find(|e| e.model.kind() == kind)
+            .ok_or_else(|| ApiError::NoDefaultModel {
+                kind: match kind {
+                    ModelKind::Embedding => "embedding",
+                    ModelKind::Chat => "chat",
+                },
+                available: self.names(),
+            })
     }
 }
 
-fn load_one(spec: &ModelSpec, device: &Device, options: &LoadOptions, metrics: &Metrics) -> Result<ServedModel, String> {
+fn load_one(
+    spec: &ModelSpec,
+    device: &Device,
+    options: &LoadOptions,
+    metrics: &Metrics,
+) -> Result<ServedModel, String> {
     let family: Family = models::detect_family(&spec.path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
-            let loaded = models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let loaded =
+                models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
             let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
         ModelKind::Chat => {
-            let loaded = models::chat::load(&spec.path, family, device).map_err(|e| e.to_string())?;
-            let engine =
-                ChatEngine::start_with_metrics(&spec.name, loaded, options.engine.clone(), metrics.engine(&spec.name))
-                    .map_err(|e| e.to_string())?;
+            let loaded =
+                models::chat::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let engine = ChatEngine::start_with_metrics(
+                &spec.name,
+                loaded,
+                options.engine.clone(),
+                metrics.engine(&spec.name),
+            )
+            .map_err(|e| e.to_string())?;
             Ok(ServedModel::Chat(Arc::new(engine)))
         }
     }
@@ -248,18 +306,28 @@ fn load_one(spec: &ModelSpec, device: &Device, options: &LoadOptions, metrics: &
 /// checks the template renders and runs a prefill and a decode step before `/ready` turns 200.
 async fn warm_up_chat(engine: &ChatEngine) -> Result<(), String> {
     let name = engine.name();
-    let ids = match engine.chat_prompt(&[serde_json::json!({"role": "user", "content": "Hi"})], None) {
+    let ids = match engine.chat_prompt(
+        &[serde_json::json!({"role": "user", "content": "Hi"})],
+        None,
+    ) {
         Ok(prompt) => prompt.ids,
-        Err(crate::engine::EngineError::NoChatTemplate(_)) => engine.encode("Hi").map_err(|e| e.to_string())?,
+        Err(crate::engine::EngineError::NoChatTemplate(_)) => {
+            engine.encode("Hi").map_err(|e| e.to_string())?
+        }
         Err(e) => return Err(format!("warm-up of `{name}`: {e}")),
     };
     let request = GenerateRequest {
         prompt_ids: ids,
         sampling: SamplingParams::default(),
-        stop: StopParams { max_tokens: Some(1), ..StopParams::default() },
+        stop: StopParams {
+            max_tokens: Some(1),
+            ..StopParams::default()
+        },
         reasoning: None,
     };
-    let mut generation = engine.submit(request).map_err(|e| format!("warm-up of `{name}`: {e}"))?;
+    let mut generation = engine
+        .submit(request)
+        .map_err(|e| format!("warm-up of `{name}`: {e}"))?;
     while let Some(event) = generation.events.recv().await {
         match event {
             Event::Delta(_) => {}

@@ -4,8 +4,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use glm_inference::engine::{ChatEngine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, StopParams};
-use glm_inference::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor};
+use glm_inference::engine::{
+    ChatEngine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, SamplingParams,
+    StopParams,
+};
+use glm_inference::models::{
+    CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor,
+};
 use tokenizers::Tokenizer;
 
 const EOS: u32 = 556; // qwen2 fixture's <｜end▁of▁sentence｜>
@@ -25,7 +30,11 @@ struct Mock {
 impl Mock {
     fn new(script: Vec<u32>, prompt_len: usize, vocab: usize, delay: Duration) -> Arc<Self> {
         Arc::new(Mock {
-            info: CausalLMInfo { family: "mock", vocab_size: vocab, max_context: 64 },
+            info: CausalLMInfo {
+                family: "mock",
+                vocab_size: vocab,
+                max_context: 64,
+            },
             script,
             prompt_len,
             delay,
@@ -35,7 +44,13 @@ impl Mock {
     }
 
     fn max_batch(&self) -> usize {
-        self.batch_sizes.lock().unwrap().iter().copied().max().unwrap_or(0)
+        self.batch_sizes
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -68,15 +83,27 @@ impl CausalLM for Mock {
             let t = Tensor::new(h.as_slice(), &candle_core::Device::Cpu)?;
             step.cache.layers[0] = Some((t.clone(), t));
             step.cache.len = h.len();
-            let mut seed = h.iter().fold(1469598103934665603u64, |acc, &x| (acc ^ x as u64).wrapping_mul(1099511628211));
-            let peak = h.len().checked_sub(self.prompt_len).and_then(|i| self.script.get(i)).copied();
+            let mut seed = h.iter().fold(1469598103934665603u64, |acc, &x| {
+                (acc ^ x as u64).wrapping_mul(1099511628211)
+            });
+            let peak = h
+                .len()
+                .checked_sub(self.prompt_len)
+                .and_then(|i| self.script.get(i))
+                .copied();
             for i in 0..vocab {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let noise = (seed >> 40) as f32 / (1u64 << 24) as f32;
                 rows.push(if Some(i as u32) == peak { 8.0 } else { noise });
             }
         }
-        Ok(Tensor::from_vec(rows, (steps.len(), vocab), &candle_core::Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            rows,
+            (steps.len(), vocab),
+            &candle_core::Device::Cpu,
+        )?)
     }
 }
 
@@ -84,7 +111,8 @@ fn tokenizer() -> Tokenizer {
     let root = std::env::var("GLM_FIXTURES_DIR")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into());
     let dir = std::path::Path::new(&root).join("tiny/qwen2");
-    glm_inference::tokenizer::load_tokenizer(&dir).unwrap_or_else(|e| panic!("{e}: fixture tiny/qwen2 is needed (GLM_FIXTURES_DIR)"))
+    glm_inference::tokenizer::load_tokenizer(&dir)
+        .unwrap_or_else(|e| panic!("{e}: fixture tiny/qwen2 is needed (GLM_FIXTURES_DIR)"))
 }
 
 fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
@@ -108,7 +136,11 @@ fn request(prompt: &[u32], max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         prompt_ids: prompt.to_vec(),
         sampling: SamplingParams::default(),
-        stop: StopParams { max_tokens: Some(max_tokens), skip_special_tokens: true, ..Default::default() },
+        stop: StopParams {
+            max_tokens: Some(max_tokens),
+            skip_special_tokens: true,
+            ..Default::default()
+        },
         reasoning: None,
     }
 }
@@ -130,7 +162,13 @@ async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Out
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Delta(d) => deltas.push(d.content),
-            Event::Finish { reason, usage, .. } => return Outcome { deltas, reason, completion_tokens: usage.completion_tokens },
+            Event::Finish { reason, usage, .. } => {
+                return Outcome {
+                    deltas,
+                    reason,
+                    completion_tokens: usage.completion_tokens,
+                }
+            }
             Event::Error(e) => panic!("engine error: {e}"),
         }
     }
@@ -143,36 +181,74 @@ fn setup(script_text: &str, delay_ms: u64) -> (Arc<Mock>, Vec<u32>, Vec<u32>) {
     let tok = tokenizer();
     let prompt = encode(&tok, PROMPT);
     let script = encode(&tok, script_text);
-    let mock = Mock::new(script.clone(), prompt.len(), tok.get_vocab_size(true), Duration::from_millis(delay_ms));
+    let mock = Mock::new(
+        script.clone(),
+        prompt.len(),
+        tok.get_vocab_size(true),
+        Duration::from_millis(delay_ms),
+    );
     (mock, prompt, script)
 }
 
 #[tokio::test]
 async fn concurrent_requests_share_forward_passes() {
     let (mock, prompt, script) = setup("The answer is forty-two, said the machine.", 15);
-    let engine = start(mock.clone(), EngineConfig { max_batch_size: 4, max_batch_tokens: 256, max_waiting: 8 });
-    let gens: Vec<_> = (0..4).map(|_| engine.submit(request(&prompt, script.len())).unwrap()).collect();
+    let engine = start(
+        mock.clone(),
+        EngineConfig {
+            max_batch_size: 4,
+            max_batch_tokens: 256,
+            max_waiting: 8,
+        },
+    );
+    let gens: Vec<_> = (0..4)
+        .map(|_| engine.submit(request(&prompt, script.len())).unwrap())
+        .collect();
     let outcomes = futures::future::join_all(gens.into_iter().map(|g| collect(g.events))).await;
     for o in &outcomes {
         assert_eq!(o.text(), "The answer is forty-two, said the machine.");
         assert_eq!(o.reason, FinishReason::Length);
         assert_eq!(o.completion_tokens, script.len());
     }
-    assert!(mock.max_batch() >= 2, "requests were never batched: {:?}", mock.batch_sizes.lock().unwrap());
+    assert!(
+        mock.max_batch() >= 2,
+        "requests were never batched: {:?}",
+        mock.batch_sizes.lock().unwrap()
+    );
     // alone, each request needs 1 prefill + (n-1) decode passes
-    assert!(mock.forwards.load(Ordering::SeqCst) < 4 * script.len(), "no sharing of forward passes");
+    assert!(
+        mock.forwards.load(Ordering::SeqCst) < 4 * script.len(),
+        "no sharing of forward passes"
+    );
 }
 
 #[tokio::test]
 async fn long_prompts_are_prefilled_in_chunks_with_the_same_result() {
     let (mock, prompt, script) = setup("Forty-two.", 0);
     assert!(prompt.len() > 3);
-    let engine = start(mock.clone(), EngineConfig { max_batch_size: 2, max_batch_tokens: 3, max_waiting: 8 });
+    let engine = start(
+        mock.clone(),
+        EngineConfig {
+            max_batch_size: 2,
+            max_batch_tokens: 3,
+            max_waiting: 8,
+        },
+    );
     // The mock only peaks on the scripted tokens: stop there (past them it emits noise).
-    let out = collect(engine.submit(request(&prompt, script.len())).unwrap().events).await;
+    let out = collect(
+        engine
+            .submit(request(&prompt, script.len()))
+            .unwrap()
+            .events,
+    )
+    .await;
     assert_eq!(out.text(), "Forty-two.");
     let sizes = mock.batch_sizes.lock().unwrap().clone();
-    assert!(sizes.len() >= prompt.len().div_ceil(3), "prompt of {} tokens was not chunked: {sizes:?}", prompt.len());
+    assert!(
+        sizes.len() >= prompt.len().div_ceil(3),
+        "prompt of {} tokens was not chunked: {sizes:?}",
+        prompt.len()
+    );
 }
 
 #[tokio::test]
@@ -182,12 +258,21 @@ async fn eos_finishes_with_stop_and_its_text_is_not_emitted() {
     let mut script = encode(&tok, "Forty-two.");
     script.push(EOS);
     script.extend(encode(&tok, " never"));
-    let mock = Mock::new(script.clone(), prompt.len(), tok.get_vocab_size(true), Duration::ZERO);
+    let mock = Mock::new(
+        script.clone(),
+        prompt.len(),
+        tok.get_vocab_size(true),
+        Duration::ZERO,
+    );
     let engine = start(mock, EngineConfig::default());
     let out = collect(engine.submit(request(&prompt, 50)).unwrap().events).await;
     assert_eq!(out.text(), "Forty-two.");
     assert_eq!(out.reason, FinishReason::Stop);
-    assert_eq!(out.completion_tokens, encode(&tok, "Forty-two.").len() + 1, "the EOS token counts");
+    assert_eq!(
+        out.completion_tokens,
+        encode(&tok, "Forty-two.").len() + 1,
+        "the EOS token counts"
+    );
 }
 
 #[tokio::test]
@@ -216,11 +301,22 @@ async fn stop_strings_across_token_boundaries_are_cut_and_never_leak() {
     let (mock, prompt, script) = setup("The answer is 42. ### That is all, folks.", 0);
     let engine = start(mock, EngineConfig::default());
     let mut req = request(&prompt, script.len());
-    req.stop.stop = vec!["nothing".into(), "2. ##".into(), "folks".into(), "zzz".into()];
+    req.stop.stop = vec![
+        "nothing".into(),
+        "2. ##".into(),
+        "folks".into(),
+        "zzz".into(),
+    ];
     let out = collect(engine.submit(req).unwrap().events).await;
     assert_eq!(out.text(), "The answer is 4");
     assert_eq!(out.reason, FinishReason::Stop);
-    assert!(out.deltas.iter().all(|d| !d.contains('2') && !d.contains('#')), "{:?}", out.deltas);
+    assert!(
+        out.deltas
+            .iter()
+            .all(|d| !d.contains('2') && !d.contains('#')),
+        "{:?}",
+        out.deltas
+    );
 }
 
 #[tokio::test]
@@ -229,7 +325,11 @@ async fn same_seed_same_text_other_seed_other_text() {
     let engine = start(mock, EngineConfig::default());
     let sampled = |seed| {
         let mut req = request(&prompt, 20);
-        req.sampling = SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() };
+        req.sampling = SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
         req.stop.ignore_eos = true;
         engine.submit(req).unwrap()
     };
@@ -259,23 +359,49 @@ async fn dropping_the_receiver_cancels_the_sequence() {
     assert_eq!(engine.running(), 0, "cancelled sequence still running");
     let after = mock.forwards.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(mock.forwards.load(Ordering::SeqCst), after, "forward passes continue after cancellation");
-    assert!(after < 20, "generation was not cut short ({after} forward passes)");
+    assert_eq!(
+        mock.forwards.load(Ordering::SeqCst),
+        after,
+        "forward passes continue after cancellation"
+    );
+    assert!(
+        after < 20,
+        "generation was not cut short ({after} forward passes)"
+    );
 }
 
 #[tokio::test]
 async fn a_full_queue_refuses_new_requests() {
     let (mock, prompt, _) = setup(&"busy ".repeat(60), 20);
-    let engine = start(mock, EngineConfig { max_batch_size: 1, max_batch_tokens: 256, max_waiting: 2 });
+    let engine = start(
+        mock,
+        EngineConfig {
+            max_batch_size: 1,
+            max_batch_tokens: 256,
+            max_waiting: 2,
+        },
+    );
     let first = engine.submit(request(&prompt, 40)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     while engine.running() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let queued: Vec<_> = (0..2).map(|_| engine.submit(request(&prompt, 40)).unwrap()).collect();
+    let queued: Vec<_> = (0..2)
+        .map(|_| engine.submit(request(&prompt, 40)).unwrap())
+        .collect();
     assert_eq!(engine.waiting(), 2);
     let err = engine.submit(request(&prompt, 40)).unwrap_err();
-    assert!(matches!(err, EngineError::QueueFull { waiting: 2, max_waiting: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::QueueFull {
+                waiting: 2,
+                max_waiting: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("limit 2"), "{err}");
     drop((first, queued));
 }
@@ -286,6 +412,19 @@ async fn prompts_that_fill_the_context_are_refused_with_both_numbers() {
     let engine = start(mock, EngineConfig::default());
     let err = engine.submit(request(&[1; 64], 4)).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, EngineError::PromptTooLong { prompt_tokens: 64, max_context: 64, .. }), "{msg}");
-    assert!(msg.contains("64 tokens") && msg.contains("context of 64"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            EngineError::PromptTooLong {
+                prompt_tokens: 64,
+                max_context: 64,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("64 tokens") && msg.contains("context of 64"),
+        "{msg}"
+    );
 }

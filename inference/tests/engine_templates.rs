@@ -20,28 +20,56 @@ fn reference(path: &std::path::Path) -> Value {
 }
 
 fn cases(reference: &Value) -> &Vec<Value> {
-    reference["cases"].as_array().filter(|c| !c.is_empty()).expect("reference.json has cases")
+    reference["cases"]
+        .as_array()
+        .filter(|c| !c.is_empty())
+        .expect("reference.json has cases")
 }
 
 fn messages(case: &Value) -> Vec<Value> {
-    case["messages"].as_array().cloned().expect("case has messages")
+    case["messages"]
+        .as_array()
+        .cloned()
+        .expect("case has messages")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn check_snapshot(name: &str) {
     let dir = fixtures().join("tiny").join(name);
     let assets = load_chat_assets(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let source = assets.chat_template.as_deref().unwrap_or_else(|| panic!("{name}: no chat_template"));
-    let template = ChatTemplate::new(source, assets.bos_token.as_deref(), assets.eos_token.as_deref()).unwrap();
+    let source = assets
+        .chat_template
+        .as_deref()
+        .unwrap_or_else(|| panic!("{name}: no chat_template"));
+    let template = ChatTemplate::new(
+        source,
+        assets.bos_token.as_deref(),
+        assets.eos_token.as_deref(),
+    )
+    .unwrap();
     let reference = reference(&dir.join("reference.json"));
     for (i, case) in cases(&reference).iter().enumerate() {
-        let text = template.render(&messages(case), None, true).unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "{name} case {i}: prompt text");
+        let text = template
+            .render(&messages(case), None, true)
+            .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "{name} case {i}: prompt text"
+        );
         let enc = assets.tokenizer.encode(text.as_str(), false).unwrap();
-        assert_eq!(enc.get_ids(), ids(&case["prompt_ids"]).as_slice(), "{name} case {i}: prompt ids");
+        assert_eq!(
+            enc.get_ids(),
+            ids(&case["prompt_ids"]).as_slice(),
+            "{name} case {i}: prompt ids"
+        );
     }
 }
 
@@ -80,7 +108,11 @@ fn smollm2_gguf_template_text() {
     let template = ChatTemplate::new(source, None, None).unwrap();
     for (i, case) in cases(&reference).iter().enumerate() {
         let text = template.render(&messages(case), None, true).unwrap();
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "smollm2 case {i}");
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "smollm2 case {i}"
+        );
     }
 }
 
@@ -90,7 +122,12 @@ fn smollm2_gguf_template_text() {
 fn deepseek_template_system_join_and_tool_calls() {
     let dir = fixtures().join("tiny/deepseek-v3");
     let assets = load_chat_assets(&dir).unwrap();
-    let template = ChatTemplate::new(assets.chat_template.as_deref().unwrap(), assets.bos_token.as_deref(), None).unwrap();
+    let template = ChatTemplate::new(
+        assets.chat_template.as_deref().unwrap(),
+        assets.bos_token.as_deref(),
+        None,
+    )
+    .unwrap();
     let messages: Vec<Value> = serde_json::from_value(serde_json::json!([
         {"role": "system", "content": "A."},
         {"role": "system", "content": "B."},

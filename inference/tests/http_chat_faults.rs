@@ -6,7 +6,9 @@ use std::sync::Arc;
 use glm_inference::engine::{ChatEngine, EngineConfig};
 use glm_inference::http::{router, AppState, Limits};
 use glm_inference::metrics::Metrics;
-use glm_inference::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor};
+use glm_inference::models::{
+    CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor,
+};
 use glm_inference::registry::{ModelEntry, Registry, ServedModel};
 use serde_json::{json, Value};
 
@@ -38,7 +40,11 @@ impl CausalLM for Failing {
             step.cache.len += step.tokens.len();
             rows[i * vocab + self.token as usize] = 10.0;
         }
-        Ok(Tensor::from_vec(rows, (steps.len(), vocab), &candle_core::Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            rows,
+            (steps.len(), vocab),
+            &candle_core::Device::Cpu,
+        )?)
     }
 }
 
@@ -53,7 +59,11 @@ async fn serve(fail_at: usize) -> (String, tokio::task::JoinHandle<()>, String) 
     let two = tokenizer.decode(&[token, token], false).unwrap();
     let vocab_size = tokenizer.get_vocab_size(true);
     let model = Failing {
-        info: CausalLMInfo { family: "mock", vocab_size, max_context: 256 },
+        info: CausalLMInfo {
+            family: "mock",
+            vocab_size,
+            max_context: 256,
+        },
         token,
         fail_at,
         forwards: AtomicUsize::new(0),
@@ -67,11 +77,25 @@ async fn serve(fail_at: usize) -> (String, tokio::task::JoinHandle<()>, String) 
         eos_token_ids: vec![],
     };
     let metrics = Arc::new(Metrics::new().unwrap());
-    let engine =
-        ChatEngine::start_with_metrics("mock", loaded, EngineConfig::default(), metrics.engine("mock")).unwrap();
-    let entry = ModelEntry { name: "mock".into(), path: dir, created: 0, model: ServedModel::Chat(Arc::new(engine)) };
+    let engine = ChatEngine::start_with_metrics(
+        "mock",
+        loaded,
+        EngineConfig::default(),
+        metrics.engine("mock"),
+    )
+    .unwrap();
+    let entry = ModelEntry {
+        name: "mock".into(),
+        path: dir,
+        created: 0,
+        model: ServedModel::Chat(Arc::new(engine)),
+    };
     let registry = Arc::new(Registry::new(vec![entry], None).unwrap());
-    let limits = Limits { max_client_batch_size: 8, max_body_bytes: 1 << 20, auto_truncate: false };
+    let limits = Limits {
+        max_client_batch_size: 8,
+        max_body_bytes: 1 << 20,
+        auto_truncate: false,
+    };
     let state = AppState::new(registry, metrics, limits, None, 16);
     state.set_ready(true);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,22 +111,43 @@ async fn serve(fail_at: usize) -> (String, tokio::task::JoinHandle<()>, String) 
 async fn a_mid_stream_model_error_is_an_error_event_then_the_stream_closes() {
     // Forward 1 prefills and yields the first token, forward 2 the second, forward 3 fails.
     let (base, task, two) = serve(3).await;
-    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": true});
-    let resp = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let text = resp.text().await.unwrap();
-    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert!(events.len() >= 3, "{text}");
     let first: Value = serde_json::from_str(events[0]).unwrap();
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     let content: String = events[1..events.len() - 1]
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap().to_owned())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(content, two, "{text}");
-    let last: Value = serde_json::from_str(events[events.len() - 1]).expect("last event is JSON, not [DONE]");
+    let last: Value =
+        serde_json::from_str(events[events.len() - 1]).expect("last event is JSON, not [DONE]");
     assert_eq!(last["error"]["type"], "server_error", "{text}");
-    assert!(last["error"]["message"].as_str().unwrap().contains("injected failure"), "{text}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure"),
+        "{text}"
+    );
     task.abort();
 }
 
@@ -110,9 +155,20 @@ async fn a_mid_stream_model_error_is_an_error_event_then_the_stream_closes() {
 async fn a_model_error_without_streaming_is_a_500_envelope() {
     let (base, task, _) = serve(2).await;
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
-    let resp = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 500);
     let err: Value = resp.json().await.unwrap();
-    assert!(err["error"]["message"].as_str().unwrap().contains("injected failure"), "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure"),
+        "{err}"
+    );
     task.abort();
 }

@@ -25,7 +25,12 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     pub fn new(prompt_ids: &[u32], skip_special_tokens: bool) -> Self {
         let context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT)..];
-        IncrementalDecoder { ids: context.to_vec(), prefix_offset: 0, read_offset: context.len(), skip_special_tokens }
+        IncrementalDecoder {
+            ids: context.to_vec(),
+            prefix_offset: 0,
+            read_offset: context.len(),
+            skip_special_tokens,
+        }
     }
 
     /// Add one id; returns the text that became complete (possibly empty).
@@ -45,18 +50,27 @@ impl IncrementalDecoder {
         let (prefix, full) = self.window(tokenizer)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(if full.len() > prefix.len() { difference(&prefix, full) } else { String::new() })
+        Ok(if full.len() > prefix.len() {
+            difference(&prefix, full)
+        } else {
+            String::new()
+        })
     }
 
     fn window(&self, tokenizer: &Tokenizer) -> Result<(String, String), DecodeError> {
         let start = self.prefix_offset;
-        let prefix = self.decode(tokenizer, self.ids.get(start..self.read_offset).unwrap_or_default())?;
+        let prefix = self.decode(
+            tokenizer,
+            self.ids.get(start..self.read_offset).unwrap_or_default(),
+        )?;
         let full = self.decode(tokenizer, self.ids.get(start..).unwrap_or_default())?;
         Ok((prefix, full))
     }
 
     fn decode(&self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String, DecodeError> {
-        tokenizer.decode(ids, self.skip_special_tokens).map_err(|e| DecodeError(e.to_string()))
+        tokenizer
+            .decode(ids, self.skip_special_tokens)
+            .map_err(|e| DecodeError(e.to_string()))
     }
 }
 
@@ -83,10 +97,13 @@ mod tests {
     use super::*;
 
     fn qwen2_tokenizer() -> Tokenizer {
-        let root = std::env::var("GLM_FIXTURES_DIR")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into());
+        let root = std::env::var("GLM_FIXTURES_DIR").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into()
+        });
         let dir = std::path::Path::new(&root).join("tiny/qwen2");
-        crate::tokenizer::load_tokenizer(&dir).unwrap_or_else(|e| panic!("fixture tokenizer missing ({e}); see /work/shared/fixtures/README.md"))
+        crate::tokenizer::load_tokenizer(&dir).unwrap_or_else(|e| {
+            panic!("fixture tokenizer missing ({e}); see /work/shared/fixtures/README.md")
+        })
     }
 
     #[test]
@@ -98,7 +115,10 @@ mod tests {
         let mut out = String::new();
         for &id in &ids {
             let piece = dec.push(&tok, id).unwrap();
-            assert!(!piece.contains(REPLACEMENT), "emitted a broken character: {piece:?}");
+            assert!(
+                !piece.contains(REPLACEMENT),
+                "emitted a broken character: {piece:?}"
+            );
             out.push_str(&piece);
         }
         out.push_str(&dec.flush(&tok).unwrap());
@@ -114,7 +134,10 @@ mod tests {
         let pieces: Vec<String> = ids.iter().map(|&id| dec.push(&tok, id).unwrap()).collect();
         assert_eq!(pieces.concat(), "😀");
         if ids.len() > 1 {
-            assert!(pieces[..ids.len() - 1].iter().all(String::is_empty), "{pieces:?}");
+            assert!(
+                pieces[..ids.len() - 1].iter().all(String::is_empty),
+                "{pieces:?}"
+            );
         }
     }
 }

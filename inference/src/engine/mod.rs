@@ -44,7 +44,11 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch_size: 8, max_batch_tokens: 2048, max_waiting: 64 }
+        EngineConfig {
+            max_batch_size: 8,
+            max_batch_tokens: 2048,
+            max_waiting: 64,
+        }
     }
 }
 
@@ -52,10 +56,18 @@ impl Default for EngineConfig {
 pub enum EngineError {
     /// HTTP 429.
     #[error("model '{model}' is overloaded: {waiting} requests are already waiting (limit {max_waiting}); retry later")]
-    QueueFull { model: String, waiting: usize, max_waiting: usize },
+    QueueFull {
+        model: String,
+        waiting: usize,
+        max_waiting: usize,
+    },
     /// HTTP 400.
     #[error("the prompt has {prompt_tokens} tokens but model '{model}' has a context of {max_context} tokens (at least one must be left to generate)")]
-    PromptTooLong { model: String, prompt_tokens: usize, max_context: usize },
+    PromptTooLong {
+        model: String,
+        prompt_tokens: usize,
+        max_context: usize,
+    },
     /// HTTP 400.
     #[error("the prompt is empty")]
     EmptyPrompt,
@@ -132,15 +144,23 @@ pub struct ChatEngine {
 
 impl std::fmt::Debug for ChatEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatEngine").field("name", &self.name).field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("ChatEngine")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl ChatEngine {
     /// Compile the template and spawn the scheduler thread, with metrics registered nowhere.
-    pub fn start(name: impl Into<String>, loaded: LoadedChat, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn start(
+        name: impl Into<String>,
+        loaded: LoadedChat,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
         let name = name.into();
-        let metrics = EngineMetrics::detached().map_err(|e| EngineError::Stopped(format!("{name}: metrics: {e}")))?;
+        let metrics = EngineMetrics::detached()
+            .map_err(|e| EngineError::Stopped(format!("{name}: metrics: {e}")))?;
         Self::start_with_metrics(name, loaded, config, metrics)
     }
 
@@ -155,7 +175,13 @@ impl ChatEngine {
         let template = loaded
             .chat_template
             .as_deref()
-            .map(|src| ChatTemplate::new(src, loaded.bos_token.as_deref(), loaded.eos_token.as_deref()))
+            .map(|src| {
+                ChatTemplate::new(
+                    src,
+                    loaded.bos_token.as_deref(),
+                    loaded.eos_token.as_deref(),
+                )
+            })
             .transpose()?;
         let tokenizer = Arc::new(loaded.tokenizer);
         let reasoning = tokenizer.token_to_id("</think>").is_some();
@@ -177,7 +203,17 @@ impl ChatEngine {
             .spawn(move || scheduler.run())
             .map_err(|e| EngineError::Stopped(format!("{name}: cannot spawn its thread: {e}")))?;
         tracing::info!(model = %name, family = info.family, max_context = info.max_context, ?config, "chat engine started");
-        Ok(ChatEngine { name, info, tokenizer, template, reasoning, config, counters, metrics, queue })
+        Ok(ChatEngine {
+            name,
+            info,
+            tokenizer,
+            template,
+            reasoning,
+            config,
+            counters,
+            metrics,
+            queue,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -213,16 +249,32 @@ impl ChatEngine {
 
     /// Render `messages` with the model's chat template (generation prompt added) and tokenize the
     /// text without adding special tokens: the template already wrote BOS / `[gMASK]<sop>`.
-    pub fn chat_prompt<M: Serialize>(&self, messages: &[M], tools: Option<&serde_json::Value>) -> Result<Prompt, EngineError> {
-        let template = self.template.as_ref().ok_or_else(|| EngineError::NoChatTemplate(self.name.clone()))?;
+    pub fn chat_prompt<M: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Prompt, EngineError> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::NoChatTemplate(self.name.clone()))?;
         let text = template.render(messages, tools, true)?;
         let ids = self.encode(&text)?;
-        let reasoning = self.reasoning.then(|| reasoning::ReasoningParser::start_for_prompt(&text));
-        Ok(Prompt { text, ids, reasoning })
+        let reasoning = self
+            .reasoning
+            .then(|| reasoning::ReasoningParser::start_for_prompt(&text));
+        Ok(Prompt {
+            text,
+            ids,
+            reasoning,
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -234,26 +286,44 @@ impl ChatEngine {
             return Err(EngineError::EmptyPrompt);
         }
         if prompt_tokens >= max_context {
-            return Err(EngineError::PromptTooLong { model: self.name.clone(), prompt_tokens, max_context });
+            return Err(EngineError::PromptTooLong {
+                model: self.name.clone(),
+                prompt_tokens,
+                max_context,
+            });
         }
         let room = max_context - prompt_tokens;
         let max_new_tokens = request.stop.max_tokens.map_or(room, |m| m.clamp(1, room));
         self.reserve_slot()?;
         let (tx, events) = unbounded_channel();
-        let pending = Pending { request, events: tx, enqueued: Instant::now(), max_new_tokens };
+        let pending = Pending {
+            request,
+            events: tx,
+            enqueued: Instant::now(),
+            max_new_tokens,
+        };
         if self.queue.send(pending).is_err() {
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped(self.name.clone()));
         }
-        Ok(Generation { prompt_tokens, events })
+        Ok(Generation {
+            prompt_tokens,
+            events,
+        })
     }
 
     fn reserve_slot(&self) -> Result<(), EngineError> {
         let max_waiting = self.config.max_waiting;
         self.counters
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max_waiting).then_some(w + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < max_waiting).then_some(w + 1)
+            })
             .map(|w| self.metrics.waiting.set(w as i64 + 1))
-            .map_err(|waiting| EngineError::QueueFull { model: self.name.clone(), waiting, max_waiting })
+            .map_err(|waiting| EngineError::QueueFull {
+                model: self.name.clone(),
+                waiting,
+                max_waiting,
+            })
     }
 }

@@ -20,7 +20,9 @@ enum State {
     /// Waiting to see whether the output opens with `<think>` (after optional whitespace).
     Start,
     /// Inside thinking; `fresh` while nothing but whitespace has been seen (a repeated `<think>` is dropped).
-    Thinking { fresh: bool },
+    Thinking {
+        fresh: bool,
+    },
     Content,
 }
 
@@ -43,7 +45,10 @@ impl ReasoningParser {
             ReasoningStart::InThinking => State::Thinking { fresh: true },
             ReasoningStart::Detect => State::Start,
         };
-        ReasoningParser { state, held: String::new() }
+        ReasoningParser {
+            state,
+            held: String::new(),
+        }
     }
 
     /// Whether a rendered prompt leaves the model inside a thinking block.
@@ -98,8 +103,14 @@ impl ReasoningParser {
     pub fn flush(&mut self) -> Split {
         let held = std::mem::take(&mut self.held);
         match self.state {
-            State::Thinking { .. } => Split { reasoning: held, content: String::new() },
-            State::Start | State::Content => Split { reasoning: String::new(), content: held },
+            State::Thinking { .. } => Split {
+                reasoning: held,
+                content: String::new(),
+            },
+            State::Start | State::Content => Split {
+                reasoning: String::new(),
+                content: held,
+            },
         }
     }
 }
@@ -107,7 +118,9 @@ impl ReasoningParser {
 fn partial_suffix(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 
@@ -129,7 +142,10 @@ mod tests {
 
     #[test]
     fn prompt_opened_thinking_and_close_tag_split_over_pieces() {
-        let (r, c) = run(ReasoningStart::InThinking, &["Let me", " think.</th", "ink>\n\nThe answer", " is 4."]);
+        let (r, c) = run(
+            ReasoningStart::InThinking,
+            &["Let me", " think.</th", "ink>\n\nThe answer", " is 4."],
+        );
         assert_eq!(r, "Let me think.");
         assert_eq!(c, "\n\nThe answer is 4.");
     }
@@ -146,14 +162,29 @@ mod tests {
 
     #[test]
     fn no_thinking_is_all_content_and_unterminated_thinking_is_all_reasoning() {
-        assert_eq!(run(ReasoningStart::Detect, &["Hello", " <think> there"]), ("".into(), "Hello <think> there".into()));
-        assert_eq!(run(ReasoningStart::InThinking, &["still ", "thinking</thi"]), ("still thinking</thi".into(), "".into()));
+        assert_eq!(
+            run(ReasoningStart::Detect, &["Hello", " <think> there"]),
+            ("".into(), "Hello <think> there".into())
+        );
+        assert_eq!(
+            run(ReasoningStart::InThinking, &["still ", "thinking</thi"]),
+            ("still thinking</thi".into(), "".into())
+        );
     }
 
     #[test]
     fn prompt_start_detection() {
-        assert_eq!(ReasoningParser::start_for_prompt("<｜Assistant｜><think>\n"), ReasoningStart::InThinking);
-        assert_eq!(ReasoningParser::start_for_prompt("<think>a</think>b<｜Assistant｜>"), ReasoningStart::Detect);
-        assert_eq!(ReasoningParser::start_for_prompt("<|assistant|>"), ReasoningStart::Detect);
+        assert_eq!(
+            ReasoningParser::start_for_prompt("<｜Assistant｜><think>\n"),
+            ReasoningStart::InThinking
+        );
+        assert_eq!(
+            ReasoningParser::start_for_prompt("<think>a</think>b<｜Assistant｜>"),
+            ReasoningStart::Detect
+        );
+        assert_eq!(
+            ReasoningParser::start_for_prompt("<|assistant|>"),
+            ReasoningStart::Detect
+        );
     }
 }

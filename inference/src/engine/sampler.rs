@@ -40,7 +40,12 @@ impl Sampler {
         } else {
             HashMap::new()
         };
-        Sampler { params, rng, generated: HashMap::new(), seen }
+        Sampler {
+            params,
+            rng,
+            generated: HashMap::new(),
+            seen,
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -49,15 +54,30 @@ impl Sampler {
 
     /// Choose the next token and record it for the penalties of later steps.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let mut work: Vec<f32> = logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }).collect();
+        let mut work: Vec<f32> = logits
+            .iter()
+            .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
+            .collect();
         self.apply_penalties(&mut work);
-        let id = if self.params.temperature < GREEDY_TEMPERATURE { argmax(&work) } else { self.draw(&mut work) };
-        let (logprob, top_logprobs) = if self.params.logprobs { log_probs(logits, id, self.params.top_logprobs) } else { (None, Vec::new()) };
+        let id = if self.params.temperature < GREEDY_TEMPERATURE {
+            argmax(&work)
+        } else {
+            self.draw(&mut work)
+        };
+        let (logprob, top_logprobs) = if self.params.logprobs {
+            log_probs(logits, id, self.params.top_logprobs)
+        } else {
+            (None, Vec::new())
+        };
         *self.generated.entry(id).or_insert(0) += 1;
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(id, ());
         }
-        Sampled { id, logprob, top_logprobs }
+        Sampled {
+            id,
+            logprob,
+            top_logprobs,
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -65,7 +85,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
             for &id in self.seen.keys() {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -81,8 +105,12 @@ impl Sampler {
     /// Temperature, then top-k, top-p and min-p over the sorted candidates, then one draw.
     fn draw(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
-        let mut candidates: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         if candidates.is_empty() {
             return argmax(logits);
         }
@@ -136,17 +164,35 @@ pub fn argmax(values: &[f32]) -> u32 {
 
 /// Log-probability of `id` and the `top` best tokens under log-softmax(logits).
 fn log_probs(logits: &[f32], id: u32, top: usize) -> (Option<f32>, Vec<(u32, f32)>) {
-    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = max + logits.iter().filter(|l| !l.is_nan()).map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max
+        + logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| (l - max).exp())
+            .sum::<f32>()
+            .ln();
     let logprob = logits.get(id as usize).map(|&l| l - log_sum);
-    let mut best: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).filter(|(_, l)| !l.is_nan()).collect();
+    let mut best: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .filter(|(_, l)| !l.is_nan())
+        .collect();
     let top = top.min(best.len());
     if top > 0 && top < best.len() {
         best.select_nth_unstable_by(top - 1, |a, b| b.1.total_cmp(&a.1));
     }
     best.truncate(top);
     best.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    (logprob, best.into_iter().map(|(i, l)| (i, l - log_sum)).collect())
+    (
+        logprob,
+        best.into_iter().map(|(i, l)| (i, l - log_sum)).collect(),
+    )
 }
 
 #[cfg(test)]
@@ -169,7 +215,13 @@ mod tests {
     fn same_seed_same_tokens_and_different_seeds_differ() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.seed = Some(seed) }), &[]);
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.seed = Some(seed)
+                }),
+                &[],
+            );
             (0..40).map(|_| s.sample(&logits).id).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -179,7 +231,16 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = [0.0, 1.0, 2.5, 2.4];
-        for p in [params(|p| { p.temperature = 1.0; p.top_k = 1 }), params(|p| { p.temperature = 1.0; p.top_p = 0.01 })] {
+        for p in [
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_k = 1
+            }),
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_p = 0.01
+            }),
+        ] {
             let mut s = Sampler::new(p, &[]);
             assert!((0..20).all(|_| s.sample(&logits).id == 2));
         }
@@ -189,7 +250,14 @@ mod tests {
     fn min_p_drops_unlikely_tokens() {
         // probabilities ~ [0.0003, 0.5, 0.5]: min_p 0.1 keeps only tokens 1 and 2
         let logits = [-6.0, 2.0, 2.0];
-        let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.min_p = 0.1; p.seed = Some(1) }), &[]);
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1.0;
+                p.min_p = 0.1;
+                p.seed = Some(1)
+            }),
+            &[],
+        );
         assert!((0..200).all(|_| s.sample(&logits).id != 0));
     }
 
@@ -217,7 +285,13 @@ mod tests {
 
     #[test]
     fn logprobs_are_log_softmax_of_raw_logits() {
-        let mut s = Sampler::new(params(|p| { p.logprobs = true; p.top_logprobs = 2 }), &[]);
+        let mut s = Sampler::new(
+            params(|p| {
+                p.logprobs = true;
+                p.top_logprobs = 2
+            }),
+            &[],
+        );
         let out = s.sample(&[0.0, (2.0f32).ln(), 0.0]);
         assert_eq!(out.id, 1);
         let lp = out.logprob.unwrap();

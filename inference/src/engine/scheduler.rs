@@ -19,7 +19,9 @@ use super::detokenizer::{token_text, IncrementalDecoder};
 use super::reasoning::ReasoningParser;
 use super::sampler::{Sampled, Sampler};
 use super::stop::StopMatcher;
-use super::types::{Delta, Event, FinishReason, GenerateRequest, Timing, TokenLogprob, TopLogprob, Usage};
+use super::types::{
+    Delta, Event, FinishReason, GenerateRequest, Timing, TokenLogprob, TopLogprob, Usage,
+};
 use super::{EngineConfig, EngineMetrics};
 use crate::models::{CausalLM, ModelError, SeqCache, SeqStep};
 
@@ -55,7 +57,10 @@ impl Scheduler {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
         loop {
-            if !self.receive(&mut waiting, running.is_empty()) && waiting.is_empty() && running.is_empty() {
+            if !self.receive(&mut waiting, running.is_empty())
+                && waiting.is_empty()
+                && running.is_empty()
+            {
                 tracing::info!(model = %self.name, "chat engine stopped");
                 return;
             }
@@ -111,19 +116,27 @@ impl Scheduler {
     }
 
     fn publish(&self, running: &[Sequence]) {
-        self.counters.running.store(running.len(), Ordering::Relaxed);
+        self.counters
+            .running
+            .store(running.len(), Ordering::Relaxed);
         self.metrics.running.set(running.len() as i64);
-        self.metrics.waiting.set(self.counters.waiting.load(Ordering::Relaxed) as i64);
+        self.metrics
+            .waiting
+            .set(self.counters.waiting.load(Ordering::Relaxed) as i64);
     }
 
     /// One forward pass over the batch, then sampling and output for every sequence that got logits
     /// of a position to continue from.
     fn step(&self, running: &mut Vec<Sequence>) {
         let plan = self.plan(running);
-        self.metrics.batch_size.observe(plan.iter().filter(|&&n| n > 0).count() as f64);
+        self.metrics
+            .batch_size
+            .observe(plan.iter().filter(|&&n| n > 0).count() as f64);
         let started = Instant::now();
         let result = self.forward(running, &plan);
-        self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .step_duration
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(rows) => {
                 let taking_part = running.iter_mut().zip(&plan).filter(|(_, &n)| n > 0);
@@ -173,16 +186,29 @@ impl Scheduler {
     }
 
     /// Logits rows of the sequences taking part, in batch order.
-    fn forward(&self, running: &mut [Sequence], plan: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut steps: Vec<SeqStep<'_>> =
-            running.iter_mut().zip(plan).filter(|(_, &n)| n > 0).map(|(seq, &n)| seq.input(n)).collect();
+    fn forward(
+        &self,
+        running: &mut [Sequence],
+        plan: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut steps: Vec<SeqStep<'_>> = running
+            .iter_mut()
+            .zip(plan)
+            .filter(|(_, &n)| n > 0)
+            .map(|(seq, &n)| seq.input(n))
+            .collect();
         let expected = steps.len();
         let model = &self.model;
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut steps)))
-            .map_err(|panic| ModelError::Unsupported(format!("forward pass panicked: {}", panic_message(&panic))))??;
+            .map_err(|panic| {
+                ModelError::Unsupported(format!("forward pass panicked: {}", panic_message(&panic)))
+            })??;
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
         if rows.len() != expected {
-            return Err(ModelError::Unsupported(format!("forward returned {} rows for {expected} sequences", rows.len())));
+            return Err(ModelError::Unsupported(format!(
+                "forward returned {} rows for {expected} sequences",
+                rows.len()
+            )));
         }
         Ok(rows)
     }
@@ -221,7 +247,12 @@ struct Sequence {
 
 impl Sequence {
     fn new(p: Pending, cache: SeqCache) -> Self {
-        let GenerateRequest { prompt_ids, sampling, stop, reasoning } = p.request;
+        let GenerateRequest {
+            prompt_ids,
+            sampling,
+            stop,
+            reasoning,
+        } = p.request;
         Sequence {
             sampler: Sampler::new(sampling, &prompt_ids),
             decoder: IncrementalDecoder::new(&prompt_ids, stop.skip_special_tokens),
@@ -253,9 +284,15 @@ impl Sequence {
             let end = (self.prefilled + n).min(self.prompt.len());
             &self.prompt[self.prefilled..end]
         } else {
-            self.generated.last().map(std::slice::from_ref).unwrap_or_default()
+            self.generated
+                .last()
+                .map(std::slice::from_ref)
+                .unwrap_or_default()
         };
-        SeqStep { tokens, cache: &mut self.cache }
+        SeqStep {
+            tokens,
+            cache: &mut self.cache,
+        }
     }
 
     /// Account for a step of `n` tokens; true when its logits continue the sequence (decode, or the
@@ -298,16 +335,25 @@ impl Sequence {
     fn emit(&mut self, text: &str) {
         let split = match &mut self.reasoning {
             Some(parser) => parser.push(text),
-            None => super::reasoning::Split { reasoning: String::new(), content: text.to_owned() },
+            None => super::reasoning::Split {
+                reasoning: String::new(),
+                content: text.to_owned(),
+            },
         };
         self.send_delta(split.content, split.reasoning, false);
     }
 
     fn send_delta(&mut self, content: String, reasoning_content: String, last: bool) {
-        if content.is_empty() && reasoning_content.is_empty() && !(last && !self.logprobs.is_empty()) {
+        // An empty delta is only worth sending to carry the last logprobs.
+        let carries_logprobs = last && !self.logprobs.is_empty();
+        if content.is_empty() && reasoning_content.is_empty() && !carries_logprobs {
             return;
         }
-        let delta = Delta { content, reasoning_content, logprobs: std::mem::take(&mut self.logprobs) };
+        let delta = Delta {
+            content,
+            reasoning_content,
+            logprobs: std::mem::take(&mut self.logprobs),
+        };
         if self.events.send(Event::Delta(delta)).is_err() {
             self.done = true;
             self.cancelled = true;
@@ -320,22 +366,40 @@ impl Sequence {
             match self.decoder.flush(tokenizer) {
                 Ok(rest) => {
                     let check = self.stops.push(&rest);
-                    let tail = if check.stopped { check.emit } else { check.emit + &self.stops.flush() };
+                    let tail = if check.stopped {
+                        check.emit
+                    } else {
+                        check.emit + &self.stops.flush()
+                    };
                     self.emit(&tail);
                 }
                 Err(e) => return self.fail(e.to_string()),
             }
         }
-        let split = self.reasoning.as_mut().map(ReasoningParser::flush).unwrap_or_default();
+        let split = self
+            .reasoning
+            .as_mut()
+            .map(ReasoningParser::flush)
+            .unwrap_or_default();
         self.send_delta(split.content, split.reasoning, true);
         let now = Instant::now();
         let timing = Timing {
             queued: self.admitted.saturating_duration_since(self.enqueued),
-            time_to_first_token: self.first_token.unwrap_or(now).saturating_duration_since(self.enqueued),
+            time_to_first_token: self
+                .first_token
+                .unwrap_or(now)
+                .saturating_duration_since(self.enqueued),
             total: now.saturating_duration_since(self.enqueued),
         };
-        let usage = Usage { prompt_tokens: self.prompt.len(), completion_tokens: self.generated.len() };
-        let _ = self.events.send(Event::Finish { reason, usage, timing });
+        let usage = Usage {
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated.len(),
+        };
+        let _ = self.events.send(Event::Finish {
+            reason,
+            usage,
+            timing,
+        });
         self.done = true;
     }
 
@@ -348,10 +412,19 @@ impl Sequence {
 fn token_logprob(tokenizer: &Tokenizer, s: &Sampled) -> TokenLogprob {
     let entry = |id: u32, logprob: f32| {
         let token = token_text(tokenizer, id);
-        TopLogprob { id, bytes: token.as_bytes().to_vec(), token, logprob }
+        TopLogprob {
+            id,
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob,
+        }
     };
     TokenLogprob {
         chosen: entry(s.id, s.logprob.unwrap_or(f32::NEG_INFINITY)),
-        top: s.top_logprobs.iter().map(|&(id, lp)| entry(id, lp)).collect(),
+        top: s
+            .top_logprobs
+            .iter()
+            .map(|&(id, lp)| entry(id, lp))
+            .collect(),
     }
 }

@@ -18,23 +18,40 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> StopCheck {
         if self.stops.is_empty() {
-            return StopCheck { emit: text.to_owned(), stopped: false };
+            return StopCheck {
+                emit: text.to_owned(),
+                stopped: false,
+            };
         }
         self.held.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let emit = self.held[..at].to_owned();
             self.held.clear();
-            return StopCheck { emit, stopped: true };
+            return StopCheck {
+                emit,
+                stopped: true,
+            };
         }
         let keep = self.partial_suffix_len();
         let emit = self.held[..self.held.len() - keep].to_owned();
         self.held.drain(..self.held.len() - keep);
-        StopCheck { emit, stopped: false }
+        StopCheck {
+            emit,
+            stopped: false,
+        }
     }
 
     /// Release held-back text when generation ends for another reason.
@@ -48,7 +65,11 @@ impl StopMatcher {
         (0..held.len())
             .filter(|&i| held.is_char_boundary(i))
             .map(|i| &held[i..])
-            .find(|suffix| self.stops.iter().any(|s| s.len() > suffix.len() && s.starts_with(suffix)))
+            .find(|suffix| {
+                self.stops
+                    .iter()
+                    .any(|s| s.len() > suffix.len() && s.starts_with(suffix))
+            })
             .map_or(0, str::len)
     }
 }

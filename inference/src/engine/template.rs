@@ -29,12 +29,18 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).finish_non_exhaustive()
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .finish_non_exhaustive()
     }
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TemplateError> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -64,7 +70,10 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Compile(e.to_string()))?;
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => Value::from(Serde(messages)),
             tools => tools.map(|t| Value::from(Serde(t))),
@@ -72,7 +81,9 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        template.render(ctx).map_err(|e| TemplateError::Render(describe(&e)))
+        template
+            .render(ctx)
+            .map_err(|e| TemplateError::Render(describe(&e)))
     }
 }
 
@@ -111,7 +122,11 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
             None => Some(" ".repeat(usize::try_from(v)?)),
         },
     };
-    let opts = JsonOpts { indent, ensure_ascii: ensure_ascii.unwrap_or(false), sort_keys: sort_keys.unwrap_or(false) };
+    let opts = JsonOpts {
+        indent,
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        sort_keys: sort_keys.unwrap_or(false),
+    };
     let mut out = String::new();
     write_json(&mut out, value, &opts, 0)?;
     Ok(Value::from_safe_string(out))
@@ -131,7 +146,9 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
         ValueKind::String => write_str(out, v.as_str().unwrap_or_default(), o.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
-            write_container(out, o, depth, '[', ']', &items, |out, item| write_json(out, item, o, depth + 1))?;
+            write_container(out, o, depth, '[', ']', &items, |out, item| {
+                write_json(out, item, o, depth + 1)
+            })?;
         }
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
@@ -196,7 +213,9 @@ fn write_number(out: &mut String, v: &Value) {
         return;
     }
     match f64::try_from(v.clone()) {
-        Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => out.push_str(&format!("{f:.1}")),
+        Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => {
+            out.push_str(&format!("{f:.1}"))
+        }
         Ok(f) if f.is_nan() => out.push_str("NaN"),
         Ok(f) if f.is_infinite() => out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" }),
         Ok(f) => out.push_str(&f.to_string()),
@@ -257,7 +276,11 @@ mod tests {
     #[test]
     fn python_methods_and_lenient_undefined() {
         let src = "{{ messages[0].content.split('</think>')[-1].strip() }}{{ messages[0].get('x', 'd') }}{{ messages[0].nope }}{{ bos_token }}";
-        let out = render(src, json!([{"role": "assistant", "content": "a</think> b "}])).unwrap();
+        let out = render(
+            src,
+            json!([{"role": "assistant", "content": "a</think> b "}]),
+        )
+        .unwrap();
         assert_eq!(out, "bd<s>");
     }
 }

@@ -126,7 +126,11 @@ pub struct Delta {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Delta(Delta),
-    Finish { reason: FinishReason, usage: Usage, timing: Timing },
+    Finish {
+        reason: FinishReason,
+        usage: Usage,
+        timing: Timing,
+    },
     Error(String),
 }
 

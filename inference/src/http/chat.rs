@@ -15,7 +15,8 @@ use serde_json::{json, Map, Value};
 
 use super::{respond, AppState, JsonBody};
 use crate::engine::{
-    ChatEngine, Delta, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, StopParams, TokenLogprob, Usage,
+    ChatEngine, Delta, EngineError, Event, FinishReason, GenerateRequest, SamplingParams,
+    StopParams, TokenLogprob, Usage,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -25,7 +26,9 @@ const SEED_ROUTE: &str = "/chat";
 
 /// The chat routes; the caller adds admission control and auth.
 pub fn routes() -> Router<AppState> {
-    Router::new().route(OPENAI_ROUTE, post(openai)).route(SEED_ROUTE, post(seed))
+    Router::new()
+        .route(OPENAI_ROUTE, post(openai))
+        .route(SEED_ROUTE, post(seed))
 }
 
 async fn openai(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
@@ -61,19 +64,28 @@ async fn complete(
     let engine = state.registry.chat(req.model.as_deref(), route)?;
     *label = Some(engine.name().to_owned());
     let plan = req.validate()?;
-    let (stream, include_usage, want_logprobs) = (plan.stream, plan.include_usage, plan.sampling.logprobs);
+    let (stream, include_usage, want_logprobs) =
+        (plan.stream, plan.include_usage, plan.sampling.logprobs);
     // Template rendering and tokenization are CPU work: off the async workers.
     let blocking_engine = engine.clone();
-    let (request, reasoning_model) = tokio::task::spawn_blocking(move || generate_request(&blocking_engine, &plan))
-        .await
-        .map_err(|e| ApiError::Internal(format!("prompt task failed: {e}")))??;
+    let (request, reasoning_model) =
+        tokio::task::spawn_blocking(move || generate_request(&blocking_engine, &plan))
+            .await
+            .map_err(|e| ApiError::Internal(format!("prompt task failed: {e}")))??;
     let generation = engine.submit(request)?;
     let mut recorder = Recorder::new(state.metrics.clone(), engine.name());
     recorder.prompt_tokens(generation.prompt_tokens);
     let id = CompletionId::new(engine.name());
     if stream {
         let on_event = move |ev: &Event| recorder.observe(ev);
-        return Ok(sse_response(generation.events, id, reasoning_model, want_logprobs, include_usage, on_event));
+        return Ok(sse_response(
+            generation.events,
+            id,
+            reasoning_model,
+            want_logprobs,
+            include_usage,
+            on_event,
+        ));
     }
     let collected = collect(generation.events, |ev| recorder.observe(ev))
         .await
@@ -91,11 +103,18 @@ struct Recorder {
 
 impl Recorder {
     fn new(metrics: Arc<Metrics>, model: &str) -> Self {
-        Recorder { metrics, model: model.to_owned(), ended: false }
+        Recorder {
+            metrics,
+            model: model.to_owned(),
+            ended: false,
+        }
     }
 
     fn prompt_tokens(&self, n: usize) {
-        self.metrics.chat_prompt_tokens.with_label_values(&[self.model.as_str()]).inc_by(n as u64);
+        self.metrics
+            .chat_prompt_tokens
+            .with_label_values(&[self.model.as_str()])
+            .inc_by(n as u64);
     }
 
     fn observe(&mut self, ev: &Event) {
@@ -105,13 +124,22 @@ impl Recorder {
             Event::Finish { reason, timing, .. } => {
                 self.ended = true;
                 let m = &self.metrics;
-                m.chat_requests.with_label_values(&[model, reason.as_str()]).inc();
-                m.chat_time_to_first_token.with_label_values(&[model]).observe(timing.time_to_first_token.as_secs_f64());
-                m.chat_queue_duration.with_label_values(&[model]).observe(timing.queued.as_secs_f64());
+                m.chat_requests
+                    .with_label_values(&[model, reason.as_str()])
+                    .inc();
+                m.chat_time_to_first_token
+                    .with_label_values(&[model])
+                    .observe(timing.time_to_first_token.as_secs_f64());
+                m.chat_queue_duration
+                    .with_label_values(&[model])
+                    .observe(timing.queued.as_secs_f64());
             }
             Event::Error(_) => {
                 self.ended = true;
-                self.metrics.chat_requests.with_label_values(&[model, "error"]).inc();
+                self.metrics
+                    .chat_requests
+                    .with_label_values(&[model, "error"])
+                    .inc();
             }
         }
     }
@@ -120,7 +148,10 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         if !self.ended {
-            self.metrics.chat_requests.with_label_values(&[self.model.as_str(), "cancelled"]).inc();
+            self.metrics
+                .chat_requests
+                .with_label_values(&[self.model.as_str(), "cancelled"])
+                .inc();
         }
     }
 }
@@ -237,7 +268,10 @@ pub struct Invalid {
 
 impl Invalid {
     fn new(param: &str, message: impl Into<String>) -> Self {
-        Invalid { param: Some(param.to_owned()), message: message.into() }
+        Invalid {
+            param: Some(param.to_owned()),
+            message: message.into(),
+        }
     }
 }
 
@@ -259,12 +293,18 @@ impl ChatRequest {
         if let Some(format) = &self.response_format {
             let kind = format.get("type").and_then(Value::as_str);
             if !format.is_null() && kind != Some("text") {
-                return Err(Invalid::new("response_format", "response_format other than {\"type\": \"text\"} is not supported"));
+                return Err(Invalid::new(
+                    "response_format",
+                    "response_format other than {\"type\": \"text\"} is not supported",
+                ));
             }
         }
         if let Some(n) = self.n {
             if n != 1 {
-                return Err(Invalid::new("n", format!("n = {n} is not supported; only one choice per request (n = 1)")));
+                return Err(Invalid::new(
+                    "n",
+                    format!("n = {n} is not supported; only one choice per request (n = 1)"),
+                ));
             }
         }
         if self.messages.is_empty() {
@@ -277,7 +317,11 @@ impl ChatRequest {
             self.top_k,
             self.min_p,
             self.seed,
-            (self.presence_penalty, self.frequency_penalty, self.repetition_penalty),
+            (
+                self.presence_penalty,
+                self.frequency_penalty,
+                self.repetition_penalty,
+            ),
             (self.logprobs, self.top_logprobs),
         )?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
@@ -293,7 +337,13 @@ impl ChatRequest {
             Some(StopField::Many(v)) => v,
         };
         if stop.len() > MAX_STOP_STRINGS {
-            return Err(Invalid::new("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
+            return Err(Invalid::new(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    stop.len()
+                ),
+            ));
         }
         if stop.iter().any(String::is_empty) {
             return Err(Invalid::new("stop", "stop strings must not be empty"));
@@ -320,7 +370,12 @@ fn reject_unsupported(other: &Map<String, Value>) -> Result<(), Invalid> {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
             Some(Value::String(s)) if *field == "tool_choice" && s == "none" => {}
-            Some(_) => return Err(Invalid::new(field, format!("'{field}' is not supported by this server"))),
+            Some(_) => {
+                return Err(Invalid::new(
+                    field,
+                    format!("'{field}' is not supported by this server"),
+                ))
+            }
         }
     }
     Ok(())
@@ -328,7 +383,11 @@ fn reject_unsupported(other: &Map<String, Value>) -> Result<(), Invalid> {
 
 /// Check roles and content parts and shape messages for the chat template.
 pub fn template_messages(messages: Vec<ChatMessage>) -> Result<Vec<TemplateMessage>, Invalid> {
-    messages.into_iter().enumerate().map(|(i, m)| template_message(i, m)).collect()
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| template_message(i, m))
+        .collect()
 }
 
 fn template_message(i: usize, m: ChatMessage) -> Result<TemplateMessage, Invalid> {
@@ -342,29 +401,39 @@ fn template_message(i: usize, m: ChatMessage) -> Result<TemplateMessage, Invalid
             ))
         }
     };
-    let content = match m.content {
-        None => None,
-        Some(MessageContent::Text(s)) => Some(s),
-        Some(MessageContent::Parts(parts)) => {
-            let mut text = String::new();
-            for (j, part) in parts.into_iter().enumerate() {
-                match (part.kind.as_str(), part.text) {
-                    ("text", Some(t)) => text.push_str(&t),
-                    (kind, _) => {
-                        return Err(Invalid::new(
+    let content =
+        match m.content {
+            None => None,
+            Some(MessageContent::Text(s)) => Some(s),
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.into_iter().enumerate() {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => return Err(Invalid::new(
                             &format!("messages[{i}].content[{j}]"),
-                            format!("content part of type '{kind}' is not supported; only text parts"),
-                        ))
+                            format!(
+                                "content part of type '{kind}' is not supported; only text parts"
+                            ),
+                        )),
                     }
                 }
+                Some(text)
             }
-            Some(text)
-        }
-    };
+        };
     if content.is_none() && m.tool_calls.is_none() {
-        return Err(Invalid::new(&format!("messages[{i}].content"), "a message needs content (or tool_calls)"));
+        return Err(Invalid::new(
+            &format!("messages[{i}].content"),
+            "a message needs content (or tool_calls)",
+        ));
     }
-    Ok(TemplateMessage { role, content, name: m.name, tool_calls: m.tool_calls, tool_call_id: m.tool_call_id })
+    Ok(TemplateMessage {
+        role,
+        content,
+        name: m.name,
+        tool_calls: m.tool_calls,
+        tool_call_id: m.tool_call_id,
+    })
 }
 
 fn sampling_params(
@@ -377,7 +446,10 @@ fn sampling_params(
     (logprobs, top_logprobs): (Option<bool>, Option<u32>),
 ) -> Result<SamplingParams, Invalid> {
     let in_range = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
-        Some(x) if !(lo..=hi).contains(&x) => Err(Invalid::new(name, format!("{name} must be between {lo} and {hi}, got {x}"))),
+        Some(x) if !(lo..=hi).contains(&x) => Err(Invalid::new(
+            name,
+            format!("{name} must be between {lo} and {hi}, got {x}"),
+        )),
         _ => Ok(()),
     };
     in_range("temperature", temperature, 0.0, 2.0)?;
@@ -390,21 +462,35 @@ fn sampling_params(
     }
     if let Some(r) = repetition {
         if !(r > 0.0 && r.is_finite()) {
-            return Err(Invalid::new("repetition_penalty", format!("repetition_penalty must be greater than 0, got {r}")));
+            return Err(Invalid::new(
+                "repetition_penalty",
+                format!("repetition_penalty must be greater than 0, got {r}"),
+            ));
         }
     }
     let top_k = match top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(Invalid::new("top_k", format!("top_k must be -1, 0 (off) or positive, got {k}"))),
+        Some(k) => {
+            return Err(Invalid::new(
+                "top_k",
+                format!("top_k must be -1, 0 (off) or positive, got {k}"),
+            ))
+        }
     };
     let logprobs = logprobs.unwrap_or(false);
     let top_logprobs = top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_TOP_LOGPROBS {
-        return Err(Invalid::new("top_logprobs", format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}")));
+        return Err(Invalid::new(
+            "top_logprobs",
+            format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"),
+        ));
     }
     if top_logprobs > 0 && !logprobs {
-        return Err(Invalid::new("top_logprobs", "top_logprobs requires logprobs = true"));
+        return Err(Invalid::new(
+            "top_logprobs",
+            "top_logprobs requires logprobs = true",
+        ));
     }
     Ok(SamplingParams {
         temperature: temperature.unwrap_or(1.0),
@@ -425,7 +511,10 @@ fn sampling_params(
 // ---------------------------------------------------------------------------------------------
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -455,7 +544,11 @@ pub struct CompletionId {
 
 impl CompletionId {
     pub fn new(model: &str) -> Self {
-        CompletionId { id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()), created: now_secs(), model: model.to_owned() }
+        CompletionId {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: now_secs(),
+            model: model.to_owned(),
+        }
     }
 }
 
@@ -476,7 +569,9 @@ impl Collected {
     }
 
     pub fn to_json(&self, id: &CompletionId, reasoning_model: bool, want_logprobs: bool) -> Value {
-        let (reason, usage) = self.finish.unwrap_or((FinishReason::Stop, Usage::default()));
+        let (reason, usage) = self
+            .finish
+            .unwrap_or((FinishReason::Stop, Usage::default()));
         let mut message = json!({"role": "assistant", "content": self.content});
         if reasoning_model {
             message["reasoning_content"] = json!(self.reasoning_content);
@@ -498,7 +593,13 @@ impl Collected {
 }
 
 /// One `chat.completion.chunk`.
-pub fn chunk_json(id: &CompletionId, delta: Value, logprobs: Option<Value>, finish: Option<FinishReason>, include_usage: bool) -> Value {
+pub fn chunk_json(
+    id: &CompletionId,
+    delta: Value,
+    logprobs: Option<Value>,
+    finish: Option<FinishReason>,
+    include_usage: bool,
+) -> Value {
     let mut chunk = json!({
         "id": id.id,
         "object": "chat.completion.chunk",
@@ -551,10 +652,17 @@ pub fn sse_for_event(
     match ev {
         Event::Delta(d) => {
             let lp = want_logprobs.then(|| logprobs_json(&d.logprobs));
-            (vec![chunk_json(id, delta_json(&d, reasoning_model), lp, None, include_usage).to_string()], false)
+            (
+                vec![
+                    chunk_json(id, delta_json(&d, reasoning_model), lp, None, include_usage)
+                        .to_string(),
+                ],
+                false,
+            )
         }
         Event::Finish { reason, usage, .. } => {
-            let mut lines = vec![chunk_json(id, json!({}), None, Some(reason), include_usage).to_string()];
+            let mut lines =
+                vec![chunk_json(id, json!({}), None, Some(reason), include_usage).to_string()];
             if include_usage {
                 lines.push(usage_chunk_json(id, &usage).to_string());
             }
@@ -628,7 +736,10 @@ pub async fn collect(
 }
 
 /// Build the engine request for a validated plan.
-pub fn generate_request(engine: &ChatEngine, plan: &ChatPlan) -> Result<(GenerateRequest, bool), EngineError> {
+pub fn generate_request(
+    engine: &ChatEngine,
+    plan: &ChatPlan,
+) -> Result<(GenerateRequest, bool), EngineError> {
     let prompt = engine.chat_prompt(&plan.messages, None)?;
     let reasoning_model = prompt.reasoning.is_some();
     let req = GenerateRequest {
@@ -639,4 +750,3 @@ pub fn generate_request(engine: &ChatEngine, plan: &ChatPlan) -> Result<(Generat
     };
     Ok((req, reasoning_model))
 }
-

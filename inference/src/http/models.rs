@@ -46,10 +46,16 @@ fn card(entry: &ModelEntry) -> ModelCard {
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList { object: "list", data: state.registry.entries().iter().map(card).collect() })
+    Json(ModelList {
+        object: "list",
+        data: state.registry.entries().iter().map(card).collect(),
+    })
 }
 
-pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
     state.registry.get(&id).map(|e| Json(card(e)))
 }
 
@@ -85,7 +91,10 @@ pub struct TokenizeResponse {
     prompt: Option<String>,
 }
 
-pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
+pub async fn tokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Response {
     let mut label = None;
     let result = tokenize_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -102,8 +111,16 @@ async fn tokenize_inner(
         return Err(ApiError::invalid("max_tokens", "must be at least 1"));
     }
     let prompt = match (req.prompt, req.messages) {
-        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give either `prompt` or `messages`, not both".into())),
-        (None, None) => return Err(ApiError::BadRequest("give `prompt` (text) or `messages` (chat)".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give either `prompt` or `messages`, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "give `prompt` (text) or `messages` (chat)".into(),
+            ))
+        }
         (None, Some(messages)) => return tokenize_messages(entry, messages, req.max_tokens).await,
         (Some(prompt), None) => prompt,
     };
@@ -111,12 +128,16 @@ async fn tokenize_inner(
     let (max, specials) = (req.max_tokens, req.add_special_tokens);
     let enc = tokio::task::spawn_blocking(move || match (specials, max) {
         (true, Some(max)) => encode_bounded(&tok, &prompt, max, true),
-        _ => tok.encode(prompt.as_str(), specials).map_err(|e| EncodeError::Tokenizer(e.to_string())),
+        _ => tok
+            .encode(prompt.as_str(), specials)
+            .map_err(|e| EncodeError::Tokenizer(e.to_string())),
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))?
     .map_err(|e| match e {
-        EncodeError::Tokenizer(msg) => ApiError::invalid("prompt", format!("cannot be tokenized: {msg}")),
+        EncodeError::Tokenizer(msg) => {
+            ApiError::invalid("prompt", format!("cannot be tokenized: {msg}"))
+        }
         EncodeError::TooLong(_) => ApiError::Internal("truncation was requested".into()),
     })?;
     let keep = req.max_tokens.unwrap_or(usize::MAX);
@@ -136,10 +157,16 @@ async fn tokenize_messages(
     max_tokens: Option<usize>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let ServedModel::Chat(engine) = &entry.model else {
-        return Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route: "/tokenize with messages" });
+        return Err(ApiError::WrongModelKind {
+            model: entry.name.clone(),
+            is_chat: false,
+            route: "/tokenize with messages",
+        });
     };
     if messages.is_empty() {
-        return Err(ApiError::EmptyInput { param: "messages".into() });
+        return Err(ApiError::EmptyInput {
+            param: "messages".into(),
+        });
     }
     let messages = template_messages(messages)?;
     let engine = engine.clone();
@@ -149,7 +176,10 @@ async fn tokenize_messages(
     let tok = entry.model.tokenizer();
     let keep = max_tokens.unwrap_or(usize::MAX);
     let ids: Vec<u32> = prompt.ids.into_iter().take(keep).collect();
-    let tokens = ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_default()).collect();
+    let tokens = ids
+        .iter()
+        .map(|&id| tok.id_to_token(id).unwrap_or_default())
+        .collect();
     Ok(Json(TokenizeResponse {
         token_ids: ids,
         tokens,
@@ -175,7 +205,10 @@ pub struct DetokenizeResponse {
     object: &'static str,
 }
 
-pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
+pub async fn detokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<DetokenizeRequest>,
+) -> Response {
     let mut label = None;
     let result = detokenize_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -210,5 +243,9 @@ async fn detokenize_inner(
         .await
         .map_err(|e| ApiError::Internal(format!("detokenization task failed: {e}")))?
         .map_err(|e| ApiError::invalid("tokens", format!("cannot be decoded: {e}")))?;
-    Ok(Json(DetokenizeResponse { text, model: entry.name.clone(), object: "detokenizer" }))
+    Ok(Json(DetokenizeResponse {
+        text,
+        model: entry.name.clone(),
+        object: "detokenizer",
+    }))
 }
