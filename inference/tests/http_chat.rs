@@ -570,3 +570,35 @@ async fn shutdown_drains_open_streams() {
     assert_eq!(usage["usage"]["completion_tokens"], 40, "{usage}");
     assert!(server.wait(Duration::from_secs(20)).success());
 }
+
+#[tokio::test]
+async fn reasoning_models_split_think_into_reasoning_content() {
+    // tiny/qwen2 is a DeepSeek-R1 distill layout: its template opens `<think>` in the prompt.
+    let model = format!("r1={}", fixtures_dir().join("tiny/qwen2").display());
+    let server = Server::start(&["--model", &model], &[]);
+    let reference = fixture_json("tiny/qwen2/reference.json");
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["generated_text"].as_str().unwrap();
+        let (reasoning, content) = text.split_once("</think>").unwrap_or((text, ""));
+        let n = case["generated_ids"].as_array().unwrap().len();
+        let body = json!({"messages": case["messages"], "max_tokens": n, "temperature": 0});
+        let (status, r) = server.post_json("/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, 200, "{r}");
+        let message = &r["choices"][0]["message"];
+        assert_eq!(message["reasoning_content"], reasoning, "{r}");
+        assert_eq!(message["content"], content, "{r}");
+
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let sse = stream(&server, "/v1/chat/completions", streamed).await;
+        let chunks = sse.chunks();
+        let joined = |field: &str| -> String {
+            chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"][field].as_str().map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(joined("reasoning_content"), reasoning, "{:?}", sse.events);
+        assert_eq!(joined("content"), content, "{:?}", sse.events);
+    }
+}
