@@ -602,3 +602,59 @@ async fn reasoning_models_split_think_into_reasoning_content() {
         assert_eq!(joined("content"), content, "{:?}", sse.events);
     }
 }
+
+#[tokio::test]
+async fn concurrent_requests_are_batched_and_each_equals_its_reference() {
+    let server = tiny_server(&[]);
+    let reference = fixture_json(&format!("{TINY}/reference.json"));
+    let tokenizer = tokenizers::Tokenizer::from_file(tiny_dir().join("tokenizer.json"))
+        .expect("fixture tokenizer");
+    let cases: Vec<Value> = reference["cases"].as_array().unwrap().clone();
+    let expected: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            let ids: Vec<u32> = c["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            tokenizer.decode(&ids, false).unwrap()
+        })
+        .collect();
+    // Every case twice, all at once: different prompt lengths share forward passes.
+    let requests = cases.iter().chain(cases.iter()).map(|c| {
+        let n = c["generated_ids"].as_array().unwrap().len();
+        let body = json!({"messages": c["messages"], "max_tokens": n, "temperature": 0, "skip_special_tokens": false,
+            "logprobs": true, "top_logprobs": 2});
+        server.post_json("/v1/chat/completions", body)
+    });
+    let responses = futures::future::join_all(requests).await;
+    for (i, (status, r)) in responses.iter().enumerate() {
+        assert_eq!(*status, 200, "{r}");
+        let case = i % cases.len();
+        assert_eq!(
+            r["choices"][0]["message"]["content"],
+            expected[case].as_str(),
+            "case {case}"
+        );
+        // Greedy: the chosen token is the most likely one.
+        let logprobs = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(
+            logprobs.len(),
+            cases[case]["generated_ids"].as_array().unwrap().len()
+        );
+        for lp in logprobs {
+            let top = lp["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 2);
+            assert_eq!(top[0]["logprob"], lp["logprob"], "{lp}");
+            assert!(top[0]["logprob"].as_f64().unwrap() >= top[1]["logprob"].as_f64().unwrap());
+        }
+    }
+    let sum = metric(&server, r#"glm_chat_batch_size_sum{model="tiny"}"#).await;
+    let steps = metric(&server, r#"glm_chat_batch_size_count{model="tiny"}"#).await;
+    assert!(
+        sum > steps,
+        "no forward pass held more than one sequence ({sum} sequences in {steps} steps)"
+    );
+}
