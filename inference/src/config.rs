@@ -191,4 +191,40 @@ mod tests {
             "--model is required"
         );
     }
+
+    #[test]
+    fn chat_engine_limits_come_from_flags_and_must_be_positive() {
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
+        assert_eq!(args.engine_config(), crate::engine::EngineConfig::default());
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--chat-max-batch-size",
+            "2",
+            "--chat-max-batch-tokens",
+            "64",
+            "--chat-max-waiting",
+            "3",
+        ])
+        .unwrap();
+        let config = args.engine_config();
+        assert_eq!(
+            (
+                config.max_batch_size,
+                config.max_batch_tokens,
+                config.max_waiting
+            ),
+            (2, 64, 3)
+        );
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--chat-max-waiting",
+            "0",
+        ])
+        .unwrap();
+        assert!(args.validate().unwrap_err().contains("--chat-max-waiting"));
+    }
 }
