@@ -96,9 +96,14 @@ class CrdSchemas:
         self.schemas: dict[str, Any] = {}
         for version in spec["versions"]:
             if version.get("served", True):
-                schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
-                # The API server validates metadata itself; the CRD schema leaves it open.
-                self.schemas[version["name"]] = strict_schema(schema)
+                schema = strict_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+                # Every object has these; the API server checks metadata itself, so a CRD schema
+                # may omit them (kube-rs does).
+                properties = schema.setdefault("properties", {})
+                properties.setdefault("apiVersion", {"type": "string"})
+                properties.setdefault("kind", {"type": "string"})
+                properties.setdefault("metadata", {"type": "object"})
+                self.schemas[version["name"]] = schema
 
     def validate(self, doc: dict[str, Any]) -> None:
         api_version = doc.get("apiVersion", "")
