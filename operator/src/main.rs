@@ -1,1 +1,3 @@
+mod gateway;
+
 fn main() {}
