@@ -11,7 +11,7 @@ use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use glm_crds::GLMModel;
 use kube::Api;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 pub mod error;
@@ -89,7 +89,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = GatewayMetrics::new().context("registering gateway metrics")?;
-    let (table_tx, table_rx) = watch::channel(Arc::new(RoutingTable::default()));
+    let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(RoutingTable::default()));
     let api: Api<GLMModel> = match &cfg.gateway_namespace {
         Some(namespace) => Api::namespaced(client, namespace),
         None => Api::all(client),
