@@ -159,6 +159,9 @@ pub fn compute(
     cfg: &BuildConfig,
     now: Timestamp,
 ) -> GLMModelStatus {
+    // The API server keeps whole seconds: a sub-second time would never compare equal to
+    // what it reads back, and every pass after a transition would write again.
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let name = model.metadata.name.as_deref().unwrap_or_default();
     let counts = Counts::of(model.spec.replicas, deployment);
     let generation = model.metadata.generation;
