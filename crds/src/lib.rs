@@ -326,7 +326,11 @@ mod tests {
     fn rules(v: &Value) -> Vec<String> {
         v["x-kubernetes-validations"]
             .as_array()
-            .map(|rs| rs.iter().filter_map(|r| r["rule"].as_str().map(str::to_owned)).collect())
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| r["rule"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -354,14 +358,20 @@ mod tests {
     fn schema_carries_the_validation_rules() {
         assert_eq!(spec_prop("gpus")["minimum"], 0.0);
         assert_eq!(spec_prop("replicas")["minimum"], 0.0);
-        assert_eq!(spec_prop("task")["enum"], serde_json::json!(["chat", "embedding"]));
+        assert_eq!(
+            spec_prop("task")["enum"],
+            serde_json::json!(["chat", "embedding"])
+        );
         assert!(rules(&spec_prop("source"))[0].contains("hf://"));
         assert!(rules(&spec_prop("name"))[0].contains("matches"));
         let cache = spec_prop("cache");
         assert!(rules(&cache["properties"]["size"])[0].contains("matches"));
         // Every CEL-checked string has a bound, or the API server refuses the CRD for cost.
         for field in ["name", "source", "gguf", "gpuResourceName", "image"] {
-            assert!(spec_prop(field)["maxLength"].is_number(), "{field} has no maxLength");
+            assert!(
+                spec_prop(field)["maxLength"].is_number(),
+                "{field} has no maxLength"
+            );
         }
         let root = &crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         assert!(rules(root)[0].contains("self.metadata.name"));

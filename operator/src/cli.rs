@@ -19,7 +19,11 @@ use crate::metrics::Metrics;
 use crate::{render, server};
 
 #[derive(Parser, Debug)]
-#[command(name = "glm-operator", version, about = "GLMModel operator and OpenAI gateway")]
+#[command(
+    name = "glm-operator",
+    version,
+    about = "GLMModel operator and OpenAI gateway"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -221,7 +225,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let identity = args
         .identity
         .clone()
-        .or_else(|| hostname_env())
+        .or_else(hostname_env)
         .unwrap_or_else(|| "glm-operator".into());
 
     let http = tokio::spawn(server::serve(
@@ -289,4 +293,94 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn hostname_env() -> Option<String> {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use serde::Deserialize;
+
+    use super::*;
+
+    /// Env twins of every flag of `glm-operator run`.
+    fn run_envs() -> BTreeSet<String> {
+        let cmd = Cli::command();
+        let run = cmd
+            .find_subcommand("run")
+            .unwrap_or_else(|| panic!("no run subcommand"));
+        run.get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_run_flag_has_an_env_twin() {
+        let cmd = Cli::command();
+        let run = cmd
+            .find_subcommand("run")
+            .unwrap_or_else(|| panic!("no run subcommand"));
+        let missing: Vec<_> = run
+            .get_arguments()
+            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(missing.is_empty(), "flags without env twin: {missing:?}");
+    }
+
+    #[test]
+    fn the_chart_sets_only_env_vars_the_operator_reads() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/glm-operator.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let deployment = serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+            .filter(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Deployment"))
+            .find_map(|v| serde_yaml::from_value::<Deployment>(v).ok())
+            .unwrap_or_else(|| panic!("no Deployment in {path}"));
+        let known = run_envs();
+        let containers = deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|p| p.containers)
+            .unwrap_or_default();
+        let names: Vec<String> = containers
+            .iter()
+            .flat_map(|c| c.env.iter().flatten())
+            .map(|e| e.name.clone())
+            .collect();
+        assert!(names.len() > 5, "{names:?}");
+        for name in names {
+            // RUST_LOG is read by tracing's EnvFilter, not by clap.
+            assert!(
+                name == "RUST_LOG" || known.contains(&name),
+                "the chart sets {name}, which no `glm-operator run` flag reads"
+            );
+        }
+    }
+
+    #[test]
+    fn run_is_the_default_and_env_fills_flags() {
+        let cli = Cli::try_parse_from([
+            "glm-operator",
+            "--leader-election",
+            "false",
+            "--api-port",
+            "9000",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cli.command.is_none());
+        assert!(!cli.run.leader_election);
+        assert_eq!(cli.run.build.api_port, 9000);
+        let render = Cli::try_parse_from(["glm-operator", "render", "-f", "m.yaml", "-n", "ai"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        match render.command {
+            Some(Command::Render(args)) => assert_eq!(args.namespace, "ai"),
+            other => panic!("parsed {other:?}"),
+        }
+    }
 }

@@ -124,7 +124,11 @@ async fn reconcile_inner(model: &GLMModel, ctx: &Context) -> Result<Action> {
         }
     }
     let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    if apply(&svc_api, &children.service, ctx).await?.previous.is_none() {
+    if apply(&svc_api, &children.service, ctx)
+        .await?
+        .previous
+        .is_none()
+    {
         created.push("Service");
     }
     let dep_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -140,7 +144,10 @@ async fn reconcile_inner(model: &GLMModel, ctx: &Context) -> Result<Action> {
     match &deployment.previous {
         None => {
             created.insert(0, "Deployment");
-            notices.push(Notice::normal("Created", format!("Created {}", created.join(", "))));
+            notices.push(Notice::normal(
+                "Created",
+                format!("Created {}", created.join(", ")),
+            ));
         }
         Some(previous) => notices.extend(deployment_changes(previous, &children.deployment)),
     }
@@ -210,21 +217,28 @@ where
     let live = api.get_opt(&name).await?;
     let wanted = builders::annotation(desired, builders::SPEC_HASH_ANNOTATION);
     if let Some(live) = live {
-        if wanted.is_some() && builders::annotation(&live, builders::SPEC_HASH_ANNOTATION) == wanted {
+        if wanted.is_some() && builders::annotation(&live, builders::SPEC_HASH_ANNOTATION) == wanted
+        {
             return Ok(Applied {
                 previous: Some(live.clone()),
                 current: live,
             });
         }
         let current = patch(api, &name, desired).await?;
-        ctx.metrics.applies.with_label_values(&[kind_of(&current)]).inc();
+        ctx.metrics
+            .applies
+            .with_label_values(&[kind_of(&current)])
+            .inc();
         return Ok(Applied {
             previous: Some(live),
             current,
         });
     }
     let current = patch(api, &name, desired).await?;
-    ctx.metrics.applies.with_label_values(&[kind_of(&current)]).inc();
+    ctx.metrics
+        .applies
+        .with_label_values(&[kind_of(&current)])
+        .inc();
     Ok(Applied {
         previous: None,
         current,
@@ -237,7 +251,11 @@ where
 {
     debug!(name, "applying");
     Ok(api
-        .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired))
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(desired),
+        )
         .await?)
 }
 

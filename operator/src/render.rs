@@ -37,8 +37,14 @@ pub fn render(input: &str, cfg: &BuildConfig, opts: &Options) -> Result<String, 
             continue; // empty document (e.g. a trailing `---`)
         }
         let mut model: GLMModel = serde_yaml::from_value(value)?;
-        model.metadata.namespace.get_or_insert_with(|| opts.namespace.clone());
-        model.metadata.uid.get_or_insert_with(|| PLACEHOLDER_UID.into());
+        model
+            .metadata
+            .namespace
+            .get_or_insert_with(|| opts.namespace.clone());
+        model
+            .metadata
+            .uid
+            .get_or_insert_with(|| PLACEHOLDER_UID.into());
         let children = Children::build(&model, cfg, opts.service_monitor).map_err(|source| {
             RenderError::Build {
                 name: model.metadata.name.clone().unwrap_or_default(),
@@ -86,18 +92,27 @@ mod tests {
         };
         let cfg = BuildConfig::default();
         let gpu = render(&examples("chat-gpu.yaml"), &cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(kinds(&gpu), ["Deployment", "Service", "PersistentVolumeClaim"]);
+        assert_eq!(
+            kinds(&gpu),
+            ["Deployment", "Service", "PersistentVolumeClaim"]
+        );
         assert!(gpu.contains(PLACEHOLDER_UID));
         assert!(gpu.contains("namespace: default"));
-        let cpu = render(&examples("embedding-cpu.yaml"), &cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let cpu =
+            render(&examples("embedding-cpu.yaml"), &cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(kinds(&cpu), ["Deployment", "Service"]);
-        let gguf = render(&examples("chat-gguf-pvc.yaml"), &cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let gguf =
+            render(&examples("chat-gguf-pvc.yaml"), &cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(kinds(&gguf), ["Deployment", "Service"]);
     }
 
     #[test]
     fn renders_multi_document_input_and_service_monitor() {
-        let input = format!("{}---\n{}", examples("embedding-cpu.yaml"), examples("chat-gguf-pvc.yaml"));
+        let input = format!(
+            "{}---\n{}",
+            examples("embedding-cpu.yaml"),
+            examples("chat-gguf-pvc.yaml")
+        );
         let opts = Options {
             namespace: "ml".into(),
             service_monitor: true,
@@ -105,7 +120,14 @@ mod tests {
         let out = render(&input, &BuildConfig::default(), &opts).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             kinds(&out),
-            ["Deployment", "Service", "ServiceMonitor", "Deployment", "Service", "ServiceMonitor"]
+            [
+                "Deployment",
+                "Service",
+                "ServiceMonitor",
+                "Deployment",
+                "Service",
+                "ServiceMonitor"
+            ]
         );
     }
 
@@ -115,7 +137,10 @@ mod tests {
             namespace: "default".into(),
             service_monitor: false,
         };
-        assert!(matches!(render("", &BuildConfig::default(), &opts), Err(RenderError::Empty)));
+        assert!(matches!(
+            render("", &BuildConfig::default(), &opts),
+            Err(RenderError::Empty)
+        ));
         let bad = "apiVersion: kubeglm.io/v1alpha1\nkind: GLMModel\nmetadata: {name: x}\nspec: {task: chat, source: 'ftp://x'}\n";
         let err = render(bad, &BuildConfig::default(), &opts).expect_err("bad source");
         assert!(err.to_string().contains("spec.source"), "{err}");

@@ -109,7 +109,11 @@ fn unschedulable_message(pod: &Pod) -> Option<String> {
         (c.type_ == "PodScheduled"
             && c.status == "False"
             && c.reason.as_deref() == Some("Unschedulable"))
-        .then(|| c.message.clone().unwrap_or_else(|| "pod is unschedulable".into()))
+        .then(|| {
+            c.message
+                .clone()
+                .unwrap_or_else(|| "pod is unschedulable".into())
+        })
     })
 }
 
@@ -122,17 +126,21 @@ fn failing_message(pod: &Pod) -> Option<String> {
         .flatten()
         .chain(status.container_statuses.iter().flatten());
     containers
-        .filter_map(|c| waiting_failure(c).map(|m| format!("pod {name}: container {}: {m}", c.name)))
+        .filter_map(|c| {
+            waiting_failure(c).map(|m| format!("pod {name}: container {}: {m}", c.name))
+        })
         .next()
 }
 
 fn waiting_failure(c: &ContainerStatus) -> Option<String> {
     let waiting = c.state.as_ref()?.waiting.as_ref()?;
     let reason = waiting.reason.as_deref()?;
-    FAILING_REASONS.contains(&reason).then(|| match &waiting.message {
-        Some(msg) if !msg.is_empty() => format!("{reason}: {msg}"),
-        _ => reason.to_owned(),
-    })
+    FAILING_REASONS
+        .contains(&reason)
+        .then(|| match &waiting.message {
+            Some(msg) if !msg.is_empty() => format!("{reason}: {msg}"),
+            _ => reason.to_owned(),
+        })
 }
 
 fn deadline_exceeded(deployment: Option<&Deployment>) -> Option<String> {
@@ -142,7 +150,9 @@ fn deadline_exceeded(deployment: Option<&Deployment>) -> Option<String> {
         .conditions
         .as_ref()?
         .iter()
-        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+        .find(|c| {
+            c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
         .map(|c| {
             c.message
                 .clone()
@@ -171,15 +181,16 @@ pub fn compute(
     };
 
     let (ready, ready_reason, ready_msg) = ready(&counts, deployment.is_some(), problem);
-    let progressing = !counts.rolled_out() && counts.desired > 0 && !matches!(problem, Some(Problem::InvalidSpec(_)));
+    let progressing = !counts.rolled_out()
+        && counts.desired > 0
+        && !matches!(problem, Some(Problem::InvalidSpec(_)));
     let (prog_reason, prog_msg) = match problem {
         Some(Problem::InvalidSpec(msg)) => ("InvalidSpec", msg.clone()),
         _ => progressing_reason(&counts),
     };
-    let degraded = problem.map_or(
-        ("AsExpected", String::new()),
-        |p| (p.reason(), p.message().to_owned()),
-    );
+    let degraded = problem.map_or(("AsExpected", String::new()), |p| {
+        (p.reason(), p.message().to_owned())
+    });
 
     GLMModelStatus {
         observed_generation: generation,
@@ -190,13 +201,22 @@ pub fn compute(
         conditions: vec![
             cond(condition::READY, ready, ready_reason, ready_msg),
             cond(condition::PROGRESSING, progressing, prog_reason, prog_msg),
-            cond(condition::DEGRADED, problem.is_some(), degraded.0, degraded.1),
+            cond(
+                condition::DEGRADED,
+                problem.is_some(),
+                degraded.0,
+                degraded.1,
+            ),
         ],
     }
 }
 
 /// Ready means "can serve": at least one replica ready. The message says how many.
-fn ready(counts: &Counts, has_deployment: bool, problem: Option<&Problem>) -> (bool, &'static str, String) {
+fn ready(
+    counts: &Counts,
+    has_deployment: bool,
+    problem: Option<&Problem>,
+) -> (bool, &'static str, String) {
     let of = format!("{}/{} replicas ready", counts.ready, counts.desired);
     if let Some(Problem::InvalidSpec(msg)) = problem {
         return (false, "InvalidSpec", msg.clone());
@@ -213,7 +233,11 @@ fn ready(counts: &Counts, has_deployment: bool, problem: Option<&Problem>) -> (b
     match problem {
         Some(p) => (false, p.reason(), p.message().to_owned()),
         None if !has_deployment => (false, "Pending", "Deployment not created yet".into()),
-        None => (false, "Starting", format!("{of}: pods starting or loading the model")),
+        None => (
+            false,
+            "Starting",
+            format!("{of}: pods starting or loading the model"),
+        ),
     }
 }
 
@@ -296,7 +320,10 @@ pub fn transitions(old: Option<&GLMModelStatus>, new: &GLMModelStatus) -> Vec<No
             notices.push(Notice::normal("Ready", n.message.clone()));
         }
     }
-    let (old_deg, new_deg) = (get(old, condition::DEGRADED), get(Some(new), condition::DEGRADED));
+    let (old_deg, new_deg) = (
+        get(old, condition::DEGRADED),
+        get(Some(new), condition::DEGRADED),
+    );
     if let Some(n) = &new_deg {
         let same = old_deg
             .as_ref()
@@ -379,7 +406,13 @@ mod tests {
     #[test]
     fn scaled_to_zero_is_not_ready_and_not_progressing() {
         let m = model("task: chat\nsource: /m\nreplicas: 0\n");
-        let s = compute(&m, Some(&deployment(0, 0, 0)), None, &BuildConfig::default(), at(0));
+        let s = compute(
+            &m,
+            Some(&deployment(0, 0, 0)),
+            None,
+            &BuildConfig::default(),
+            at(0),
+        );
         assert_eq!(cond(&s, "Ready").reason, "ScaledToZero");
         assert_eq!(cond(&s, "Progressing").status, "False");
         assert_eq!(s.replicas, 0);
@@ -388,9 +421,18 @@ mod tests {
     #[test]
     fn partially_ready_still_serves() {
         let m = model("task: chat\nsource: /m\nreplicas: 3\n");
-        let s = compute(&m, Some(&deployment(3, 1, 3)), None, &BuildConfig::default(), at(0));
+        let s = compute(
+            &m,
+            Some(&deployment(3, 1, 3)),
+            None,
+            &BuildConfig::default(),
+            at(0),
+        );
         let ready = cond(&s, "Ready");
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "PartiallyReady"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "PartiallyReady")
+        );
         assert_eq!(cond(&s, "Progressing").reason, "WaitingForReady");
         assert_eq!(s.ready_replicas, 1);
     }
@@ -412,7 +454,9 @@ mod tests {
         );
         assert_eq!(
             find_problem(None, &[ok.clone(), crashing]),
-            Some(Problem::Failing("pod a: container inference: ImagePullBackOff".into()))
+            Some(Problem::Failing(
+                "pod a: container inference: ImagePullBackOff".into()
+            ))
         );
         assert_eq!(find_problem(None, &[ok]), None);
     }
@@ -429,7 +473,9 @@ mod tests {
         }
         assert_eq!(
             find_problem(Some(&d), &[]),
-            Some(Problem::Failing("ReplicaSet \"qwen-7d\" has timed out progressing.".into()))
+            Some(Problem::Failing(
+                "ReplicaSet \"qwen-7d\" has timed out progressing.".into()
+            ))
         );
     }
 }

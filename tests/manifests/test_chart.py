@@ -58,13 +58,16 @@ def grants(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str,
 
 
 EXPECTED_OPERATOR_GRANTS = (
-    grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch", "patch"])
+    grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
     | grants("kubeglm.io", ["glmmodels/status"], ["patch"])
-    | grants("apps", ["deployments"], ["get", "list", "watch", "create", "patch", "delete"])
-    | grants("", ["services", "persistentvolumeclaims"], ["get", "list", "watch", "create", "patch", "delete"])
+    | grants("kubeglm.io", ["glmmodels/finalizers"], ["update"])
+    | grants("apps", ["deployments"], ["get", "list", "watch", "create", "patch"])
+    | grants("", ["services", "persistentvolumeclaims"], ["get", "list", "watch", "create", "patch"])
     | grants("", ["pods"], ["list", "watch"])
     | grants("events.k8s.io", ["events"], ["create", "patch"])
+    | grants("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch"])
 )
+SERVICE_MONITOR_GRANTS = grants("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch"])
 
 
 def test_default_rbac_is_cluster_wide_and_least_privilege():
@@ -93,6 +96,15 @@ def test_watch_namespace_switches_to_namespaced_rbac():
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GLM_WATCH_NAMESPACE"] == "ml-models"
     assert env["GLM_GATEWAY_NAMESPACE"] == "ml-models"
+
+
+def test_model_service_monitors_never_drops_their_grant():
+    docs = render("modelServiceMonitors=never")
+    [cluster_role] = by_kind(docs, "ClusterRole")
+    assert rules_of(cluster_role) == EXPECTED_OPERATOR_GRANTS - SERVICE_MONITOR_GRANTS
+    [deployment] = by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GLM_SERVICE_MONITOR"] == "never"
 
 
 def test_leader_election_off_drops_the_lease_role():

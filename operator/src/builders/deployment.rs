@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use glm_crds::{GLMModel, RolloutStrategy};
+use glm_crds::{GLMModel, RolloutStrategy, Task};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -28,6 +28,9 @@ const MODELS_VOLUME: &str = "models";
 /// from network storage take many minutes, and a restart would only start over.
 const STARTUP_BUDGET_SECS: i32 = 3600;
 const STARTUP_PERIOD_SECS: i32 = 10;
+/// Seconds glm-inference keeps serving after SIGTERM (well inside the grace period below).
+const SHUTDOWN_DELAY_SECS: i32 = 5;
+const TERMINATION_GRACE_SECS: i64 = 60;
 
 /// Builds the Deployment. Fails only on a spec the CRD schema should already have refused.
 pub fn deployment(model: &GLMModel, cfg: &BuildConfig) -> Result<Deployment, BuildError> {
@@ -252,7 +255,7 @@ fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
         // `api` would then clobber glm-inference's API_PORT.
         enable_service_links: Some(false),
         // Lets in-flight streams finish after the endpoint is removed.
-        termination_grace_period_seconds: Some(60),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
         ..PodSpec::default()
     }
 }
@@ -268,9 +271,15 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
 
     let mut env = vec![
         env("API_PORT", &cfg.api_port.to_string()),
-        env("GLM_MODEL", &served),
         env("HOME", "/tmp"),
+        // Keep answering (with /ready failing) while the endpoint is withdrawn, so no request
+        // reaches a pod that already stopped listening.
+        env("GLM_SHUTDOWN_DELAY_SECS", &SHUTDOWN_DELAY_SECS.to_string()),
     ];
+    if spec.task == Task::Chat {
+        // The default chat model; glm-inference refuses to start when it names an embedder.
+        env.push(self::env("GLM_MODEL", &served));
+    }
     if spec.gpus > 0 {
         // The device plugin exposes only the allocated GPUs, renumbered from 0.
         let devices = (0..spec.gpus)
@@ -281,14 +290,21 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
     }
     let env = merge_env(env, &spec.env);
 
-    let mut mounts = vec![mount("dshm", "/dev/shm", false), mount("tmp", "/tmp", false)];
+    let mut mounts = vec![
+        mount("dshm", "/dev/shm", false),
+        mount("tmp", "/tmp", false),
+    ];
     if weights.volume.is_some() {
         mounts.push(mount(MODELS_VOLUME, MODELS_DIR, true));
     }
 
     Container {
         name: CONTAINER.into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| cfg.default_image.clone())),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| cfg.default_image.clone()),
+        ),
         command: Some(vec!["glm-inference".into()]),
         args: Some(args),
         env: Some(env),
@@ -318,7 +334,11 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
 
 /// The user's requests/limits plus `gpus` of the GPU resource in both (extended resources
 /// must have requests == limits).
-fn resources(user: Option<ResourceRequirements>, gpu_name: &str, gpus: i32) -> ResourceRequirements {
+fn resources(
+    user: Option<ResourceRequirements>,
+    gpu_name: &str,
+    gpus: i32,
+) -> ResourceRequirements {
     let mut res = user.unwrap_or_default();
     if gpus > 0 {
         let qty = Quantity(gpus.to_string());

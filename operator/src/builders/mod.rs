@@ -110,7 +110,10 @@ impl Names {
 pub fn selector_labels(model_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), APP_NAME.to_owned()),
-        ("app.kubernetes.io/instance".to_owned(), model_name.to_owned()),
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            model_name.to_owned(),
+        ),
     ])
 }
 

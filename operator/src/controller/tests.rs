@@ -67,7 +67,9 @@ impl ApiServerVerifier {
         assert!(query.contains("fieldManager=glm-operator"), "{query}");
         assert!(query.contains("force=true"), "{query}");
         assert_eq!(
-            req.headers().get("content-type").and_then(|v| v.to_str().ok()),
+            req.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
             Some("application/apply-patch+yaml")
         );
         let body = body_json(req).await;
@@ -190,7 +192,13 @@ fn live_service(m: &GLMModel) -> Value {
 /// A model whose stored status is what the operator wrote for `deployment`.
 fn settled(spec: &str, deployment: &Deployment) -> GLMModel {
     let mut m = model(spec);
-    let status = status::compute(&m, Some(deployment), None, &BuildConfig::default(), Timestamp::now());
+    let status = status::compute(
+        &m,
+        Some(deployment),
+        None,
+        &BuildConfig::default(),
+        Timestamp::now(),
+    );
     m.status = Some(status);
     m
 }
@@ -227,7 +235,10 @@ async fn create_applies_children_and_reports_status() {
         let query = api.pods(vec![]).await;
         assert!(query.contains("labelSelector="), "{query}");
         let status = api.apply(STATUS_PATH, json!({})).await;
-        assert_eq!(status["status"]["endpoint"], "http://qwen.ai.svc.cluster.local:8200");
+        assert_eq!(
+            status["status"]["endpoint"],
+            "http://qwen.ai.svc.cluster.local:8200"
+        );
         assert_eq!(
             status["status"]["selector"],
             "app.kubernetes.io/instance=qwen,app.kubernetes.io/name=glm-inference"
@@ -238,11 +249,16 @@ async fn create_applies_children_and_reports_status() {
         assert_eq!(condition(&status, "Degraded")["status"], "False");
         let event = api.event().await;
         assert_eq!(event["reason"], "Created");
-        assert_eq!(event["note"], "Created Deployment, PersistentVolumeClaim, Service");
+        assert_eq!(
+            event["note"],
+            "Created Deployment, PersistentVolumeClaim, Service"
+        );
         assert_eq!(event["regarding"]["kind"], "GLMModel");
         api
     });
-    let action = run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    let action = run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(action, Action::requeue(UNSETTLED_REQUEUE));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
@@ -259,7 +275,9 @@ async fn second_pass_with_nothing_changed_writes_nothing() {
         // All replicas ready, status unchanged: no pod list, no patch, no event.
         api
     });
-    let action = run_reconcile(m, ctx.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+    let action = run_reconcile(m, ctx.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
     let api = server.await.unwrap_or_else(|e| panic!("{e}"));
     drop(ctx);
@@ -279,14 +297,22 @@ async fn becoming_ready_patches_status_and_emits_ready() {
         let status = api.apply(STATUS_PATH, json!({})).await;
         assert_eq!(status["status"]["readyReplicas"], 3);
         let ready = condition(&status, "Ready");
-        assert_eq!((&ready["status"], &ready["reason"]), (&json!("True"), &json!("ReplicasReady")));
+        assert_eq!(
+            (&ready["status"], &ready["reason"]),
+            (&json!("True"), &json!("ReplicasReady"))
+        );
         assert_eq!(ready["message"], "3/3 replicas ready");
         assert_eq!(condition(&status, "Progressing")["reason"], "Complete");
-        let reasons = [api.event().await["reason"].clone(), api.event().await["reason"].clone()];
+        let reasons = [
+            api.event().await["reason"].clone(),
+            api.event().await["reason"].clone(),
+        ];
         assert_eq!(reasons, [json!("Ready"), json!("RolledOut")]);
         api
     });
-    run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
 
@@ -313,7 +339,9 @@ async fn scale_reapplies_the_deployment_and_emits_scaled() {
         assert_eq!(event["note"], "Scaled from 3 to 5 replicas");
         api
     });
-    run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
 
@@ -329,7 +357,10 @@ async fn spec_update_rolls_out_new_pods() {
         api.get(SVC_PATH, Some(svc)).await;
         api.get(DEPLOY_PATH, Some(to_value(&live))).await;
         let dep = api.apply(DEPLOY_PATH, deploy_status(3, 0, 0)).await;
-        assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["image"], "registry.local/glm:2");
+        assert_eq!(
+            dep["spec"]["template"]["spec"]["containers"][0]["image"],
+            "registry.local/glm:2"
+        );
         assert_eq!(dep["spec"]["strategy"]["type"], "Recreate");
         api.pods(vec![]).await;
         let status = api.apply(STATUS_PATH, json!({})).await;
@@ -337,7 +368,9 @@ async fn spec_update_rolls_out_new_pods() {
         assert_eq!(api.event().await["reason"], "RollingOut");
         api
     });
-    run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
 
@@ -358,19 +391,34 @@ async fn unschedulable_pods_surface_in_ready_and_degraded() {
     let server = tokio::spawn(async move {
         api.get(SVC_PATH, Some(svc)).await;
         api.get(DEPLOY_PATH, Some(to_value(&live))).await;
-        api.pods(vec![unschedulable_pod("qwen-b", msg), unschedulable_pod("qwen-a", msg)]).await;
+        api.pods(vec![
+            unschedulable_pod("qwen-b", msg),
+            unschedulable_pod("qwen-a", msg),
+        ])
+        .await;
         let status = api.apply(STATUS_PATH, json!({})).await;
         let ready = condition(&status, "Ready");
-        assert_eq!((&ready["status"], &ready["reason"]), (&json!("False"), &json!("Unschedulable")));
+        assert_eq!(
+            (&ready["status"], &ready["reason"]),
+            (&json!("False"), &json!("Unschedulable"))
+        );
         assert_eq!(ready["message"], msg);
         let degraded = condition(&status, "Degraded");
-        assert_eq!((&degraded["status"], &degraded["reason"]), (&json!("True"), &json!("Unschedulable")));
+        assert_eq!(
+            (&degraded["status"], &degraded["reason"]),
+            (&json!("True"), &json!("Unschedulable"))
+        );
         let event = api.event().await;
-        assert_eq!((&event["type"], &event["reason"]), (&json!("Warning"), &json!("Unschedulable")));
+        assert_eq!(
+            (&event["type"], &event["reason"]),
+            (&json!("Warning"), &json!("Unschedulable"))
+        );
         assert_eq!(event["note"], msg);
         api
     });
-    let action = run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    let action = run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(action, Action::requeue(UNSETTLED_REQUEUE));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
@@ -399,7 +447,9 @@ async fn crash_looping_pods_are_failing() {
         assert_eq!(api.event().await["reason"], "Failing");
         api
     });
-    run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
 
@@ -407,8 +457,12 @@ async fn crash_looping_pods_are_failing() {
 async fn deleted_model_is_left_to_garbage_collection() {
     let (ctx, api) = context();
     let mut m = model(GPU_SPEC);
-    m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
-    let action = run_reconcile(m, ctx.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+    m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::now(),
+    ));
+    let action = run_reconcile(m, ctx.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(action, Action::await_change());
     drop(ctx);
     // Children carry a controller ownerReference (checked in the create test): the API
@@ -426,10 +480,15 @@ async fn invalid_spec_is_reported_without_retry() {
         assert_eq!(condition(&status, "Ready")["reason"], "InvalidSpec");
         assert_eq!(condition(&status, "Degraded")["status"], "True");
         let event = api.event().await;
-        assert_eq!((&event["type"], &event["reason"]), (&json!("Warning"), &json!("InvalidSpec")));
+        assert_eq!(
+            (&event["type"], &event["reason"]),
+            (&json!("Warning"), &json!("InvalidSpec"))
+        );
         api
     });
-    let action = run_reconcile(m, ctx).await.unwrap_or_else(|e| panic!("{e}"));
+    let action = run_reconcile(m, ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(action, Action::await_change());
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
@@ -440,18 +499,31 @@ async fn conflict_fails_the_reconcile_and_backs_off() {
     let m = model(GPU_SPEC);
     let server = tokio::spawn(async move {
         api.get(SVC_PATH, None).await;
-        api.fail(Method::PATCH, SVC_PATH, StatusCode::CONFLICT).await;
+        api.fail(Method::PATCH, SVC_PATH, StatusCode::CONFLICT)
+            .await;
         api
     });
     let model = Arc::new(m);
-    let err = tokio::time::timeout(Duration::from_secs(10), reconcile(model.clone(), ctx.clone()))
-        .await
-        .unwrap_or_else(|_| panic!("hung"))
-        .expect_err("409 must fail the reconcile");
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(model.clone(), ctx.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("hung"))
+    .expect_err("409 must fail the reconcile");
     assert_eq!(err.metric_label(), "api_409");
-    assert_eq!(error_policy(model.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(5)));
-    assert_eq!(error_policy(model.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
-    assert_eq!(error_policy(model, &err, ctx.clone()), Action::requeue(Duration::from_secs(20)));
+    assert_eq!(
+        error_policy(model.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        error_policy(model.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(
+        error_policy(model, &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(20))
+    );
     let failures = ctx.metrics.failures.with_label_values(&["api_409"]).get();
     assert_eq!(failures, 1);
     drop(ctx);
@@ -463,12 +535,21 @@ async fn server_error_fails_the_reconcile() {
     let (ctx, mut api) = context();
     let m = model(GPU_SPEC);
     let server = tokio::spawn(async move {
-        api.fail(Method::GET, SVC_PATH, StatusCode::INTERNAL_SERVER_ERROR).await;
+        api.fail(Method::GET, SVC_PATH, StatusCode::INTERNAL_SERVER_ERROR)
+            .await;
         api
     });
-    let err = run_reconcile(m, ctx.clone()).await.expect_err("500 must fail the reconcile");
+    let err = run_reconcile(m, ctx.clone())
+        .await
+        .expect_err("500 must fail the reconcile");
     assert_eq!(err.metric_label(), "api_500");
-    assert_eq!(ctx.metrics.reconciliations.with_label_values(&["error"]).get(), 1);
+    assert_eq!(
+        ctx.metrics
+            .reconciliations
+            .with_label_values(&["error"])
+            .get(),
+        1
+    );
     drop(ctx);
     server.await.unwrap_or_else(|e| panic!("{e}")).done().await;
 }
@@ -516,9 +597,12 @@ async fn success_resets_the_backoff() {
     assert_eq!(ctx.next_backoff(key.clone()), Duration::from_secs(5));
     assert_eq!(ctx.next_backoff(key.clone()), Duration::from_secs(10));
     // A deleted model reconciles without API calls: the simplest successful pass.
-    m.metadata.deletion_timestamp =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
-    run_reconcile(m, ctx.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+    m.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::now(),
+    ));
+    run_reconcile(m, ctx.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ctx.next_backoff(key), Duration::from_secs(5));
     drop(ctx);
     api.done().await;
@@ -529,7 +613,8 @@ fn status_status_roundtrips() {
     // The status type must deserialize what the operator writes (the gateway reads it).
     let m = model(GPU_SPEC);
     let s = status::compute(&m, None, None, &BuildConfig::default(), Timestamp::now());
-    let back: GLMModelStatus = serde_json::from_value(to_value(&s)).unwrap_or_else(|e| panic!("{e}"));
+    let back: GLMModelStatus =
+        serde_json::from_value(to_value(&s)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(back, s);
     assert_eq!(back.conditions.len(), 3);
 }

@@ -31,11 +31,19 @@ pub use routing::RoutingTable;
 #[derive(clap::Args, Clone, Debug)]
 pub struct GatewayConfig {
     /// Port of the OpenAI-compatible gateway.
-    #[arg(long = "gateway-port", env = "GLM_GATEWAY_PORT", default_value_t = 8080)]
+    #[arg(
+        long = "gateway-port",
+        env = "GLM_GATEWAY_PORT",
+        default_value_t = 8080
+    )]
     pub gateway_port: u16,
 
     /// Address the gateway binds to.
-    #[arg(long = "gateway-bind-address", env = "GLM_GATEWAY_BIND_ADDRESS", default_value = "0.0.0.0")]
+    #[arg(
+        long = "gateway-bind-address",
+        env = "GLM_GATEWAY_BIND_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
     pub gateway_bind_address: IpAddr,
 
     /// Route only GLMModels of this namespace (default: all namespaces).
@@ -43,12 +51,20 @@ pub struct GatewayConfig {
     pub gateway_namespace: Option<String>,
 
     /// Seconds to wait for a TCP connection to a model's endpoint.
-    #[arg(long = "gateway-connect-timeout", env = "GLM_GATEWAY_CONNECT_TIMEOUT", default_value_t = 5)]
+    #[arg(
+        long = "gateway-connect-timeout",
+        env = "GLM_GATEWAY_CONNECT_TIMEOUT",
+        default_value_t = 5
+    )]
     pub gateway_connect_timeout_secs: u64,
 
     /// Seconds an upstream may stay silent (no header, no byte) before the request fails. Long
     /// generations are fine as long as tokens keep flowing.
-    #[arg(long = "gateway-read-timeout", env = "GLM_GATEWAY_READ_TIMEOUT", default_value_t = 600)]
+    #[arg(
+        long = "gateway-read-timeout",
+        env = "GLM_GATEWAY_READ_TIMEOUT",
+        default_value_t = 600
+    )]
     pub gateway_read_timeout_secs: u64,
 
     /// Largest request body accepted, in bytes.

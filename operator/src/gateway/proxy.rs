@@ -137,11 +137,7 @@ async fn health(State(state): State<GatewayState>) -> Json<serde_json::Value> {
 
 async fn metrics(State(state): State<GatewayState>) -> Response {
     match state.metrics.render() {
-        Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            text,
-        )
-            .into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
     }
 }
@@ -192,7 +188,16 @@ async fn forward(state: GatewayState, route_label: &'static str, request: Reques
         .uri
         .path_and_query()
         .map_or(route_label, |pq| pq.as_str());
-    let response = match send_upstream(&state, &route, parts.method, &parts.headers, path_and_query, body).await {
+    let response = match send_upstream(
+        &state,
+        &route,
+        parts.method,
+        &parts.headers,
+        path_and_query,
+        body,
+    )
+    .await
+    {
         Ok(upstream) => stream_back(&state, model, upstream, timer),
         Err(err) => err.into_response(),
     };
@@ -216,9 +221,9 @@ fn resolve<'t>(table: &'t RoutingTable, body: &[u8]) -> Result<&'t Route, Gatewa
     let field: ModelField = serde_json::from_slice(body)
         .map_err(|err| GatewayError::InvalidBody(format!("expected a JSON object: {err}")))?;
     let Some(model) = field.model else {
-        return table
-            .sole_route()
-            .ok_or_else(|| GatewayError::ModelRequired(table.names().map(str::to_owned).collect()));
+        return table.sole_route().ok_or_else(|| {
+            GatewayError::ModelRequired(table.names().map(str::to_owned).collect())
+        });
     };
     match table.lookup(&model) {
         Lookup::Ready(route) => Ok(route),
@@ -232,8 +237,8 @@ fn rewrite_alias(route: &Route, body: Bytes) -> Result<Bytes, GatewayError> {
     if !route.is_alias() {
         return Ok(body);
     }
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
-        .map_err(|err| GatewayError::InvalidBody(err.to_string()))?;
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|err| GatewayError::InvalidBody(err.to_string()))?;
     object.insert("model".into(), route.served_name.clone().into());
     serde_json::to_vec(&object)
         .map(Bytes::from)

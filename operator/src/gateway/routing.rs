@@ -126,7 +126,10 @@ impl RoutingTable {
                     namespace: record.namespace.clone(),
                     created: record.created,
                 };
-                claims.entry(name.to_owned()).or_default().push((claim, route));
+                claims
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push((claim, route));
             }
         }
 
@@ -285,7 +288,10 @@ mod tests {
         young.created = 200;
         let old = record("z", "old", "qwen", &[], true);
         let table = RoutingTable::build(&[young.clone(), old.clone()]);
-        assert_eq!(endpoint_of(&table, "qwen").as_deref(), Some("http://old.z.svc:8080/"));
+        assert_eq!(
+            endpoint_of(&table, "qwen").as_deref(),
+            Some("http://old.z.svc:8080/")
+        );
         assert_eq!(
             table.conflicts(),
             [Conflict {
@@ -299,7 +305,10 @@ mod tests {
         young.created = old.created;
         for records in [[young.clone(), old.clone()], [old.clone(), young.clone()]] {
             let table = RoutingTable::build(&records);
-            assert_eq!(endpoint_of(&table, "qwen").as_deref(), Some("http://young.a.svc:8080/"));
+            assert_eq!(
+                endpoint_of(&table, "qwen").as_deref(),
+                Some("http://young.a.svc:8080/")
+            );
         }
     }
 
@@ -309,8 +318,14 @@ mod tests {
         aliasing.created = 1; // older, yet an alias still loses to a served name
         let owner = record("b", "owner", "small", &[], true);
         let table = RoutingTable::build(&[aliasing, owner]);
-        assert_eq!(endpoint_of(&table, "small").as_deref(), Some("http://owner.b.svc:8080/"));
-        assert_eq!(endpoint_of(&table, "big").as_deref(), Some("http://aliasing.a.svc:8080/"));
+        assert_eq!(
+            endpoint_of(&table, "small").as_deref(),
+            Some("http://owner.b.svc:8080/")
+        );
+        assert_eq!(
+            endpoint_of(&table, "big").as_deref(),
+            Some("http://aliasing.a.svc:8080/")
+        );
     }
 
     #[test]
@@ -319,7 +334,10 @@ mod tests {
             record("a", "down", "m", &[], false),
             record("b", "up", "m", &[], true),
         ]);
-        assert_eq!(endpoint_of(&table, "m").as_deref(), Some("http://up.b.svc:8080/"));
+        assert_eq!(
+            endpoint_of(&table, "m").as_deref(),
+            Some("http://up.b.svc:8080/")
+        );
         assert!(table.conflicts().is_empty());
     }
 

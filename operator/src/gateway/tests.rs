@@ -79,7 +79,10 @@ async fn chat_completions(
     };
     let stream = ReceiverStream(chunks).map(Ok::<_, std::convert::Infallible>);
     (
-        [("content-type", "text/event-stream"), ("x-upstream", "chat")],
+        [
+            ("content-type", "text/event-stream"),
+            ("x-upstream", "chat"),
+        ],
         Body::from_stream(stream),
     )
         .into_response()
@@ -105,7 +108,13 @@ struct Harness {
     seen: mpsc::UnboundedReceiver<(HeaderMap, Value)>,
 }
 
-fn record(name: &str, served: &str, aliases: &[&str], endpoint: String, ready: bool) -> ModelRecord {
+fn record(
+    name: &str,
+    served: &str,
+    aliases: &[&str],
+    endpoint: String,
+    ready: bool,
+) -> ModelRecord {
     ModelRecord {
         namespace: "ml".into(),
         name: name.into(),
@@ -141,17 +150,35 @@ async fn harness(max_body_bytes: usize) -> Harness {
     let down = closed_port().await;
 
     let table = RoutingTable::build(&[
-        record("glm4", "glm-4-9b-chat", &["glm4"], format!("http://{chat}"), true),
+        record(
+            "glm4",
+            "glm-4-9b-chat",
+            &["glm4"],
+            format!("http://{chat}"),
+            true,
+        ),
         record("bge", "bge-m3", &[], format!("http://{embed}/"), true),
         record("gone", "gone-model", &[], format!("http://{down}"), true),
-        record("warming", "qwen2", &[], "http://qwen2.ml.svc:8080".into(), false),
+        record(
+            "warming",
+            "qwen2",
+            &[],
+            "http://qwen2.ml.svc:8080".into(),
+            false,
+        ),
     ]);
     let (_tx, table_rx) = watch::channel(Arc::new(table));
     let metrics = GatewayMetrics::new().unwrap_or_else(|e| panic!("{e}"));
     let upstream = GatewayConfig::default()
         .upstream_client()
         .unwrap_or_else(|e| panic!("{e}"));
-    let gateway = serve(router(GatewayState::new(table_rx, upstream, metrics, max_body_bytes))).await;
+    let gateway = serve(router(GatewayState::new(
+        table_rx,
+        upstream,
+        metrics,
+        max_body_bytes,
+    )))
+    .await;
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(TIMEOUT)
@@ -191,7 +218,9 @@ async fn json_of(response: reqwest::Response) -> Value {
         .unwrap_or_else(|e| panic!("body is not JSON: {e}"))
 }
 
-async fn next_chunk(stream: &mut (impl futures::Stream<Item = reqwest::Result<Bytes>> + Unpin)) -> Bytes {
+async fn next_chunk(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+) -> Bytes {
     match tokio::time::timeout(TIMEOUT, stream.next()).await {
         Ok(Some(Ok(chunk))) => chunk,
         other => panic!("expected a chunk, got {other:?}"),
@@ -202,11 +231,21 @@ async fn next_chunk(stream: &mut (impl futures::Stream<Item = reqwest::Result<By
 async fn forwards_by_model_and_propagates_status_and_headers() {
     let h = harness(1 << 20).await;
 
-    let ok = h.post("/v1/embeddings", json!({"model": "bge-m3", "input": ["你好"]})).await;
+    let ok = h
+        .post(
+            "/v1/embeddings",
+            json!({"model": "bge-m3", "input": ["你好"]}),
+        )
+        .await;
     assert_eq!(ok.status(), StatusCode::OK);
     assert_eq!(json_of(ok).await["model"], "bge-m3");
 
-    let busy = h.post("/v1/embeddings", json!({"model": "bge-m3", "input": "overload"})).await;
+    let busy = h
+        .post(
+            "/v1/embeddings",
+            json!({"model": "bge-m3", "input": "overload"}),
+        )
+        .await;
     assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(busy.headers()["retry-after"], "1");
     assert_eq!(busy.headers()["content-type"], "application/json");
@@ -227,9 +266,16 @@ async fn alias_is_rewritten_to_the_served_name() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json_of(response).await["model"], "glm-4-9b-chat");
 
-    let (headers, body) = h.seen.recv().await.unwrap_or_else(|| panic!("upstream saw nothing"));
+    let (headers, body) = h
+        .seen
+        .recv()
+        .await
+        .unwrap_or_else(|| panic!("upstream saw nothing"));
     assert_eq!(body["model"], "glm-4-9b-chat");
-    assert_eq!(body["messages"][0]["content"], "hi", "the rest of the body is kept");
+    assert_eq!(
+        body["messages"][0]["content"], "hi",
+        "the rest of the body is kept"
+    );
     assert_eq!(headers["authorization"], "Bearer secret");
 }
 
@@ -237,7 +283,10 @@ async fn alias_is_rewritten_to_the_served_name() {
 async fn sse_passes_through_chunk_by_chunk() {
     let mut h = harness(1 << 20).await;
     let response = h
-        .post("/v1/chat/completions", json!({"model": "glm-4-9b-chat", "stream": true, "messages": []}))
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "glm-4-9b-chat", "stream": true, "messages": []}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -264,7 +313,10 @@ async fn sse_passes_through_chunk_by_chunk() {
     }
     drop(h.chunks);
     let end = tokio::time::timeout(TIMEOUT, stream.next()).await;
-    assert!(matches!(end, Ok(None)), "stream must end with the upstream: {end:?}");
+    assert!(
+        matches!(end, Ok(None)),
+        "stream must end with the upstream: {end:?}"
+    );
     assert!(h.seen.recv().await.is_some());
 }
 
@@ -272,7 +324,10 @@ async fn sse_passes_through_chunk_by_chunk() {
 async fn client_disconnect_cancels_the_upstream_stream() {
     let h = harness(1 << 20).await;
     let response = h
-        .post("/v1/chat/completions", json!({"model": "glm-4-9b-chat", "stream": true}))
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "glm-4-9b-chat", "stream": true}),
+        )
         .await;
     let mut stream = response.bytes_stream();
     h.chunks
@@ -285,18 +340,31 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     // The upstream's body (our channel's receiver) must be dropped once the client is gone:
     // keep producing until sending fails, as a generating model would.
     let cancelled = tokio::time::timeout(TIMEOUT, async {
-        while h.chunks.send(Bytes::from_static(b"data: more\n\n")).await.is_ok() {
+        while h
+            .chunks
+            .send(Bytes::from_static(b"data: more\n\n"))
+            .await
+            .is_ok()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert!(cancelled.is_ok(), "upstream kept streaming after the client left");
+    assert!(
+        cancelled.is_ok(),
+        "upstream kept streaming after the client left"
+    );
 }
 
 #[tokio::test]
 async fn unknown_model_is_404_in_openai_envelope() {
     let h = harness(1 << 20).await;
-    let response = h.post("/v1/chat/completions", json!({"model": "gpt-4", "messages": []})).await;
+    let response = h
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4", "messages": []}),
+        )
+        .await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let body = json_of(response).await;
     assert_eq!(body["error"]["type"], "invalid_request_error");
@@ -311,13 +379,20 @@ async fn unknown_model_is_404_in_openai_envelope() {
 #[tokio::test]
 async fn unreachable_upstream_is_502_and_not_ready_is_503() {
     let h = harness(1 << 20).await;
-    let response = h.post("/v1/embeddings", json!({"model": "gone-model", "input": "x"})).await;
+    let response = h
+        .post(
+            "/v1/embeddings",
+            json!({"model": "gone-model", "input": "x"}),
+        )
+        .await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let body = json_of(response).await;
     assert_eq!(body["error"]["type"], "server_error");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
 
-    let response = h.post("/v1/chat/completions", json!({"model": "qwen2"})).await;
+    let response = h
+        .post("/v1/chat/completions", json!({"model": "qwen2"}))
+        .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json_of(response).await["error"]["code"], "model_not_ready");
 }
@@ -326,7 +401,10 @@ async fn unreachable_upstream_is_502_and_not_ready_is_503() {
 async fn bad_bodies_are_rejected_before_forwarding() {
     let h = harness(64).await;
     let too_big = h
-        .post("/v1/embeddings", json!({"model": "bge-m3", "input": "x".repeat(100)}))
+        .post(
+            "/v1/embeddings",
+            json!({"model": "bge-m3", "input": "x".repeat(100)}),
+        )
         .await;
     assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(json_of(too_big).await["error"]["code"], "body_too_large");
@@ -359,13 +437,19 @@ async fn models_lists_every_ready_name() {
         assert_eq!(list.object, "list");
         let ids: Vec<&str> = list.data.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["bge-m3", "glm-4-9b-chat", "glm4", "gone-model"]);
-        assert!(list.data.iter().all(|m| m.object == "model" && m.owned_by == "ml"));
+        assert!(list
+            .data
+            .iter()
+            .all(|m| m.object == "model" && m.owned_by == "ml"));
         let alias = list.data.iter().find(|m| m.id == "glm4");
         assert_eq!(alias.map(|m| m.root.as_str()), Some("glm-4-9b-chat"));
     }
     let one = json_of(h.get("/v1/models/bge-m3").await).await;
     assert_eq!(one["id"], "bge-m3");
-    assert_eq!(h.get("/v1/models/nope").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.get("/v1/models/nope").await.status(),
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -375,8 +459,12 @@ async fn health_and_metrics() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["ready_models"], 4);
 
-    let _ = h.post("/v1/embeddings", json!({"model": "bge-m3", "input": "x"})).await;
-    let _ = h.post("/v1/embeddings", json!({"model": "nope", "input": "x"})).await;
+    let _ = h
+        .post("/v1/embeddings", json!({"model": "bge-m3", "input": "x"}))
+        .await;
+    let _ = h
+        .post("/v1/embeddings", json!({"model": "nope", "input": "x"}))
+        .await;
     let text = h
         .get("/metrics")
         .await
@@ -384,12 +472,19 @@ async fn health_and_metrics() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        text.contains(r#"glm_gateway_requests_total{model="bge-m3",route="/v1/embeddings",status="200"} 1"#),
+        text.contains(
+            r#"glm_gateway_requests_total{model="bge-m3",route="/v1/embeddings",status="200"} 1"#
+        ),
         "{text}"
     );
     assert!(
-        text.contains(r#"glm_gateway_requests_total{model="_unrouted",route="/v1/embeddings",status="404"} 1"#),
+        text.contains(
+            r#"glm_gateway_requests_total{model="_unrouted",route="/v1/embeddings",status="404"} 1"#
+        ),
         "{text}"
     );
-    assert!(text.contains("glm_gateway_request_duration_seconds_count"), "{text}");
+    assert!(
+        text.contains("glm_gateway_request_duration_seconds_count"),
+        "{text}"
+    );
 }

@@ -25,9 +25,7 @@ pub fn record(model: &GLMModel) -> ModelRecord {
         aliases: model.spec.aliases.clone(),
         endpoint: model.status.as_ref().and_then(|s| s.endpoint.clone()),
         ready: model.is_ready(),
-        created: model
-            .creation_timestamp()
-            .map_or(0, |t| t.0.as_second()),
+        created: model.creation_timestamp().map_or(0, |t| t.0.as_second()),
     }
 }
 
@@ -56,7 +54,11 @@ pub async fn maintain_table(
             Ok(_) => {
                 metrics.watch_event("ok");
                 let models = store.state();
-                publish(&table, table_from_models(models.iter().map(Arc::as_ref)), &metrics);
+                publish(
+                    &table,
+                    table_from_models(models.iter().map(Arc::as_ref)),
+                    &metrics,
+                );
             }
             Err(err) => {
                 metrics.watch_event("error");
@@ -143,8 +145,14 @@ status:
 
     #[test]
     fn ready_false_or_missing_status_is_not_routed() {
-        let not_ready = model(&READY.replace(r#"type: Ready, status: "True""#, r#"type: Ready, status: "False""#));
-        let unknown = model(&READY.replace(r#"type: Ready, status: "True""#, r#"type: Ready, status: "Unknown""#));
+        let not_ready = model(&READY.replace(
+            r#"type: Ready, status: "True""#,
+            r#"type: Ready, status: "False""#,
+        ));
+        let unknown = model(&READY.replace(
+            r#"type: Ready, status: "True""#,
+            r#"type: Ready, status: "Unknown""#,
+        ));
         let mut no_status = model(READY);
         no_status.status = None;
         for model in [not_ready, unknown, no_status] {

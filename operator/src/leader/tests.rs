@@ -40,7 +40,11 @@ fn lease(holder: Option<&str>, renewed: Timestamp, transitions: i32) -> Value {
     })
 }
 
-async fn next(handle: &mut Handle, method: Method, path: &str) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+async fn next(
+    handle: &mut Handle,
+    method: Method,
+    path: &str,
+) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
     let Ok(Some((req, send))) =
         tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await
     else {
@@ -77,7 +81,10 @@ async fn creates_a_missing_lease() {
         assert_eq!(body["spec"]["leaseTransitions"], 0);
         reply(send, 201, &body);
     });
-    assert!(e.try_acquire_or_renew(Timestamp::now()).await.unwrap_or(false));
+    assert!(e
+        .try_acquire_or_renew(Timestamp::now())
+        .await
+        .unwrap_or(false));
     server.await.unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -90,7 +97,10 @@ async fn a_fresh_lease_held_by_another_is_left_alone() {
         reply(send, 200, &lease(Some("pod-a"), now, 3));
         // No write may follow.
         let extra = tokio::time::timeout(Duration::from_millis(300), h.next_request()).await;
-        assert!(matches!(extra, Err(_) | Ok(None)), "standby wrote the lease");
+        assert!(
+            matches!(extra, Err(_) | Ok(None)),
+            "standby wrote the lease"
+        );
     });
     assert!(!e.try_acquire_or_renew(now).await.unwrap_or(true));
     drop(e);
@@ -138,9 +148,16 @@ async fn the_holder_renews_and_releases() {
         let (_, send) = next(&mut h, Method::GET, LEASE).await;
         reply(send, 200, &lease(Some("pod-a"), before, 2));
         let (body, send) = next(&mut h, Method::PUT, LEASE).await;
-        assert_eq!(body["spec"]["leaseTransitions"], 2, "a renewal is no transition");
+        assert_eq!(
+            body["spec"]["leaseTransitions"], 2,
+            "a renewal is no transition"
+        );
         let acquired: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap_or(before);
-        assert_eq!(body["spec"]["acquireTime"], json!(MicroTime(acquired)), "acquireTime kept");
+        assert_eq!(
+            body["spec"]["acquireTime"],
+            json!(MicroTime(acquired)),
+            "acquireTime kept"
+        );
         assert_ne!(body["spec"]["renewTime"], json!(MicroTime(before)));
         reply(send, 200, &body);
         // release
@@ -180,7 +197,10 @@ async fn leader_that_loses_the_lease_stops_work() {
     .await
     .unwrap_or_else(|_| panic!("leader kept working after losing the lease"));
     let err = res.expect_err("losing the lease must end the work with an error");
-    assert!(err.to_string().contains("taken by another replica"), "{err}");
+    assert!(
+        err.to_string().contains("taken by another replica"),
+        "{err}"
+    );
     assert_eq!(metrics.leader.get(), 0);
     server.await.unwrap_or_else(|e| panic!("{e}"));
 }
