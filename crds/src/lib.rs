@@ -70,6 +70,7 @@ pub mod condition {
     .message("metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter, at most 63 characters): it names the Service")
 )]
 #[x_kube(validation = Rule::new("!has(self.cache) || self.source.startsWith('hf://')").message("cache applies only to hf:// sources (downloaded weights)").field_path(".cache"))]
+#[x_kube(validation = Rule::new("!has(self.gguf) || self.task == 'chat'").message("gguf applies only to chat models").field_path(".gguf"))]
 #[serde(rename_all = "camelCase")]
 pub struct GLMModelSpec {
     /// Model name served to clients (the OpenAI `model` field). Defaults to metadata.name.

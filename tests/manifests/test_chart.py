@@ -251,3 +251,53 @@ def test_render_check_detects_drift(tmp_path, edited):
     result = render_check(repo)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "DRIFT" in result.stderr
+
+
+# --- CEL rules of the CRD, evaluated offline -----------------------------------------------------
+
+CEL_MODEL = {
+    "apiVersion": "kubeglm.io/v1alpha1",
+    "kind": "GLMModel",
+    "metadata": {"name": "qwen", "namespace": "ml"},
+    "spec": {"task": "chat", "source": "hf://Qwen/Qwen2.5-0.5B-Instruct@main", "cache": {"size": "20Gi"}},
+}
+
+
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        ({"source": "s3://bucket/model"}, "spec.source", "source must be hf://"),
+        ({"source": "/models/../etc"}, "spec.source", "source must be hf://"),
+        ({"name": "-bad name-"}, "spec.name", "name must be"),
+        ({"aliases": ["ok", "not ok"]}, "spec.aliases", "every alias"),
+        ({"gguf": "../x.gguf"}, "spec.gguf", "gguf must be a relative path"),
+        ({"gguf": "model.bin"}, "spec.gguf", "ending in .gguf"),
+        ({"task": "embedding", "gguf": "m.gguf"}, "spec.gguf", "only to chat models"),
+        ({"gpuResourceName": "nvidia gpu"}, "spec.gpuResourceName", "resource name"),
+        ({"image": "a b"}, "spec.image", "image must be"),
+        ({"cache": {"size": "lots"}}, "spec.cache.size", "quantity"),
+        ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteAlways"]}}, "spec.cache.accessModes", "accessModes"),
+        ({"source": "pvc://store/qwen"}, "spec.cache", "cache applies only to hf://"),
+    ],
+)
+def test_cel_rules_refuse_bad_specs_naming_the_field(tmp_path, change, field, words):
+    crd = require(CRD, "generate it: cargo run -p glm-crds --bin crdgen > crds/glmmodel.yaml")
+    ok = validate_manifests.run([write(tmp_path, "ok.yaml", [CEL_MODEL])], [crd], "1.33.0", quiet=True)
+    assert ok.failed == [], "the base model must pass"
+    bad = copy.deepcopy(CEL_MODEL)
+    bad["spec"].update(change)
+    schemas = validate_manifests.CrdSchemas(next(d for d in validate_manifests.load_documents(crd)))
+    with pytest.raises(validate_manifests.jsonschema.ValidationError) as refused:
+        schemas.validate(bad)
+    reasons = refused.value.message.split("; ")
+    assert any(r.startswith(f"{field}: Invalid value:") and words in r for r in reasons), reasons
+
+
+def test_cel_rule_on_the_object_name():
+    crd = require(CRD, "generate it: cargo run -p glm-crds --bin crdgen > crds/glmmodel.yaml")
+    schemas = validate_manifests.CrdSchemas(next(d for d in validate_manifests.load_documents(crd)))
+    bad = copy.deepcopy(CEL_MODEL)
+    bad["metadata"]["name"] = "Qwen.2"
+    with pytest.raises(validate_manifests.jsonschema.ValidationError) as refused:
+        schemas.validate(bad)
+    assert "DNS-1035" in refused.value.message

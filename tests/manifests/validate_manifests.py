@@ -6,9 +6,10 @@ Each YAML document of each file is checked by what it is:
 * built-in kinds (Deployment, Service, RBAC, the CRD object itself, ...): kubernetes-validate in
   strict mode (unknown fields are errors) against a fixed Kubernetes version;
 * GLMModel: JSON Schema validation against the openAPIV3Schema of our own CRD, made strict the way
-  the API server's field validation is (unknown fields are errors). kubernetes-validate cannot do
-  this: it only knows built-in kinds. CEL rules (x-kubernetes-validations) are not evaluated here;
-  only an API server can do that;
+  the API server's field validation is (unknown fields are errors), then every CEL rule
+  (x-kubernetes-validations) evaluated with cel-python where its field is present, `self` bound
+  as the API server binds it. kubernetes-validate cannot do this: it only knows built-in kinds.
+  Transition rules (`oldSelf`) need a stored object and are not evaluated (the CRD has none);
 * other custom kinds (e.g. monitoring.coreos.com ServiceMonitor): no schema is available offline, so
   they are reported as SKIPPED, never silently passed.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -86,6 +88,49 @@ def strict_schema(schema: Any) -> Any:
     return schema
 
 
+class CelRules:
+    """Evaluates a CRD schema's x-kubernetes-validations rules on an object, as the API server
+    does: each rule on the value at its schema node (absent optional fields are not checked)."""
+
+    def __init__(self) -> None:
+        self.env = celpy.Environment()
+        self.programs: dict[str, Any] = {}
+
+    def program(self, rule: str) -> Any:
+        if rule not in self.programs:
+            self.programs[rule] = self.env.program(self.env.compile(rule))
+        return self.programs[rule]
+
+    def errors(self, schema: Any, value: Any, path: str) -> list[str]:
+        if not isinstance(schema, dict):
+            return []
+        found = []
+        for rule in schema.get("x-kubernetes-validations") or []:
+            if "oldSelf" in rule["rule"]:
+                continue
+            try:
+                ok = self.program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            except Exception as err:  # noqa: BLE001 - a rule that cannot evaluate is a failure
+                ok = f"error: {err}"
+            if ok is not True and str(ok) != "True":
+                where = path + rule.get("fieldPath", "")
+                message = rule.get("message") or f"failed rule: {rule['rule']}"
+                found.append(f"{where or '<root>'}: Invalid value: {message}")
+        if isinstance(value, dict):
+            properties = schema.get("properties") or {}
+            extra = schema.get("additionalProperties")
+            for key, item in value.items():
+                sub = properties.get(key, extra if isinstance(extra, dict) else None)
+                found += self.errors(sub, item, f"{path}.{key}" if path else key)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                found += self.errors(schema.get("items"), item, f"{path}[{index}]")
+        return found
+
+
+CEL = CelRules()
+
+
 class CrdSchemas:
     """openAPIV3Schema of each served version of a CRD, keyed by (group, version, kind)."""
 
@@ -94,8 +139,10 @@ class CrdSchemas:
         self.group = spec["group"]
         self.kind = spec["names"]["kind"]
         self.schemas: dict[str, Any] = {}
+        self.raw: dict[str, Any] = {}
         for version in spec["versions"]:
             if version.get("served", True):
+                self.raw[version["name"]] = version["schema"]["openAPIV3Schema"]
                 schema = strict_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
                 # Every object has these; the API server checks metadata itself, so a CRD schema
                 # may omit them (kube-rs does).
@@ -121,6 +168,9 @@ class CrdSchemas:
             first = errors[0]
             where = ".".join(str(p) for p in first.absolute_path) or "<root>"
             raise jsonschema.ValidationError(f"{where}: {first.message} ({len(errors)} error(s))")
+        rule_errors = CEL.errors(self.raw[version], doc, "")
+        if rule_errors:
+            raise jsonschema.ValidationError("; ".join(rule_errors))
 
 
 def validate_doc(
@@ -140,7 +190,7 @@ def validate_doc(
             except jsonschema.ValidationError as err:
                 report.fail(what, err.message)
             else:
-                report.ok(what, "CRD openAPIV3Schema, strict; CEL rules not evaluated", quiet)
+                report.ok(what, "CRD openAPIV3Schema, strict, and its CEL rules", quiet)
             return
 
     try:
