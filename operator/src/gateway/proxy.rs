@@ -26,13 +26,14 @@ use super::{
 };
 
 /// Paths forwarded to the model named in the body: the inference server's own routes.
-pub const FORWARDED_PATHS: [&str; 7] = [
+pub const FORWARDED_PATHS: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/embeddings",
     "/v1/completions",
     "/chat",
     "/embedding",
     "/tokenize",
+    "/detokenize",
     "/keyword",
 ];
 
