@@ -4,7 +4,8 @@
 #   2. the chart rendered with non-default values (watchNamespace, serviceMonitor, 2 replicas);
 #   3. the example GLMModels (crds/examples/*.yaml) against the CRD's own openAPIV3Schema;
 #   4. what the operator emits for each example: `glm-operator render -f <example>`.
-# Built-in kinds go through kubernetes-validate --strict; GLMModels through jsonschema on the CRD;
+# Built-in kinds go through kubernetes-validate --strict; GLMModels through jsonschema on the CRD
+# plus its CEL rules (cel-python);
 # ServiceMonitor (a Prometheus-operator CRD) is reported SKIPPED. Exits non-zero on any failure.
 # Needs scripts/install-tools.sh first; set GLM_OPERATOR_BIN to skip `cargo run`.
 set -euo pipefail

@@ -60,7 +60,6 @@ def grants(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str,
 EXPECTED_OPERATOR_GRANTS = (
     grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
     | grants("kubeglm.io", ["glmmodels/status"], ["patch"])
-    | grants("kubeglm.io", ["glmmodels/finalizers"], ["update"])
     | grants("apps", ["deployments"], ["get", "list", "watch", "create", "patch"])
     | grants("", ["services", "persistentvolumeclaims"], ["get", "list", "watch", "create", "patch"])
     | grants("", ["pods"], ["list", "watch"])

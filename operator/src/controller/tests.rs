@@ -226,11 +226,24 @@ async fn create_applies_children_and_reports_status() {
         assert_eq!(pvc["kind"], "PersistentVolumeClaim");
         api.get(SVC_PATH, None).await;
         let svc = api.apply(SVC_PATH, json!({})).await;
-        assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "GLMModel");
         api.get(DEPLOY_PATH, None).await;
         let dep = api.apply(DEPLOY_PATH, json!({})).await;
         assert_eq!(dep["apiVersion"], "apps/v1");
-        assert_eq!(dep["metadata"]["ownerReferences"][0]["controller"], true);
+        // Deleting the model cascades: every child names it as its controlling owner.
+        for child in [&pvc, &svc, &dep] {
+            let owner = &child["metadata"]["ownerReferences"][0];
+            assert_eq!(
+                (&owner["kind"], &owner["name"], &owner["uid"]),
+                (
+                    &json!("GLMModel"),
+                    &json!(NAME),
+                    &json!("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+                )
+            );
+            assert_eq!(owner["controller"], true);
+            // Without blockOwnerDeletion the operator needs no grant on glmmodels/finalizers.
+            assert_eq!(owner.get("blockOwnerDeletion"), None);
+        }
         // Fresh Deployment: no ready pods yet, so the operator looks at them.
         let query = api.pods(vec![]).await;
         assert!(query.contains("labelSelector="), "{query}");
@@ -617,4 +630,68 @@ fn status_status_roundtrips() {
         serde_json::from_value(to_value(&s)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(back, s);
     assert_eq!(back.conditions.len(), 3);
+}
+
+#[tokio::test]
+async fn second_pass_with_a_cache_writes_nothing_either() {
+    const SPEC: &str = "task: chat\nsource: hf://Qwen/Qwen2.5-0.5B\ngpus: 1\ncache: {size: 10Gi}\n";
+    let (ctx, mut api) = context();
+    let live = live_deployment(&model(SPEC), 1);
+    let m = settled(SPEC, &live);
+    let pvc = to_value(
+        &builders::pvc(&m)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no pvc")),
+    );
+    let svc = live_service(&m);
+    let server = tokio::spawn(async move {
+        api.get(PVC_PATH, Some(pvc)).await;
+        api.get(SVC_PATH, Some(svc)).await;
+        api.get(DEPLOY_PATH, Some(to_value(&live))).await;
+        api
+    });
+    let action = run_reconcile(m, ctx.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
+    assert_eq!(
+        ctx.metrics
+            .applies
+            .with_label_values(&["PersistentVolumeClaim"])
+            .get(),
+        0
+    );
+    let api = server.await.unwrap_or_else(|e| panic!("{e}"));
+    drop(ctx);
+    api.done().await;
+}
+
+#[tokio::test]
+async fn conflict_on_the_status_patch_fails_and_retries_later() {
+    let (ctx, mut api) = context();
+    let starting = live_deployment(&model(GPU_SPEC), 0);
+    let m = settled(GPU_SPEC, &starting);
+    let ready = live_deployment(&m, 3);
+    let svc = live_service(&m);
+    let server = tokio::spawn(async move {
+        api.get(SVC_PATH, Some(svc)).await;
+        api.get(DEPLOY_PATH, Some(to_value(&ready))).await;
+        api.fail(Method::PATCH, STATUS_PATH, StatusCode::CONFLICT)
+            .await;
+        // No Event for a transition that was not recorded: the retry will publish it.
+        api
+    });
+    let model = Arc::new(m);
+    let err = run_reconcile((*model).clone(), ctx.clone())
+        .await
+        .expect_err("a 409 on the status must fail the reconcile");
+    assert_eq!(err.metric_label(), "api_409");
+    assert_eq!(
+        error_policy(model, &err, ctx.clone()),
+        Action::requeue(BACKOFF_BASE)
+    );
+    let api = server.await.unwrap_or_else(|e| panic!("{e}"));
+    drop(ctx);
+    api.done().await;
 }
