@@ -78,6 +78,11 @@ def test_default_rbac_is_cluster_wide_and_least_privilege():
     [lease_role] = by_kind(docs, "Role")
     assert lease_role["metadata"]["namespace"] == "glm-system"
     assert rules_of(lease_role) == grants("coordination.k8s.io", ["leases"], ["get", "create", "update"])
+    named = [r for r in lease_role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
+    assert named and all(r.get("resourceNames") == ["glm-operator-leader"] for r in named)
+    [deployment] = by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GLM_LEASE_NAME"] == "glm-operator-leader"
     assert all("*" not in str(rule) for rule in cluster_role["rules"] + lease_role["rules"])
 
 
