@@ -1,0 +1,131 @@
+//! The OpenAI-compatible gateway: one in-cluster address (`Service glm-gateway`) for every ready
+//! GLMModel.
+//!
+//! - [`watch`] keeps a [`routing::RoutingTable`] of ready models (served name and aliases ->
+//!   `status.endpoint`) from a reflector over GLMModel objects;
+//! - [`proxy`] serves `/v1/models` from that table and forwards model requests to the endpoint
+//!   named by their `model` field, streaming responses (SSE) through unbuffered.
+
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use glm_crds::GLMModel;
+use kube::Api;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod watch;
+
+#[cfg(test)]
+mod tests;
+
+pub use metrics::GatewayMetrics;
+pub use proxy::{router, GatewayState};
+pub use routing::RoutingTable;
+
+/// Gateway flags; every flag has an environment twin.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayConfig {
+    /// Port of the OpenAI-compatible gateway.
+    #[arg(
+        long = "gateway-port",
+        env = "GLM_GATEWAY_PORT",
+        default_value_t = 8080
+    )]
+    pub gateway_port: u16,
+
+    /// Address the gateway binds to.
+    #[arg(
+        long = "gateway-bind-address",
+        env = "GLM_GATEWAY_BIND_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
+    pub gateway_bind_address: IpAddr,
+
+    /// Route only GLMModels of this namespace (default: all namespaces).
+    #[arg(long = "gateway-namespace", env = "GLM_GATEWAY_NAMESPACE")]
+    pub gateway_namespace: Option<String>,
+
+    /// Seconds to wait for a TCP connection to a model's endpoint.
+    #[arg(
+        long = "gateway-connect-timeout",
+        env = "GLM_GATEWAY_CONNECT_TIMEOUT",
+        default_value_t = 5
+    )]
+    pub gateway_connect_timeout_secs: u64,
+
+    /// Seconds an upstream may stay silent (no header, no byte) before the request fails. Long
+    /// generations are fine as long as tokens keep flowing.
+    #[arg(
+        long = "gateway-read-timeout",
+        env = "GLM_GATEWAY_READ_TIMEOUT",
+        default_value_t = 600
+    )]
+    pub gateway_read_timeout_secs: u64,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long = "gateway-max-body-bytes", env = "GLM_GATEWAY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub gateway_max_body_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            gateway_port: 8080,
+            gateway_bind_address: IpAddr::from([0, 0, 0, 0]),
+            gateway_namespace: None,
+            gateway_connect_timeout_secs: 5,
+            gateway_read_timeout_secs: 600,
+            gateway_max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The HTTP client used towards model endpoints.
+    pub fn upstream_client(&self) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(self.gateway_connect_timeout_secs))
+            // A read timeout, not a total one: a total timeout would cut long SSE streams.
+            .read_timeout(Duration::from_secs(self.gateway_read_timeout_secs))
+            // Endpoints are in-cluster Services: a proxy from the environment would be wrong.
+            .no_proxy()
+            .build()
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves (then drains in-flight requests).
+pub async fn run(
+    client: kube::Client,
+    cfg: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = GatewayMetrics::new().context("registering gateway metrics")?;
+    let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(RoutingTable::default()));
+    let api: Api<GLMModel> = match &cfg.gateway_namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
+    let watcher = tokio::spawn(watch::maintain_table(api, table_tx, metrics.clone()));
+
+    let upstream = cfg
+        .upstream_client()
+        .context("building the upstream HTTP client")?;
+    let state = GatewayState::new(table_rx, upstream, metrics, cfg.gateway_max_body_bytes);
+    let app = router(state).layer(TraceLayer::new_for_http());
+
+    let address = (cfg.gateway_bind_address, cfg.gateway_port);
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the gateway to {}:{}", address.0, address.1))?;
+    tracing::info!(address = %listener.local_addr()?, namespace = ?cfg.gateway_namespace, "gateway listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    watcher.abort();
+    served.context("gateway server failed")
+}
