@@ -269,7 +269,7 @@ impl Worker {
             }
             Ok(Err(e)) => fail_all(batch, error(e.to_string())),
             Err(panic) => {
-                let msg = panic_message(&panic);
+                let msg = panic_message(panic.as_ref());
                 tracing::error!(model = %self.model, %msg, "embedding forward pass panicked");
                 fail_all(batch, error(format!("forward pass panicked: {msg}")));
             }

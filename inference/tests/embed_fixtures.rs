@@ -262,7 +262,6 @@ fn real_minilm_matches_sentence_transformers() {
     for (case, got) in reference["tokenization"].as_array().unwrap().iter().zip(&inputs) {
         assert_eq!(got, &ids(&case["ids"]), "tokenization of {}", case["text"]);
     }
-    assert!(inputs.iter().any(|i| i.len() == 256), "the fixture has a sentence truncated at 256 tokens");
     // One batch of 32 (all sentences), as the reference encoded them.
     assert!(inputs.len() <= 32);
     let got: Vec<Vec<f32>> = embed(&model, &inputs, EmbedOutputs::default()).into_iter().map(|e| e.dense).collect();

@@ -85,8 +85,6 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Option<&'static str>, u16)> {
     cases.push(("/v1/embeddings", json!({"input": long_ids}).to_string().into_bytes(), j, 400));
     let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
     cases.push(("/v1/embeddings", format!(r#"{{"input":{deep}}}"#).into_bytes(), j, 400));
-    // A giant body (beyond --max-body-bytes).
-    cases.push(("/v1/embeddings", json!({"input": "x".repeat(4 * MAX_BODY)}).to_string().into_bytes(), j, 413));
     cases
 }
 
@@ -99,6 +97,14 @@ async fn every_bad_request_gets_an_envelope_and_the_server_survives() {
         let (status, resp) = server.post_raw(route, body, content_type).await;
         assert_envelope(status, &resp, want, &what);
         assert!(server.alive(), "server died after {what}");
+    }
+    // A giant body (beyond --max-body-bytes), on every route that takes a body.
+    for route in ["/v1/embeddings", "/embedding", "/tokenize", "/detokenize", "/keyword"] {
+        let giant = json!({"input": "x".repeat(4 * MAX_BODY)}).to_string().into_bytes();
+        let (status, body) = server.post_oversized(route, giant).await;
+        assert_envelope(status, &body, 413, route);
+        assert!(body["error"]["message"].as_str().unwrap().contains(&max_body), "{body}");
+        assert!(server.alive(), "server died after a giant body on {route}");
     }
     // Wrong methods and unknown routes get the envelope too.
     let (status, body) = server.get("/v1/embeddings").await;

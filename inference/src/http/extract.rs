@@ -78,7 +78,7 @@ mod tests {
         let (_, msg) = err(br#"{"model":"m"} trailing"#);
         assert!(msg.contains("trailing"), "{msg}");
         let (_, msg) = err(b"{\"model\":\"\xff\"}");
-        assert!(msg.to_lowercase().contains("utf-8"), "{msg}");
+        assert!(msg.contains("invalid unicode"), "{msg}");
         // Deep nesting stops at serde_json's recursion limit instead of overflowing the stack.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(parse::<serde_json::Value>(deep.as_bytes()).is_err());

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::embeddings::run;
-use super::keyword_stub as kw;
 use super::tokens::{tokenize_inputs, Input};
 use super::{respond, AppState, JsonBody};
 use crate::error::ApiError;
+use crate::keyword::{self as kw, KeywordError};
 use crate::models::EmbedOutputs;
 
 #[derive(Debug, Deserialize)]
@@ -83,7 +83,7 @@ async fn keyword_inner(
     let plan = tokio::task::spawn_blocking(move || kw::plan(&doc, &plan_opts))
         .await
         .map_err(|e| ApiError::Internal(format!("keyword planning failed: {e}")))?
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        .map_err(keyword_error)?;
     if plan.candidates.is_empty() {
         return Ok(Json(KeywordResponse { model: model.name.clone(), keywords: Vec::new() }));
     }
@@ -104,20 +104,9 @@ async fn keyword_inner(
     Ok(Json(KeywordResponse { model: model.name.clone(), keywords }))
 }
 
+/// Shape checks only; the option rules (ranges, Max Sum's cost cap) live in `keyword::plan`,
+/// which reports them as [`KeywordError`].
 fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
-    if req.top == 0 {
-        return Err(ApiError::invalid("top", "must be at least 1"));
-    }
-    if !(0.0..=1.0).contains(&req.diversity) {
-        return Err(ApiError::invalid("diversity", "must be between 0 and 1"));
-    }
-    if req.nr_candidates == 0 {
-        return Err(ApiError::invalid("nr_candidates", "must be at least 1"));
-    }
-    let (lo, hi) = req.keyphrase_ngram_range;
-    if lo == 0 || lo > hi {
-        return Err(ApiError::invalid("keyphrase_ngram_range", "must be [min, max] with 1 <= min <= max"));
-    }
     if let Some(vocab) = &req.vocab {
         if vocab.iter().any(|w| w.trim().is_empty()) {
             return Err(ApiError::invalid("vocab", "must not contain empty words"));
@@ -133,6 +122,17 @@ fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
         stop_words: stop_words(&req.stop_words)?,
         vocab: req.vocab.clone(),
     })
+}
+
+/// Name the request field (the seed's names, not KeyBERT's) that a keyword error is about.
+fn keyword_error(err: KeywordError) -> ApiError {
+    let param = match err {
+        KeywordError::TopN => "top",
+        KeywordError::NgramRange { .. } => "keyphrase_ngram_range",
+        KeywordError::Diversity(_) => "diversity",
+        KeywordError::NrCandidates { .. } | KeywordError::MaxSumTooLarge { .. } => "nr_candidates",
+    };
+    ApiError::invalid(param, err.to_string())
 }
 
 fn stop_words(value: &Value) -> Result<kw::StopWords, ApiError> {

@@ -5,7 +5,6 @@ pub mod chat;
 mod embeddings;
 mod extract;
 mod keyword;
-mod keyword_stub;
 mod middleware;
 mod models;
 mod ops;

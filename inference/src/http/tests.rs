@@ -234,7 +234,8 @@ async fn bad_requests_get_the_envelope() {
         ("/detokenize", Body::from(r#"{"tokens":[100000]}"#), 400, "invalid_token_id"),
         ("/keyword", Body::from(r#"{"input":""}"#), 400, "empty_input"),
         ("/keyword", Body::from(r#"{"input":"a b","top":0}"#), 400, "invalid_value"),
-        ("/keyword", Body::from(r#"{"input":"a b","diversity":2}"#), 400, "invalid_value"),
+        ("/keyword", Body::from(r#"{"input":"a b","mmr":true,"diversity":2}"#), 400, "invalid_value"),
+        ("/keyword", Body::from(r#"{"input":"a b","maxsum":true,"nr_candidates":2}"#), 400, "invalid_value"),
         ("/keyword", Body::from(r#"{"input":"a b","keyphrase_ngram_range":[2,1]}"#), 400, "invalid_value"),
         ("/keyword", Body::from(r#"{"input":"a b","stop_words":"french"}"#), 400, "invalid_value"),
     ];
