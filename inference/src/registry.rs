@@ -117,6 +117,7 @@ impl Registry {
     /// forward pass), so that the first client does not pay for lazy initialisation.
     pub async fn warm_up(&self) -> Result<(), String> {
         for entry in &self.entries {
+            #[allow(irrefutable_let_patterns)] // refutable once the chat variant exists
             if let ServedModel::Embedding(m) = &entry.model {
                 let enc = m.tokenizer.encode("warm up", true).map_err(|e| format!("`{}`: {e}", m.name))?;
                 let out = m
