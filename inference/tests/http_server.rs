@@ -234,3 +234,100 @@ fn broken_model_folders_fail_the_start_naming_the_folder() {
     assert!(!status.success());
     assert!(stderr.contains("NAME=PATH"), "{stderr}");
 }
+
+/// A KeyBERT call's parameters (`keyword/reference.json`) as the seed's `/keyword` request.
+fn keyword_request(reference: &Value, case: &Value) -> Value {
+    let name = case["doc"].as_str().expect("doc name");
+    let doc = &reference["docs"][name];
+    let input = doc.get("original").unwrap_or(doc).clone();
+    let mut req = json!({"model": "minilm", "input": input});
+    for (from, to) in [
+        ("top_n", "top"),
+        ("use_mmr", "mmr"),
+        ("use_maxsum", "maxsum"),
+        ("diversity", "diversity"),
+        ("nr_candidates", "nr_candidates"),
+        ("keyphrase_ngram_range", "keyphrase_ngram_range"),
+        ("stop_words", "stop_words"),
+        ("candidates", "vocab"),
+    ] {
+        if let Some(v) = case["params"].get(from) {
+            req[to] = v.clone();
+        }
+    }
+    req
+}
+
+#[tokio::test]
+async fn keyword_endpoint_matches_keybert() {
+    let server = Server::minilm(&[]);
+    let reference = fixture_json("keyword/reference.json");
+    let cases = reference["cases"].as_array().expect("cases");
+    assert!(!cases.is_empty(), "no keyword cases in the fixture");
+    for case in cases {
+        let what = case["name"].as_str().unwrap_or("?");
+        let (status, body) = server.post_json("/keyword", keyword_request(&reference, case)).await;
+        assert_eq!(status, 200, "{what}: {body}");
+        assert_eq!(body["model"], "minilm", "{what}");
+        let got = body["keywords"].as_array().expect("keywords");
+        let want = case["expected"].as_array().expect("expected");
+        let names = |v: &[Value], key: &dyn Fn(&Value) -> Value| v.iter().map(key).collect::<Vec<_>>();
+        assert_eq!(
+            names(got, &|k| k["name"].clone()),
+            names(want, &|k| k[0].clone()),
+            "{what}: keywords and order"
+        );
+        for (g, w) in got.iter().zip(want) {
+            let (g, w) = (g["similarity"].as_f64().unwrap(), w[1].as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-4 + 1e-9, "{what}: similarity {g} vs KeyBERT {w}");
+        }
+    }
+}
+
+/// bge-m3's extension over HTTP: the tiny XLM-RoBERTa fixture with its sparse and ColBERT heads,
+/// against FlagEmbedding's `M3Embedder` outputs.
+#[tokio::test]
+async fn bge_m3_sparse_and_colbert_over_http_match_flagembedding() {
+    let dir = fixtures_dir().join("tiny/xlm-roberta");
+    let model = format!("m3={}", dir.display());
+    let server = Server::start(&["--model", &model], &[]);
+    let reference = fixture_json("tiny/xlm-roberta/reference.json");
+    let body = json!({"input": reference["texts"], "return_sparse": true, "return_colbert": true});
+    let (status, body) = server.post_json("/v1/embeddings", body).await;
+    assert_eq!(status, 200, "{body}");
+    let data = body["data"].as_array().expect("data");
+    let texts = reference["texts"].as_array().expect("texts");
+    assert_eq!(data.len(), texts.len());
+    for (i, item) in data.iter().enumerate() {
+        assert_close(&floats(&item["embedding"]), &floats(&reference["dense"][i]), &format!("dense {i}"));
+
+        let sparse = |v: &Value| -> Vec<(String, f32)> {
+            let mut w: Vec<(String, f32)> = v
+                .as_object()
+                .expect("sparse map")
+                .iter()
+                .map(|(k, x)| (k.clone(), x.as_f64().expect("weight") as f32))
+                .filter(|(_, x)| *x >= 1e-4)
+                .collect();
+            w.sort_by(|a, b| a.0.cmp(&b.0));
+            w
+        };
+        let (got, want) = (sparse(&item["sparse_embedding"]), sparse(&reference["sparse"][i]));
+        let ids = |v: &[(String, f32)]| v.iter().map(|p| p.0.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&want), "sparse token ids of text {i}");
+        for ((id, g), (_, w)) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4, "text {i} token {id}: weight {g} vs {w}");
+        }
+
+        let got = item["colbert_embedding"].as_array().expect("colbert vectors");
+        let want = reference["colbert"][i].as_array().expect("reference colbert");
+        assert_eq!(got.len(), want.len(), "ColBERT vectors of text {i}");
+        for (j, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_close(&floats(g), &floats(w), &format!("colbert {i}/{j}"));
+        }
+    }
+    // Without the flags the items carry the dense vector only.
+    let (_, plain) = server.post_json("/v1/embeddings", json!({"input": texts[0]})).await;
+    let item = plain["data"][0].as_object().expect("item");
+    assert!(!item.contains_key("sparse_embedding") && !item.contains_key("colbert_embedding"), "{plain}");
+}
