@@ -213,6 +213,27 @@ async fn concurrency_limit_answers_429_with_the_envelope() {
     }
 }
 
+#[tokio::test]
+async fn a_full_batch_queue_answers_429_and_the_server_recovers() {
+    // Room for two requests of 16 inputs in the queue, and one forward pass takes about one request
+    // (16 x ~200 tokens); the admission semaphore lets all twelve through.
+    let server = Server::minilm(&[
+        "--max-queued-inputs", "32", "--max-client-batch-size", "16", "--max-batch-tokens", "4096",
+    ]);
+    let text = "Kubernetes is an open-source container orchestration system. ".repeat(20);
+    let body = json!({"input": vec![text; 16], "truncate": true});
+    let results = futures::future::join_all((0..12).map(|_| server.post_json("/v1/embeddings", body.clone()))).await;
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert!(statuses.contains(&429) && statuses.contains(&200), "{statuses:?}");
+    for (status, body) in results.iter().filter(|r| r.0 == 429) {
+        assert_envelope(*status, body, 429, "queue full");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("queue holds 32") && msg.contains("retry"), "{msg}");
+    }
+    let (status, body) = server.post_json("/v1/embeddings", json!({"input": "hello"})).await;
+    assert_eq!(status, 200, "after the burst: {body}");
+}
+
 #[test]
 fn broken_model_folders_fail_the_start_naming_the_folder() {
     let missing = std::env::temp_dir().join(format!("glm-missing-{}", std::process::id()));
