@@ -30,14 +30,22 @@ fn sentences() -> anyhow::Result<Vec<String>> {
     let fixtures = env_path("GLM_FIXTURES_DIR", repo().join("../shared/fixtures"));
     let file = fixtures.join("real/minilm/reference.json");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
-    let list = reference["sentences"].as_array().ok_or_else(|| anyhow::anyhow!("{}: no sentences", file.display()))?;
-    Ok(list.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+    let list = reference["sentences"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("{}: no sentences", file.display()))?;
+    Ok(list
+        .iter()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect())
 }
 
 fn encode(model: &LoadedEmbedder, texts: &[String], max_tokens: usize) -> anyhow::Result<usize> {
     let mut ids = Vec::with_capacity(texts.len());
     for text in texts {
-        let enc = model.tokenizer.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let enc = model
+            .tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         ids.push(enc.get_ids().to_vec());
     }
     let refs: Vec<&[u32]> = ids.iter().map(|i| &i[..i.len().min(max_tokens)]).collect();
@@ -45,9 +53,19 @@ fn encode(model: &LoadedEmbedder, texts: &[String], max_tokens: usize) -> anyhow
 }
 
 /// Sentences per second at `batch`, cycling through `corpus` for at least `budget`.
-fn measure(model: &LoadedEmbedder, corpus: &[String], batch: usize, budget: Duration) -> anyhow::Result<f64> {
+fn measure(
+    model: &LoadedEmbedder,
+    corpus: &[String],
+    batch: usize,
+    budget: Duration,
+) -> anyhow::Result<f64> {
     let max_tokens = model.embedder.info().max_input_tokens;
-    let batches: Vec<Vec<String>> = corpus.iter().cycle().take(corpus.len() * batch).cloned().collect::<Vec<_>>()
+    let batches: Vec<Vec<String>> = corpus
+        .iter()
+        .cycle()
+        .take(corpus.len() * batch)
+        .cloned()
+        .collect::<Vec<_>>()
         .chunks(batch)
         .map(<[String]>::to_vec)
         .collect();
@@ -63,7 +81,10 @@ fn measure(model: &LoadedEmbedder, corpus: &[String], batch: usize, budget: Dura
 }
 
 fn st_json() -> PathBuf {
-    env_path("GLM_ST_BENCH_JSON", repo().join("target/bench-embeddings-st.json"))
+    env_path(
+        "GLM_ST_BENCH_JSON",
+        repo().join("target/bench-embeddings-st.json"),
+    )
 }
 
 /// Run scripts/bench-embeddings.py (same model, sentences and time budget). It writes fresh
@@ -97,7 +118,10 @@ fn smoke(model: &LoadedEmbedder, corpus: &[String]) -> anyhow::Result<()> {
     let max_tokens = model.embedder.info().max_input_tokens;
     for batch in BATCH_SIZES {
         let texts: Vec<String> = corpus.iter().cycle().take(batch).cloned().collect();
-        anyhow::ensure!(encode(model, &texts, max_tokens)? == batch, "batch {batch}: wrong number of embeddings");
+        anyhow::ensure!(
+            encode(model, &texts, max_tokens)? == batch,
+            "batch {batch}: wrong number of embeddings"
+        );
     }
     println!("embed_throughput: smoke run ok (run `cargo bench -p glm-inference` to measure)");
     Ok(())
@@ -108,7 +132,10 @@ fn main() -> anyhow::Result<()> {
     if !dir.join("model.safetensors").is_file() {
         anyhow::bail!("{} missing: run scripts/fetch-models.sh", dir.display());
     }
-    let secs: f64 = std::env::var("GLM_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("GLM_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let model = embed::load(&dir, detect_family(&dir)?, &Device::Cpu)?;
     let corpus = sentences()?;
     if !std::env::args().any(|a| a == "--bench") {
@@ -120,9 +147,14 @@ fn main() -> anyhow::Result<()> {
     println!("all-MiniLM-L6-v2, CPU f32, {threads} threads, {} fixture sentences cycled, {secs}s per row", corpus.len());
     match &st {
         Some((file, _)) => println!("sentence-transformers figures from {}", file.display()),
-        None => println!("(no sentence-transformers figures: `pip install sentence-transformers` to add them)"),
+        None => println!(
+            "(no sentence-transformers figures: `pip install sentence-transformers` to add them)"
+        ),
     }
-    println!("{:>6} | {:>16} | {:>22}", "batch", "candle sent/s", "sentence-transformers");
+    println!(
+        "{:>6} | {:>16} | {:>22}",
+        "batch", "candle sent/s", "sentence-transformers"
+    );
     println!("{:-<6}-+-{:-<16}-+-{:-<22}", "", "", "");
     for batch in BATCH_SIZES {
         let ours = measure(&model, &corpus, batch, Duration::from_secs_f64(secs))?;

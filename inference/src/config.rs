@@ -7,11 +7,20 @@ use std::str::FromStr;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "glm-inference", version, about = "OpenAI-compatible server for chat and embedding models")]
+#[command(
+    name = "glm-inference",
+    version,
+    about = "OpenAI-compatible server for chat and embedding models"
+)]
 pub struct Args {
     /// A model to serve, as NAME=PATH (PATH: Hugging Face snapshot folder or .gguf file). Repeatable;
     /// the env twin is a comma-separated list.
-    #[arg(long = "model", env = "GLM_MODELS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "model",
+        env = "GLM_MODELS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub models: Vec<ModelSpec>,
 
     /// Chat model used when a chat request omits `model` (the seed's GLM_MODEL); defaults to the
@@ -81,9 +90,14 @@ impl FromStr for ModelSpec {
             .ok_or_else(|| format!("expected NAME=PATH, got `{s}`"))?;
         let (name, path) = (name.trim(), path.trim());
         if name.is_empty() || path.is_empty() {
-            return Err(format!("expected NAME=PATH with both parts non-empty, got `{s}`"));
+            return Err(format!(
+                "expected NAME=PATH with both parts non-empty, got `{s}`"
+            ));
         }
-        Ok(ModelSpec { name: name.to_string(), path: PathBuf::from(path) })
+        Ok(ModelSpec {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        })
     }
 }
 
@@ -136,20 +150,40 @@ mod tests {
 
     #[test]
     fn flags_parse_with_defaults_and_duplicates_are_refused() {
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "b=/y"]).unwrap();
+        let args =
+            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "b=/y"]).unwrap();
         assert_eq!(args.models.len(), 2);
         assert_eq!(args.port, 8200);
         assert!(args.validate().is_ok());
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "a=/y"]).unwrap();
-        assert!(args.validate().unwrap_err().contains("`a`"));
         let args =
-            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--max-batch-tokens", "0"]).unwrap();
-        assert!(args.validate().unwrap_err().contains("--max-batch-tokens"));
+            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "a=/y"]).unwrap();
+        assert!(args.validate().unwrap_err().contains("`a`"));
         let args = Args::try_parse_from([
-            "glm-inference", "--model", "a=/x", "--max-client-batch-size", "9", "--max-queued-inputs", "8",
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--max-batch-tokens",
+            "0",
         ])
         .unwrap();
-        assert!(args.validate().unwrap_err().contains("--max-queued-inputs (8)"));
-        assert!(Args::try_parse_from(["glm-inference"]).is_err(), "--model is required");
+        assert!(args.validate().unwrap_err().contains("--max-batch-tokens"));
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--max-client-batch-size",
+            "9",
+            "--max-queued-inputs",
+            "8",
+        ])
+        .unwrap();
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("--max-queued-inputs (8)"));
+        assert!(
+            Args::try_parse_from(["glm-inference"]).is_err(),
+            "--model is required"
+        );
     }
 }

@@ -15,19 +15,39 @@ pub enum ApiError {
     #[error("{msg}")]
     InvalidParam { param: String, msg: String },
     #[error("the model `{model}` does not exist; served models: {}", .available.join(", "))]
-    ModelNotFound { model: String, available: Vec<String> },
+    ModelNotFound {
+        model: String,
+        available: Vec<String>,
+    },
     #[error("the model `{model}` is a{} model and cannot serve {route}", if *.is_chat { " chat" } else { "n embedding" })]
-    WrongModelKind { model: String, is_chat: bool, route: &'static str },
+    WrongModelKind {
+        model: String,
+        is_chat: bool,
+        route: &'static str,
+    },
     #[error("no {kind} model is served; pass `model` (served models: {})", .available.join(", "))]
-    NoDefaultModel { kind: &'static str, available: Vec<String> },
+    NoDefaultModel {
+        kind: &'static str,
+        available: Vec<String>,
+    },
     #[error("`{param}` must not be empty")]
     EmptyInput { param: String },
     #[error("too many inputs: {got}, the limit is {limit} per request")]
     TooManyInputs { got: usize, limit: usize },
     #[error("{param} has {tokens} tokens, the model `{model}` accepts at most {limit} (set \"truncate\": true to cut it)")]
-    InputTooLong { param: String, model: String, tokens: usize, limit: usize },
+    InputTooLong {
+        param: String,
+        model: String,
+        tokens: usize,
+        limit: usize,
+    },
     #[error("{param}: token id {id} is outside the vocabulary of `{model}` (0..{vocab})")]
-    InvalidTokenId { param: String, model: String, id: String, vocab: usize },
+    InvalidTokenId {
+        param: String,
+        model: String,
+        id: String,
+        vocab: usize,
+    },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -65,7 +85,10 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, msg: impl Into<String>) -> Self {
-        ApiError::InvalidParam { param: param.into(), msg: msg.into() }
+        ApiError::InvalidParam {
+            param: param.into(),
+            msg: msg.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -165,25 +188,53 @@ mod tests {
     async fn render(err: ApiError) -> (StatusCode, serde_json::Value) {
         let resp = err.into_response();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
     #[tokio::test]
     async fn every_error_renders_the_openai_envelope() {
         let cases = [
-            (ApiError::InvalidJson { msg: "x".into(), param: None }, 400, "invalid_json"),
-            (ApiError::invalid("dimensions", "too big"), 400, "invalid_value"),
             (
-                ApiError::ModelNotFound { model: "m".into(), available: vec!["a".into(), "b".into()] },
+                ApiError::InvalidJson {
+                    msg: "x".into(),
+                    param: None,
+                },
+                400,
+                "invalid_json",
+            ),
+            (
+                ApiError::invalid("dimensions", "too big"),
+                400,
+                "invalid_value",
+            ),
+            (
+                ApiError::ModelNotFound {
+                    model: "m".into(),
+                    available: vec!["a".into(), "b".into()],
+                },
                 404,
                 "model_not_found",
             ),
-            (ApiError::TooManyInputs { got: 9, limit: 8 }, 400, "too_many_inputs"),
-            (ApiError::PayloadTooLarge { limit: 10 }, 413, "payload_too_large"),
+            (
+                ApiError::TooManyInputs { got: 9, limit: 8 },
+                400,
+                "too_many_inputs",
+            ),
+            (
+                ApiError::PayloadTooLarge { limit: 10 },
+                413,
+                "payload_too_large",
+            ),
             (ApiError::Unauthorized, 401, "invalid_api_key"),
             (ApiError::Overloaded("queue full".into()), 429, "overloaded"),
-            (ApiError::Unavailable("shutting down".into()), 503, "unavailable"),
+            (
+                ApiError::Unavailable("shutting down".into()),
+                503,
+                "unavailable",
+            ),
         ];
         for (err, status, code) in cases {
             let (s, body) = render(err).await;
@@ -198,8 +249,11 @@ mod tests {
 
     #[tokio::test]
     async fn messages_state_limits_and_alternatives() {
-        let (_, body) =
-            render(ApiError::ModelNotFound { model: "gpt-4".into(), available: vec!["minilm".into()] }).await;
+        let (_, body) = render(ApiError::ModelNotFound {
+            model: "gpt-4".into(),
+            available: vec!["minilm".into()],
+        })
+        .await;
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains("gpt-4") && msg.contains("minilm"), "{msg}");
         assert_eq!(body["error"]["param"], "model");
@@ -213,7 +267,11 @@ mod tests {
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains("300") && msg.contains("256"), "{msg}");
         assert_eq!(body["error"]["param"], "input[1]");
-        let (_, body) = render(ApiError::TooManyInputs { got: 300, limit: 256 }).await;
+        let (_, body) = render(ApiError::TooManyInputs {
+            got: 300,
+            limit: 256,
+        })
+        .await;
         assert!(body["error"]["message"].as_str().unwrap().contains("256"));
     }
 }

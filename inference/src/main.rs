@@ -16,7 +16,10 @@ use glm_inference::registry::Registry;
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(args.json_logs);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
@@ -35,12 +38,21 @@ async fn serve(args: Args) -> Result<(), String> {
     args.validate()?;
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot create metrics: {e}"))?);
     let device = select_device()?;
-    let batching = BatcherConfig { max_batch_tokens: args.max_batch_tokens, max_queued_inputs: args.max_queued_inputs };
+    let batching = BatcherConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_queued_inputs: args.max_queued_inputs,
+    };
 
-    let (specs, default_chat, m) = (args.models.clone(), args.default_chat_model.clone(), metrics.clone());
-    let registry = tokio::task::spawn_blocking(move || Registry::load(&specs, default_chat, &device, batching, &m))
-        .await
-        .map_err(|e| format!("model loading panicked: {e}"))??;
+    let (specs, default_chat, m) = (
+        args.models.clone(),
+        args.default_chat_model.clone(),
+        metrics.clone(),
+    );
+    let registry = tokio::task::spawn_blocking(move || {
+        Registry::load(&specs, default_chat, &device, batching, &m)
+    })
+    .await
+    .map_err(|e| format!("model loading panicked: {e}"))??;
     registry.warm_up().await?;
     let registry = Arc::new(registry);
 
@@ -49,12 +61,22 @@ async fn serve(args: Args) -> Result<(), String> {
         max_body_bytes: args.max_body_bytes,
         auto_truncate: args.auto_truncate,
     };
-    let state = AppState::new(registry.clone(), metrics, limits, args.api_key.clone(), args.max_concurrent_requests);
+    let state = AppState::new(
+        registry.clone(),
+        metrics,
+        limits,
+        args.api_key.clone(),
+        args.max_concurrent_requests,
+    );
     let app = http::router(state.clone());
 
     let addr = SocketAddr::new(args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
     state.set_ready(true);
     tracing::info!(models = ?registry.names(), "listening on http://{local}");
 
@@ -73,7 +95,8 @@ fn select_device() -> Result<Device, String> {
     #[cfg(feature = "cuda")]
     {
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
-        Device::new_cuda(0).map_err(|e| format!("cannot open CUDA device 0 (CUDA_VISIBLE_DEVICES={visible}): {e}"))
+        Device::new_cuda(0)
+            .map_err(|e| format!("cannot open CUDA device 0 (CUDA_VISIBLE_DEVICES={visible}): {e}"))
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -109,7 +132,10 @@ async fn shutdown_signal(state: AppState, delay: Duration) {
         _ = term => {},
     }
     state.set_ready(false);
-    tracing::info!(delay_secs = delay.as_secs(), "shutting down: /ready is now 503, draining requests");
+    tracing::info!(
+        delay_secs = delay.as_secs(),
+        "shutting down: /ready is now 503, draining requests"
+    );
     tokio::time::sleep(delay).await;
 }
 

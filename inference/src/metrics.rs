@@ -1,8 +1,8 @@
 //! Prometheus metrics, all named `glm_*`, in one registry rendered by `GET /metrics`.
 //! Other parts (the chat engine) register their own collectors in [`Metrics::registry`].
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -35,16 +35,23 @@ impl Metrics {
         let latency = exponential_buckets(0.001, 2.0, 16)?; // 1 ms .. ~33 s
         let m = Metrics {
             requests: IntCounterVec::new(
-                Opts::new("glm_requests_total", "HTTP requests by route, model and status"),
+                Opts::new(
+                    "glm_requests_total",
+                    "HTTP requests by route, model and status",
+                ),
                 &["route", "model", "status"],
             )?,
             request_duration: HistogramVec::new(
-                HistogramOpts::new("glm_request_duration_seconds", "HTTP request latency").buckets(latency.clone()),
+                HistogramOpts::new("glm_request_duration_seconds", "HTTP request latency")
+                    .buckets(latency.clone()),
                 &["route", "model"],
             )?,
             queue_duration: HistogramVec::new(
-                HistogramOpts::new("glm_queue_duration_seconds", "Time an embedding input waited for its batch")
-                    .buckets(latency.clone()),
+                HistogramOpts::new(
+                    "glm_queue_duration_seconds",
+                    "Time an embedding input waited for its batch",
+                )
+                .buckets(latency.clone()),
                 &["model"],
             )?,
             batch_size: HistogramVec::new(
@@ -53,17 +60,26 @@ impl Metrics {
                 &["model"],
             )?,
             batch_tokens: HistogramVec::new(
-                HistogramOpts::new("glm_batch_tokens", "Padded tokens per embedding forward pass")
-                    .buckets(exponential_buckets(16.0, 2.0, 14)?),
+                HistogramOpts::new(
+                    "glm_batch_tokens",
+                    "Padded tokens per embedding forward pass",
+                )
+                .buckets(exponential_buckets(16.0, 2.0, 14)?),
                 &["model"],
             )?,
             inference_duration: HistogramVec::new(
-                HistogramOpts::new("glm_inference_duration_seconds", "Time of one embedding forward pass")
-                    .buckets(latency),
+                HistogramOpts::new(
+                    "glm_inference_duration_seconds",
+                    "Time of one embedding forward pass",
+                )
+                .buckets(latency),
                 &["model"],
             )?,
             embedded_tokens: IntCounterVec::new(
-                Opts::new("glm_embedded_tokens_total", "Tokens embedded (without padding)"),
+                Opts::new(
+                    "glm_embedded_tokens_total",
+                    "Tokens embedded (without padding)",
+                ),
                 &["model"],
             )?,
             queue_depth: IntGaugeVec::new(
@@ -71,7 +87,10 @@ impl Metrics {
                 &["model"],
             )?,
             cancelled_inputs: IntCounterVec::new(
-                Opts::new("glm_cancelled_inputs_total", "Queued inputs dropped because the client went away"),
+                Opts::new(
+                    "glm_cancelled_inputs_total",
+                    "Queued inputs dropped because the client went away",
+                ),
                 &["model"],
             )?,
             ready: IntGauge::new("glm_ready", "1 when the server accepts traffic")?,
@@ -82,7 +101,8 @@ impl Metrics {
         m.registry.register(Box::new(m.queue_duration.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.batch_tokens.clone()))?;
-        m.registry.register(Box::new(m.inference_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.inference_duration.clone()))?;
         m.registry.register(Box::new(m.embedded_tokens.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.cancelled_inputs.clone()))?;
@@ -105,10 +125,17 @@ mod tests {
     #[test]
     fn renders_glm_series() {
         let m = Metrics::new().unwrap();
-        m.requests.with_label_values(&["/v1/embeddings", "minilm", "200"]).inc();
+        m.requests
+            .with_label_values(&["/v1/embeddings", "minilm", "200"])
+            .inc();
         m.batch_size.with_label_values(&["minilm"]).observe(3.0);
         let text = m.render().unwrap();
-        assert!(text.contains(r#"glm_requests_total{model="minilm",route="/v1/embeddings",status="200"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"glm_requests_total{model="minilm",route="/v1/embeddings",status="200"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains("glm_batch_size_bucket"), "{text}");
     }
 }

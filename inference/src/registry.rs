@@ -10,7 +10,9 @@ use crate::batcher::{Batcher, BatcherConfig};
 use crate::config::ModelSpec;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::models::{self, Device, EmbedOutputs, EmbedderInfo, Family, LoadedEmbedder, ModelError, ModelKind};
+use crate::models::{
+    self, Device, EmbedOutputs, EmbedderInfo, Family, LoadedEmbedder, ModelError, ModelKind,
+};
 
 /// An embedding model ready to serve.
 pub struct EmbeddingModel {
@@ -23,12 +25,23 @@ pub struct EmbeddingModel {
 }
 
 impl EmbeddingModel {
-    pub fn new(name: &str, loaded: LoadedEmbedder, config: BatcherConfig, metrics: &Metrics) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        loaded: LoadedEmbedder,
+        config: BatcherConfig,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
         let info = loaded.embedder.info().clone();
         let vocab_size = loaded.tokenizer.get_vocab_size(true);
         let batcher = Batcher::new(name, loaded.embedder, config, metrics)
             .map_err(|e| format!("cannot start the batching thread of `{name}`: {e}"))?;
-        Ok(EmbeddingModel { name: name.to_string(), info, tokenizer: Arc::new(loaded.tokenizer), vocab_size, batcher })
+        Ok(EmbeddingModel {
+            name: name.to_string(),
+            info,
+            tokenizer: Arc::new(loaded.tokenizer),
+            vocab_size,
+            batcher,
+        })
     }
 }
 
@@ -68,8 +81,11 @@ pub struct Registry {
 impl Registry {
     /// Build from already loaded entries (in `--model` order). `default_chat` must name a chat entry.
     pub fn new(entries: Vec<ModelEntry>, default_chat: Option<String>) -> Result<Self, String> {
-        let chat_names: Vec<&str> =
-            entries.iter().filter(|e| e.model.kind() == ModelKind::Chat).map(|e| e.name.as_str()).collect();
+        let chat_names: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.model.kind() == ModelKind::Chat)
+            .map(|e| e.name.as_str())
+            .collect();
         let default_chat = match default_chat {
             Some(name) if !chat_names.contains(&name.as_str()) => {
                 return Err(format!(
@@ -80,7 +96,10 @@ impl Registry {
             Some(name) => Some(name),
             None => chat_names.first().map(|s| s.to_string()),
         };
-        Ok(Registry { entries, default_chat })
+        Ok(Registry {
+            entries,
+            default_chat,
+        })
     }
 
     /// Load every `--model` (detect family, load weights and tokenizer, start batchers).
@@ -119,7 +138,10 @@ impl Registry {
         for entry in &self.entries {
             #[allow(irrefutable_let_patterns)] // refutable once the chat variant exists
             if let ServedModel::Embedding(m) = &entry.model {
-                let enc = m.tokenizer.encode("warm up", true).map_err(|e| format!("`{}`: {e}", m.name))?;
+                let enc = m
+                    .tokenizer
+                    .encode("warm up", true)
+                    .map_err(|e| format!("`{}`: {e}", m.name))?;
                 let out = m
                     .batcher
                     .embed(vec![enc.get_ids().to_vec()], EmbedOutputs::default())
@@ -146,18 +168,29 @@ impl Registry {
     }
 
     fn names_of(&self, kind: ModelKind) -> Vec<String> {
-        self.entries.iter().filter(|e| e.model.kind() == kind).map(|e| e.name.clone()).collect()
+        self.entries
+            .iter()
+            .filter(|e| e.model.kind() == kind)
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<&ModelEntry, ApiError> {
         self.entries
             .iter()
             .find(|e| e.name == name)
-            .ok_or_else(|| ApiError::ModelNotFound { model: name.to_string(), available: self.names() })
+            .ok_or_else(|| ApiError::ModelNotFound {
+                model: name.to_string(),
+                available: self.names(),
+            })
     }
 
     /// The embedding model a request names, or the first embedding model when it names none.
-    pub fn embedding(&self, name: Option<&str>, route: &'static str) -> Result<Arc<EmbeddingModel>, ApiError> {
+    pub fn embedding(
+        &self,
+        name: Option<&str>,
+        route: &'static str,
+    ) -> Result<Arc<EmbeddingModel>, ApiError> {
         let entry = match name.filter(|n| !n.is_empty()) {
             Some(name) => self.get(name)?,
             None => self.first_of(ModelKind::Embedding)?,
@@ -165,7 +198,11 @@ impl Registry {
         match &entry.model {
             ServedModel::Embedding(m) => Ok(m.clone()),
             #[allow(unreachable_patterns)] // reachable once the chat variant exists
-            _ => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: true, route }),
+            _ => Err(ApiError::WrongModelKind {
+                model: entry.name.clone(),
+                is_chat: true,
+                route,
+            }),
         }
     }
 
@@ -175,12 +212,19 @@ impl Registry {
             (Some(name), _) => self.get(name)?,
             (None, Some(default)) => self.get(default)?,
             (None, None) => {
-                return Err(ApiError::NoDefaultModel { kind: "chat", available: self.names_of(ModelKind::Chat) })
+                return Err(ApiError::NoDefaultModel {
+                    kind: "chat",
+                    available: self.names_of(ModelKind::Chat),
+                })
             }
         };
         match entry.model.kind() {
             ModelKind::Chat => Ok(entry),
-            ModelKind::Embedding => Err(ApiError::WrongModelKind { model: entry.name.clone(), is_chat: false, route }),
+            ModelKind::Embedding => Err(ApiError::WrongModelKind {
+                model: entry.name.clone(),
+                is_chat: false,
+                route,
+            }),
         }
     }
 
@@ -197,21 +241,30 @@ impl Registry {
     }
 
     fn first_of(&self, kind: ModelKind) -> Result<&ModelEntry, ApiError> {
-        self.entries.iter().find(|e| e.model.kind() == kind).ok_or_else(|| ApiError::NoDefaultModel {
-            kind: match kind {
-                ModelKind::Embedding => "embedding",
-                ModelKind::Chat => "chat",
-            },
-            available: self.names(),
-        })
+        self.entries
+            .iter()
+            .find(|e| e.model.kind() == kind)
+            .ok_or_else(|| ApiError::NoDefaultModel {
+                kind: match kind {
+                    ModelKind::Embedding => "embedding",
+                    ModelKind::Chat => "chat",
+                },
+                available: self.names(),
+            })
     }
 }
 
-fn load_one(spec: &ModelSpec, device: &Device, batching: BatcherConfig, metrics: &Metrics) -> Result<ServedModel, String> {
+fn load_one(
+    spec: &ModelSpec,
+    device: &Device,
+    batching: BatcherConfig,
+    metrics: &Metrics,
+) -> Result<ServedModel, String> {
     let family: Family = models::detect_family(&spec.path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
-            let loaded = models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let loaded =
+                models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
             let model = EmbeddingModel::new(&spec.name, loaded, batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
@@ -221,5 +274,8 @@ fn load_one(spec: &ModelSpec, device: &Device, batching: BatcherConfig, metrics:
 
 /// Until the chat engine is wired in, chat checkpoints are refused at start with a clear reason.
 fn chat_not_available(path: &Path, family: Family) -> ModelError {
-    ModelError::load(path, format!("{family:?} is a chat model; this build cannot serve chat models yet"))
+    ModelError::load(
+        path,
+        format!("{family:?} is a chat model; this build cannot serve chat models yet"),
+    )
 }

@@ -17,9 +17,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit: state.limits.max_body_bytes }
+                ApiError::PayloadTooLarge {
+                    limit: state.limits.max_body_bytes,
+                }
             } else {
-                ApiError::InvalidJson { msg: rejection.body_text(), param: None }
+                ApiError::InvalidJson {
+                    msg: rejection.body_text(),
+                    param: None,
+                }
             }
         })?;
         parse(&bytes).map(JsonBody)
@@ -29,15 +34,24 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// Parse a whole body as `T`; trailing data after the value is an error.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::InvalidJson { msg: "the body is empty; expected a JSON object".into(), param: None });
+        return Err(ApiError::InvalidJson {
+            msg: "the body is empty; expected a JSON object".into(),
+            param: None,
+        });
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let param = (path != ".").then_some(path);
-        ApiError::InvalidJson { msg: err.into_inner().to_string(), param }
+        ApiError::InvalidJson {
+            msg: err.into_inner().to_string(),
+            param,
+        }
     })?;
-    de.end().map_err(|e| ApiError::InvalidJson { msg: e.to_string(), param: None })?;
+    de.end().map_err(|e| ApiError::InvalidJson {
+        msg: e.to_string(),
+        param: None,
+    })?;
     Ok(value)
 }
 

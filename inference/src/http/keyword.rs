@@ -61,7 +61,10 @@ pub struct KeywordResponse {
     keywords: Vec<kw::Keyword>,
 }
 
-pub async fn keyword(State(state): State<AppState>, JsonBody(req): JsonBody<KeywordRequest>) -> Response {
+pub async fn keyword(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<KeywordRequest>,
+) -> Response {
     let mut label = None;
     let result = keyword_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -75,7 +78,9 @@ async fn keyword_inner(
     let model = state.registry.embedding(req.model.as_deref(), "/keyword")?;
     *label = Some(model.name.clone());
     if req.input.trim().is_empty() {
-        return Err(ApiError::EmptyInput { param: "input".into() });
+        return Err(ApiError::EmptyInput {
+            param: "input".into(),
+        });
     }
     let opts = options(&req)?;
     let doc = req.input;
@@ -85,7 +90,10 @@ async fn keyword_inner(
         .map_err(|e| ApiError::Internal(format!("keyword planning failed: {e}")))?
         .map_err(keyword_error)?;
     if plan.candidates.is_empty() {
-        return Ok(Json(KeywordResponse { model: model.name.clone(), keywords: Vec::new() }));
+        return Ok(Json(KeywordResponse {
+            model: model.name.clone(),
+            keywords: Vec::new(),
+        }));
     }
     let max_inputs = model.batcher.config().max_queued_inputs;
     if plan.candidates.len() + 1 > max_inputs {
@@ -95,13 +103,24 @@ async fn keyword_inner(
         )));
     }
     // KeyBERT embeds through sentence-transformers, which truncates at max_seq_length.
-    let inputs = std::iter::once(&plan.doc).chain(&plan.candidates).map(|s| Input::Text(s.clone())).collect();
+    let inputs = std::iter::once(&plan.doc)
+        .chain(&plan.candidates)
+        .map(|s| Input::Text(s.clone()))
+        .collect();
     let tokenized = tokenize_inputs(&model, inputs, true, "input").await?;
-    let mut vectors = run(&model, tokenized.ids, EmbedOutputs::default()).await?.into_iter().map(|e| e.dense);
-    let doc_vec = vectors.next().ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
+    let mut vectors = run(&model, tokenized.ids, EmbedOutputs::default())
+        .await?
+        .into_iter()
+        .map(|e| e.dense);
+    let doc_vec = vectors
+        .next()
+        .ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
     let candidate_vecs: Vec<Vec<f32>> = vectors.collect();
     let keywords = kw::select(&plan, &doc_vec, &candidate_vecs, &opts);
-    Ok(Json(KeywordResponse { model: model.name.clone(), keywords }))
+    Ok(Json(KeywordResponse {
+        model: model.name.clone(),
+        keywords,
+    }))
 }
 
 /// Shape checks only; the option rules (ranges, Max Sum's cost cap) live in `keyword::plan`,

@@ -45,10 +45,16 @@ fn card(entry: &ModelEntry) -> ModelCard {
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList { object: "list", data: state.registry.entries().iter().map(card).collect() })
+    Json(ModelList {
+        object: "list",
+        data: state.registry.entries().iter().map(card).collect(),
+    })
 }
 
-pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
     state.registry.get(&id).map(|e| Json(card(e)))
 }
 
@@ -77,7 +83,10 @@ pub struct TokenizeResponse {
     object: &'static str,
 }
 
-pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
+pub async fn tokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Response {
     let mut label = None;
     let result = tokenize_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -97,12 +106,16 @@ async fn tokenize_inner(
     let (prompt, max, specials) = (req.prompt, req.max_tokens, req.add_special_tokens);
     let enc = tokio::task::spawn_blocking(move || match (specials, max) {
         (true, Some(max)) => encode_bounded(&tok, &prompt, max, true),
-        _ => tok.encode(prompt.as_str(), specials).map_err(|e| EncodeError::Tokenizer(e.to_string())),
+        _ => tok
+            .encode(prompt.as_str(), specials)
+            .map_err(|e| EncodeError::Tokenizer(e.to_string())),
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))?
     .map_err(|e| match e {
-        EncodeError::Tokenizer(msg) => ApiError::invalid("prompt", format!("cannot be tokenized: {msg}")),
+        EncodeError::Tokenizer(msg) => {
+            ApiError::invalid("prompt", format!("cannot be tokenized: {msg}"))
+        }
         EncodeError::TooLong(_) => ApiError::Internal("truncation was requested".into()),
     })?;
     let keep = req.max_tokens.unwrap_or(usize::MAX);
@@ -130,7 +143,10 @@ pub struct DetokenizeResponse {
     object: &'static str,
 }
 
-pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
+pub async fn detokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<DetokenizeRequest>,
+) -> Response {
     let mut label = None;
     let result = detokenize_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -165,5 +181,9 @@ async fn detokenize_inner(
         .await
         .map_err(|e| ApiError::Internal(format!("detokenization task failed: {e}")))?
         .map_err(|e| ApiError::invalid("tokens", format!("cannot be decoded: {e}")))?;
-    Ok(Json(DetokenizeResponse { text, model: entry.name.clone(), object: "detokenizer" }))
+    Ok(Json(DetokenizeResponse {
+        text,
+        model: entry.name.clone(),
+        object: "detokenizer",
+    }))
 }

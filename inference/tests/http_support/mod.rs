@@ -15,7 +15,9 @@ pub fn repo_root() -> PathBuf {
 
 /// The real all-MiniLM-L6-v2 snapshot (`scripts/fetch-models.sh` puts it in `.models/`).
 pub fn minilm_dir() -> PathBuf {
-    let models = std::env::var_os("GLM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".models"));
+    let models = std::env::var_os("GLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".models"));
     let dir = models.join("all-MiniLM-L6-v2");
     assert!(
         dir.join("model.safetensors").is_file(),
@@ -33,8 +35,12 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub fn fixture_json(rel: &str) -> serde_json::Value {
     let path = fixtures_dir().join(rel);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("fixture {} missing ({e}); set GLM_FIXTURES_DIR", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "fixture {} missing ({e}); set GLM_FIXTURES_DIR",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
@@ -61,11 +67,25 @@ impl Server {
         for var in ["GLM_MODELS", "GLM_MODEL", "API_KEY", "API_PORT", "API_HOST"] {
             cmd.env_remove(var);
         }
-        cmd.envs(env.iter().copied()).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn glm-inference");
         let (tx, log) = mpsc::channel();
-        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-                       child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -80,18 +100,33 @@ impl Server {
             match log.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(addr) = line.split("listening on ").nth(1) {
-                        break addr.split_whitespace().next().unwrap_or_default().to_string();
+                        break addr
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
                     }
                     seen.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("server did not start listening; output:\n{}", seen.join("\n"));
+                    panic!(
+                        "server did not start listening; output:\n{}",
+                        seen.join("\n")
+                    );
                 }
             }
         };
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        Server { child, base, client, log }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        Server {
+            child,
+            base,
+            client,
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -99,11 +134,22 @@ impl Server {
     }
 
     pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let resp = self.client.post(self.url(path)).json(&body).send().await.expect("request");
+        let resp = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
         read(resp).await
     }
 
-    pub async fn post_raw(&self, path: &str, body: Vec<u8>, content_type: Option<&str>) -> (u16, serde_json::Value) {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut req = self.client.post(self.url(path)).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
@@ -118,7 +164,9 @@ impl Server {
     pub async fn post_oversized(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.base.trim_start_matches("http://").to_string();
-        let stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
         let (mut rd, mut wr) = stream.into_split();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
@@ -143,12 +191,27 @@ impl Server {
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        read(self.client.get(self.url(path)).send().await.expect("request")).await
+        read(
+            self.client
+                .get(self.url(path))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn get_text(&self, path: &str) -> (u16, String) {
-        let resp = self.client.get(self.url(path)).send().await.expect("request");
-        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+        let resp = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -157,7 +220,10 @@ impl Server {
 
     /// Send SIGTERM to this server (by its pid) and wait for it to exit.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
-        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(ok.success());
         self.wait(within)
     }
@@ -168,7 +234,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -188,21 +257,25 @@ impl Drop for Server {
 pub async fn read(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
-    let body = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
     (status, body)
 }
 
 /// Status and JSON body of a raw HTTP/1.1 response with a Content-Length body.
 fn parse_http_response(raw: &[u8]) -> (u16, serde_json::Value) {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line: {head}"));
-    let body = serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
+    let body =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
     (status, body)
 }
 
@@ -210,9 +283,15 @@ fn parse_http_response(raw: &[u8]) -> (u16, serde_json::Value) {
 pub fn assert_envelope(status: u16, body: &serde_json::Value, want: u16, what: &str) {
     assert_eq!(status, want, "{what}: {body}");
     let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: no message: {body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: no message: {body}"
+    );
     assert!(e["type"].is_string(), "{what}: no type: {body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{what}: {body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{what}: {body}"
+    );
 }
 
 /// Run a binary to completion (for starts that must fail); returns status and stderr.
@@ -224,5 +303,8 @@ pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
         .env_remove("GLM_MODEL")
         .output()
         .expect("run glm-inference");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
