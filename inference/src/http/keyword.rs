@@ -123,14 +123,10 @@ async fn keyword_inner(
     }))
 }
 
-/// Shape checks only; the option rules (ranges, Max Sum's cost cap) live in `keyword::plan`,
-/// which reports them as [`KeywordError`].
+/// The request's fields as KeyBERT's options. The option rules (ranges, Max Sum's cost cap) live
+/// in `keyword::plan`, which reports them as [`KeywordError`]; vocabulary entries are taken as
+/// written, as scikit-learn does (an entry the document cannot produce simply never matches).
 fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
-    if let Some(vocab) = &req.vocab {
-        if vocab.iter().any(|w| w.trim().is_empty()) {
-            return Err(ApiError::invalid("vocab", "must not contain empty words"));
-        }
-    }
     Ok(kw::KeywordOptions {
         top_n: req.top,
         use_mmr: req.mmr,
