@@ -171,6 +171,37 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Option<&'static str>, u16)> {
         ("/keyword", s(r#"{"input":"a b c","stop_words":5}"#), j, 400),
         ("/keyword", s(r#"{"input":"a b c","vocab":[1,2]}"#), j, 400),
         ("/keyword", s(r#"{"input":"a b c","model":"nope"}"#), j, 404),
+        ("/keyword", s(r#"{"input":"aa bb cc","top":0}"#), j, 400),
+        (
+            "/keyword",
+            s(r#"{"input":"aa bb cc","keyphrase_ngram_range":[1,1000]}"#),
+            j,
+            400,
+        ),
+        (
+            "/keyword",
+            s(r#"{"input":"aa bb cc","keyphrase_ngram_range":[1]}"#),
+            j,
+            400,
+        ),
+        (
+            "/keyword",
+            s(r#"{"input":"aa bb cc","mmr":true,"diversity":-0.5}"#),
+            j,
+            400,
+        ),
+        (
+            "/keyword",
+            s(r#"{"input":"aa bb cc","maxsum":true,"top":5,"nr_candidates":2}"#),
+            j,
+            400,
+        ),
+        (
+            "/keyword",
+            s(r#"{"input":"aa bb cc","vocab":"aa"}"#),
+            j,
+            400,
+        ),
     ];
     let many: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
     cases.push((
@@ -186,6 +217,12 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Option<&'static str>, u16)> {
         j,
         400,
     ));
+    // Max Sum over C(60, 12) combinations: refused before any embedding, not enumerated.
+    let words: Vec<String> = (0..60)
+        .map(|i| format!("w{}{}", i / 26, (b'a' + (i % 26) as u8) as char))
+        .collect();
+    let max_sum = json!({"input": words.join(" "), "maxsum": true, "top": 12, "nr_candidates": 60});
+    cases.push(("/keyword", max_sum.to_string().into_bytes(), j, 400));
     let long_ids: Vec<u32> = vec![1000; 600];
     cases.push((
         "/v1/embeddings",

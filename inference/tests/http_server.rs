@@ -285,6 +285,48 @@ async fn api_key_is_required_except_on_probes() {
 }
 
 #[tokio::test]
+async fn environment_variables_configure_models_and_listen_address() {
+    // The seed's names (API_PORT) and GLM_MODELS, a comma-separated NAME=PATH list, without flags.
+    let models = format!(
+        "minilm={},tiny-bert={}",
+        minilm_dir().display(),
+        fixtures_dir().join("tiny/bert").display()
+    );
+    let env = [
+        ("GLM_MODELS", models.as_str()),
+        ("API_HOST", "127.0.0.1"),
+        ("API_PORT", "0"),
+    ];
+    let server = Server::spawn(&[], &env);
+    assert!(
+        server.base.starts_with("http://127.0.0.1:"),
+        "{}",
+        server.base
+    );
+    let (status, body) = server.get("/v1/models").await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["minilm", "tiny-bert"]);
+    let (status, body) = server
+        .post_json(
+            "/embedding",
+            json!({"model": "tiny-bert", "prompt": ["北京"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["data"][0].as_array().unwrap().len(),
+        64,
+        "tiny BERT hidden size"
+    );
+}
+
+#[tokio::test]
 async fn concurrency_limit_answers_429_with_the_envelope() {
     let server = Server::minilm(&["--max-concurrent-requests", "1"]);
     let text = "Kubernetes is an open-source container orchestration system. ".repeat(20);

@@ -61,9 +61,17 @@ impl Server {
         Server::start(&args, &[])
     }
 
+    /// Start on a free loopback port with these flags and environment variables.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let listen = ["--host", "127.0.0.1", "--port", "0"];
+        Server::spawn(&[&listen[..], args].concat(), env)
+    }
+
+    /// Start with exactly these flags and variables (no listen flags added; the caller sets
+    /// `API_HOST` / `API_PORT` or the flags itself).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.args(["--host", "127.0.0.1", "--port", "0"]).args(args);
+        cmd.args(args);
         for var in ["GLM_MODELS", "GLM_MODEL", "API_KEY", "API_PORT", "API_HOST"] {
             cmd.env_remove(var);
         }
