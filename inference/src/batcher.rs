@@ -28,7 +28,11 @@ pub struct BatcherConfig {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
     #[error("model `{model}` is overloaded: {queued} inputs already queued, the queue holds {limit}; retry later")]
-    QueueFull { model: String, queued: usize, limit: usize },
+    QueueFull {
+        model: String,
+        queued: usize,
+        limit: usize,
+    },
     #[error("model `{model}` failed: {msg}")]
     Model { model: String, msg: String },
     #[error("the server is shutting down")]
@@ -105,7 +109,10 @@ impl Batcher {
         config: BatcherConfig,
         metrics: &Metrics,
     ) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        });
         let worker = Worker {
             model: model.to_string(),
             embedder,
@@ -113,7 +120,9 @@ impl Batcher {
             shared: shared.clone(),
             metrics: BatchMetrics::new(metrics, model),
         };
-        std::thread::Builder::new().name(format!("embed-{model}")).spawn(move || worker.run())?;
+        std::thread::Builder::new()
+            .name(format!("embed-{model}"))
+            .spawn(move || worker.run())?;
         Ok(Batcher {
             model: model.to_string(),
             config,
@@ -146,7 +155,12 @@ impl Batcher {
             .into_iter()
             .map(|ids| {
                 let (tx, rx) = oneshot::channel();
-                state.queue.push_back(Entry { ids, outputs, enqueued: now, tx });
+                state.queue.push_back(Entry {
+                    ids,
+                    outputs,
+                    enqueued: now,
+                    tx,
+                });
                 rx
             })
             .collect();
@@ -157,7 +171,11 @@ impl Batcher {
     }
 
     /// Embed tokenized inputs through the queue; results are in input order.
-    pub async fn embed(&self, inputs: Vec<Vec<u32>>, outputs: EmbedOutputs) -> Result<Vec<Embedding>, BatchError> {
+    pub async fn embed(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        outputs: EmbedOutputs,
+    ) -> Result<Vec<Embedding>, BatchError> {
         let receivers = self.submit(inputs, outputs)?;
         let mut out = Vec::with_capacity(receivers.len());
         for rx in receivers {
@@ -206,7 +224,11 @@ impl Worker {
             if !batch.is_empty() {
                 return Some(batch);
             }
-            state = self.shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self
+                .shared
+                .wake
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -234,21 +256,32 @@ impl Worker {
         let longest = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
         for e in &batch {
-            self.metrics.queue_duration.observe(started.duration_since(e.enqueued).as_secs_f64());
+            self.metrics
+                .queue_duration
+                .observe(started.duration_since(e.enqueued).as_secs_f64());
         }
         self.metrics.batch_size.observe(batch.len() as f64);
-        self.metrics.batch_tokens.observe((batch.len() * longest) as f64);
+        self.metrics
+            .batch_tokens
+            .observe((batch.len() * longest) as f64);
 
         // Entries of one batch may want different outputs: compute the union once, strip per entry.
-        let outputs = batch.iter().fold(EmbedOutputs::default(), |acc, e| EmbedOutputs {
-            sparse: acc.sparse || e.outputs.sparse,
-            colbert: acc.colbert || e.outputs.colbert,
-        });
+        let outputs = batch
+            .iter()
+            .fold(EmbedOutputs::default(), |acc, e| EmbedOutputs {
+                sparse: acc.sparse || e.outputs.sparse,
+                colbert: acc.colbert || e.outputs.colbert,
+            });
         let inputs: Vec<&[u32]> = batch.iter().map(|e| e.ids.as_slice()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| self.embedder.embed(&inputs, outputs)));
-        self.metrics.inference_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .inference_duration
+            .observe(started.elapsed().as_secs_f64());
 
-        let error = |msg: String| BatchError::Model { model: self.model.clone(), msg };
+        let error = |msg: String| BatchError::Model {
+            model: self.model.clone(),
+            msg,
+        };
         match result {
             Ok(Ok(embeddings)) if embeddings.len() == batch.len() => {
                 self.metrics.embedded_tokens.inc_by(tokens as u64);
@@ -264,7 +297,11 @@ impl Worker {
                 }
             }
             Ok(Ok(embeddings)) => {
-                let msg = format!("returned {} embeddings for {} inputs", embeddings.len(), batch.len());
+                let msg = format!(
+                    "returned {} embeddings for {} inputs",
+                    embeddings.len(),
+                    batch.len()
+                );
                 fail_all(batch, error(msg));
             }
             Ok(Err(e)) => fail_all(batch, error(e.to_string())),
@@ -314,7 +351,13 @@ mod tests {
             let (started_tx, started_rx) = mpsc::channel();
             let (release_tx, release_rx) = mpsc::channel();
             let fake = Arc::new(FakeEmbedder {
-                info: EmbedderInfo { family: "fake", dimensions: 2, max_input_tokens: 512, sparse: true, colbert: true },
+                info: EmbedderInfo {
+                    family: "fake",
+                    dimensions: 2,
+                    max_input_tokens: 512,
+                    sparse: true,
+                    colbert: true,
+                },
                 batches: Mutex::new(Vec::new()),
                 hold_first: Mutex::new(Some((started_tx, release_rx))),
             });
@@ -331,12 +374,19 @@ mod tests {
             &self.info
         }
 
-        fn embed(&self, batch: &[&[u32]], outputs: EmbedOutputs) -> Result<Vec<Embedding>, ModelError> {
+        fn embed(
+            &self,
+            batch: &[&[u32]],
+            outputs: EmbedOutputs,
+        ) -> Result<Vec<Embedding>, ModelError> {
             if let Some((started, release)) = self.hold_first.lock().unwrap().take() {
                 started.send(()).unwrap();
                 release.recv_timeout(Duration::from_secs(10)).unwrap();
             }
-            self.batches.lock().unwrap().push(batch.iter().map(|b| b.len()).collect());
+            self.batches
+                .lock()
+                .unwrap()
+                .push(batch.iter().map(|b| b.len()).collect());
             if batch.iter().any(|b| b.first() == Some(&666)) {
                 return Err(ModelError::Unsupported("poisoned input".into()));
             }
@@ -354,9 +404,16 @@ mod tests {
         }
     }
 
-    fn batcher(fake: Arc<FakeEmbedder>, max_batch_tokens: usize, max_queued_inputs: usize) -> (Batcher, Metrics) {
+    fn batcher(
+        fake: Arc<FakeEmbedder>,
+        max_batch_tokens: usize,
+        max_queued_inputs: usize,
+    ) -> (Batcher, Metrics) {
         let metrics = Metrics::new().unwrap();
-        let cfg = BatcherConfig { max_batch_tokens, max_queued_inputs };
+        let cfg = BatcherConfig {
+            max_batch_tokens,
+            max_queued_inputs,
+        };
         (Batcher::new("fake", fake, cfg, &metrics).unwrap(), metrics)
     }
 
@@ -374,7 +431,9 @@ mod tests {
     fn batches_fill_up_to_the_padded_token_budget() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, metrics) = batcher(fake.clone(), 32, 100);
-        let first = b.submit(vec![input(1, 4)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 4)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
         // Queued while the worker is busy: ten inputs of 10 tokens and one of 40 (over budget alone).
         let mut inputs: Vec<Vec<u32>> = (0..10).map(|i| input(10 + i, 10)).collect();
@@ -388,18 +447,37 @@ mod tests {
         // 3 x 10 = 30 <= 32 but 4 x 10 > 32; the 40-token input runs alone; then the 2-token one.
         assert_eq!(
             fake.batches(),
-            vec![vec![4], vec![10, 10, 10], vec![10, 10, 10], vec![10, 10, 10], vec![10], vec![40], vec![2]]
+            vec![
+                vec![4],
+                vec![10, 10, 10],
+                vec![10, 10, 10],
+                vec![10, 10, 10],
+                vec![10],
+                vec![40],
+                vec![2]
+            ]
         );
         let text = metrics.render().unwrap();
-        assert!(text.contains(r#"glm_batch_size_count{model="fake"} 7"#), "{text}");
-        assert!(text.contains(r#"glm_embedded_tokens_total{model="fake"} 146"#), "{text}");
+        assert!(
+            text.contains(r#"glm_batch_size_count{model="fake"} 7"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"glm_embedded_tokens_total{model="fake"} 146"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn results_come_back_in_input_order() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, _m) = batcher(fake, 1000, 100);
-        let rxs = b.submit(vec![input(5, 3), input(6, 1), input(7, 2)], EmbedOutputs::default()).unwrap();
+        let rxs = b
+            .submit(
+                vec![input(5, 3), input(6, 1), input(7, 2)],
+                EmbedOutputs::default(),
+            )
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
         release.send(()).unwrap();
         let dense: Vec<Vec<f32>> = rxs.into_iter().map(|rx| wait(rx).unwrap().dense).collect();
@@ -410,13 +488,34 @@ mod tests {
     fn a_full_queue_refuses_the_whole_request() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, _m) = batcher(fake, 1000, 4);
-        let first = b.submit(vec![input(1, 2)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 2)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap(); // the worker holds it: queue empty
-        let three = b.submit(vec![input(2, 2), input(3, 2), input(4, 2)], EmbedOutputs::default()).unwrap();
-        let err = b.submit(vec![input(5, 2), input(6, 2)], EmbedOutputs::default()).unwrap_err();
-        assert!(matches!(err, BatchError::QueueFull { queued: 3, limit: 4, .. }), "{err:?}");
+        let three = b
+            .submit(
+                vec![input(2, 2), input(3, 2), input(4, 2)],
+                EmbedOutputs::default(),
+            )
+            .unwrap();
+        let err = b
+            .submit(vec![input(5, 2), input(6, 2)], EmbedOutputs::default())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BatchError::QueueFull {
+                    queued: 3,
+                    limit: 4,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("retry"), "{err}");
-        let one = b.submit(vec![input(7, 2)], EmbedOutputs::default()).unwrap();
+        let one = b
+            .submit(vec![input(7, 2)], EmbedOutputs::default())
+            .unwrap();
         release.send(()).unwrap();
         for rx in first.into_iter().chain(three).chain(one) {
             wait(rx).unwrap();
@@ -427,46 +526,79 @@ mod tests {
     fn inputs_whose_client_left_are_dropped_before_running() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, metrics) = batcher(fake.clone(), 1000, 100);
-        let first = b.submit(vec![input(1, 1)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 1)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
-        let mut rxs = b.submit(vec![input(2, 2), input(3, 3), input(4, 4)], EmbedOutputs::default()).unwrap();
+        let mut rxs = b
+            .submit(
+                vec![input(2, 2), input(3, 3), input(4, 4)],
+                EmbedOutputs::default(),
+            )
+            .unwrap();
         drop(rxs.remove(1)); // the 3-token input's client goes away
         release.send(()).unwrap();
         for rx in first.into_iter().chain(rxs) {
             wait(rx).unwrap();
         }
         assert_eq!(fake.batches(), vec![vec![1], vec![2, 4]]);
-        assert!(metrics.render().unwrap().contains(r#"glm_cancelled_inputs_total{model="fake"} 1"#));
+        assert!(metrics
+            .render()
+            .unwrap()
+            .contains(r#"glm_cancelled_inputs_total{model="fake"} 1"#));
     }
 
     #[test]
     fn model_errors_and_panics_fail_the_batch_not_the_worker() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, _m) = batcher(fake, 1000, 100);
-        let first = b.submit(vec![input(1, 1)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 1)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
-        let poisoned = b.submit(vec![input(666, 1), input(2, 1)], EmbedOutputs::default()).unwrap();
+        let poisoned = b
+            .submit(vec![input(666, 1), input(2, 1)], EmbedOutputs::default())
+            .unwrap();
         release.send(()).unwrap();
         wait(first.into_iter().next().unwrap()).unwrap();
         for rx in poisoned {
             let err = wait(rx).unwrap_err();
             assert!(err.to_string().contains("poisoned input"), "{err}");
         }
-        let panicking = b.submit(vec![input(999, 1)], EmbedOutputs::default()).unwrap();
+        let panicking = b
+            .submit(vec![input(999, 1)], EmbedOutputs::default())
+            .unwrap();
         let err = wait(panicking.into_iter().next().unwrap()).unwrap_err();
         assert!(err.to_string().contains("kaboom"), "{err}");
-        let after = b.submit(vec![input(3, 1)], EmbedOutputs::default()).unwrap();
-        assert!(wait(after.into_iter().next().unwrap()).is_ok(), "worker must survive a panic");
+        let after = b
+            .submit(vec![input(3, 1)], EmbedOutputs::default())
+            .unwrap();
+        assert!(
+            wait(after.into_iter().next().unwrap()).is_ok(),
+            "worker must survive a panic"
+        );
     }
 
     #[test]
     fn extra_outputs_go_only_to_the_inputs_that_asked() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, _m) = batcher(fake.clone(), 1000, 100);
-        let first = b.submit(vec![input(1, 1)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 1)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
-        let plain = b.submit(vec![input(2, 1)], EmbedOutputs::default()).unwrap();
-        let sparse = b.submit(vec![input(3, 1)], EmbedOutputs { sparse: true, colbert: false }).unwrap();
+        let plain = b
+            .submit(vec![input(2, 1)], EmbedOutputs::default())
+            .unwrap();
+        let sparse = b
+            .submit(
+                vec![input(3, 1)],
+                EmbedOutputs {
+                    sparse: true,
+                    colbert: false,
+                },
+            )
+            .unwrap();
         release.send(()).unwrap();
         wait(first.into_iter().next().unwrap()).unwrap();
         let p = wait(plain.into_iter().next().unwrap()).unwrap();
@@ -481,13 +613,23 @@ mod tests {
     fn dropping_the_batcher_fails_queued_inputs() {
         let (fake, started, release) = FakeEmbedder::held();
         let (b, _m) = batcher(fake, 1000, 100);
-        let first = b.submit(vec![input(1, 1)], EmbedOutputs::default()).unwrap();
+        let first = b
+            .submit(vec![input(1, 1)], EmbedOutputs::default())
+            .unwrap();
         started.recv_timeout(Duration::from_secs(10)).unwrap();
-        let queued = b.submit(vec![input(2, 1)], EmbedOutputs::default()).unwrap();
+        let queued = b
+            .submit(vec![input(2, 1)], EmbedOutputs::default())
+            .unwrap();
         drop(b);
         release.send(()).unwrap();
-        assert!(wait(first.into_iter().next().unwrap()).is_ok(), "the running batch finishes");
+        assert!(
+            wait(first.into_iter().next().unwrap()).is_ok(),
+            "the running batch finishes"
+        );
         let rx = queued.into_iter().next().unwrap();
-        assert!(rx.blocking_recv().is_err(), "queued input is dropped, its receiver sees closure");
+        assert!(
+            rx.blocking_recv().is_err(),
+            "queued input is dropped, its receiver sees closure"
+        );
     }
 }

@@ -134,10 +134,17 @@ impl Args {
             // Every request passes through the queue on its way into the batch.
             ("--chat-max-waiting", self.chat_max_waiting),
         ];
-        match positive.iter().find(|(_, v)| *v == 0) {
-            Some((flag, _)) => Err(format!("{flag} must be at least 1")),
-            None => Ok(()),
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
         }
+        // A request is queued whole or refused: a larger one could never be served.
+        if self.max_client_batch_size > self.max_queued_inputs {
+            return Err(format!(
+                "--max-client-batch-size ({}) must not exceed --max-queued-inputs ({})",
+                self.max_client_batch_size, self.max_queued_inputs
+            ));
+        }
+        Ok(())
     }
 
     /// Limits of every chat model's engine.
@@ -186,6 +193,20 @@ mod tests {
         ])
         .unwrap();
         assert!(args.validate().unwrap_err().contains("--max-batch-tokens"));
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--max-client-batch-size",
+            "9",
+            "--max-queued-inputs",
+            "8",
+        ])
+        .unwrap();
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("--max-queued-inputs (8)"));
         assert!(
             Args::try_parse_from(["glm-inference"]).is_err(),
             "--model is required"

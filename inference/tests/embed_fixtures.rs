@@ -3,14 +3,20 @@
 use std::path::{Path, PathBuf};
 
 use glm_inference::models::embed::{self, bge_m3};
-use glm_inference::models::{detect_family, Device, EmbedOutputs, Embedding, LoadedEmbedder, ModelError};
+use glm_inference::models::{
+    detect_family, Device, EmbedOutputs, Embedding, LoadedEmbedder, ModelError,
+};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     let dir = std::env::var_os("GLM_FIXTURES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-    assert!(dir.join("README.md").is_file(), "fixtures not found at {} (set GLM_FIXTURES_DIR)", dir.display());
+    assert!(
+        dir.join("README.md").is_file(),
+        "fixtures not found at {} (set GLM_FIXTURES_DIR)",
+        dir.display()
+    );
     dir
 }
 
@@ -38,7 +44,11 @@ fn tiny(name: &str) -> (PathBuf, LoadedEmbedder, Value) {
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn matrix(v: &Value) -> Vec<Vec<f32>> {
@@ -46,16 +56,28 @@ fn matrix(v: &Value) -> Vec<Vec<f32>> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn texts(reference: &Value, key: &str) -> Vec<String> {
-    reference[key].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+    reference[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length differs");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -69,13 +91,26 @@ fn assert_rows_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], abs: f32) 
     assert_eq!(got.len(), want.len(), "{what}: row count");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let (cos, diff) = (cosine(g, w), max_abs_diff(g, w));
-        assert!(cos >= 0.99999 && diff <= abs, "{what} row {i}: cosine {cos}, max abs diff {diff} (limit {abs})");
+        assert!(
+            cos >= 0.99999 && diff <= abs,
+            "{what} row {i}: cosine {cos}, max abs diff {diff} (limit {abs})"
+        );
     }
 }
 
 /// Token ids as the model's tokenizer gives them, special tokens added.
 fn tokenize(model: &LoadedEmbedder, texts: &[String]) -> Vec<Vec<u32>> {
-    texts.iter().map(|t| model.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect()
+    texts
+        .iter()
+        .map(|t| {
+            model
+                .tokenizer
+                .encode(t.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect()
 }
 
 fn embed(model: &LoadedEmbedder, inputs: &[Vec<u32>], outputs: EmbedOutputs) -> Vec<Embedding> {
@@ -86,7 +121,12 @@ fn embed(model: &LoadedEmbedder, inputs: &[Vec<u32>], outputs: EmbedOutputs) -> 
 fn check_tokenization(model: &LoadedEmbedder, reference: &Value) {
     for case in reference["tokenization"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let got = model.tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+        let got = model
+            .tokenizer
+            .encode(text, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(got, ids(&case["ids"]), "tokenization of {text:?}");
     }
 }
@@ -99,17 +139,33 @@ fn check_last_hidden_state(dir: &Path, reference: &Value) {
     let got = states.get(0).unwrap().to_vec2::<f32>().unwrap();
     let want = matrix(&lhs["values"]);
     assert_eq!(got.len(), want.len());
-    let diff = got.iter().zip(&want).map(|(g, w)| max_abs_diff(g, w)).fold(0.0, f32::max);
-    assert!(diff <= 1e-4, "{}: last_hidden_state max abs diff {diff}", dir.display());
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| max_abs_diff(g, w))
+        .fold(0.0, f32::max);
+    assert!(
+        diff <= 1e-4,
+        "{}: last_hidden_state max abs diff {diff}",
+        dir.display()
+    );
 }
 
 /// All texts in one padded batch, as the reference did.
 fn check_embeddings(model: &LoadedEmbedder, reference: &Value) {
     let inputs = tokenize(model, &texts(reference, "texts"));
-    let got: Vec<Vec<f32>> = embed(model, &inputs, EmbedOutputs::default()).into_iter().map(|e| e.dense).collect();
+    let got: Vec<Vec<f32>> = embed(model, &inputs, EmbedOutputs::default())
+        .into_iter()
+        .map(|e| e.dense)
+        .collect();
     let normalized = reference["normalize"].as_bool().unwrap();
     assert_eq!(model.embedder.info().dimensions, got[0].len());
-    assert_rows_close("embeddings", &got, &matrix(&reference["embeddings"]), if normalized { 1e-5 } else { 1e-4 });
+    assert_rows_close(
+        "embeddings",
+        &got,
+        &matrix(&reference["embeddings"]),
+        if normalized { 1e-5 } else { 1e-4 },
+    );
 }
 
 /// Every row of a padded batch matches the same input embedded alone.
@@ -121,7 +177,12 @@ fn check_batch_equals_single(model: &LoadedEmbedder, inputs: &[Vec<u32>], output
         let diff = max_abs_diff(&b.dense, &alone.dense);
         assert!(diff <= 1e-5, "row {i}: batched vs alone dense diff {diff}");
         if let (Some(bs), Some(s)) = (&b.sparse, &alone.sparse) {
-            let ids = |v: &[(u32, f32)]| v.iter().filter(|(_, w)| *w >= 1e-4).map(|(id, _)| *id).collect::<Vec<_>>();
+            let ids = |v: &[(u32, f32)]| {
+                v.iter()
+                    .filter(|(_, w)| *w >= 1e-4)
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(ids(bs), ids(s), "row {i}: sparse ids");
         }
         if let (Some(bc), Some(c)) = (&b.colbert, &alone.colbert) {
@@ -138,7 +199,10 @@ fn bert_matches_transformers_and_sentence_transformers() {
     check_last_hidden_state(&dir, &reference);
     check_embeddings(&model, &reference);
     let info = model.embedder.info();
-    assert_eq!((info.family, info.dimensions, info.max_input_tokens), ("bert", 64, 128));
+    assert_eq!(
+        (info.family, info.dimensions, info.max_input_tokens),
+        ("bert", 64, 128)
+    );
     assert!(!info.sparse && !info.colbert);
 }
 
@@ -166,12 +230,23 @@ fn xlm_roberta_matches_transformers_and_sentence_transformers() {
 fn bge_m3_dense_sparse_colbert_and_scores_match_flagembedding() {
     let (_, model, reference) = tiny("xlm-roberta");
     let inputs = tokenize(&model, &texts(&reference, "texts"));
-    let out = embed(&model, &inputs, EmbedOutputs { sparse: true, colbert: true });
+    let out = embed(
+        &model,
+        &inputs,
+        EmbedOutputs {
+            sparse: true,
+            colbert: true,
+        },
+    );
 
     let dense: Vec<Vec<f32>> = out.iter().map(|e| e.dense.clone()).collect();
     assert_rows_close("dense", &dense, &matrix(&reference["dense"]), 1e-5);
 
-    for (i, (e, want)) in out.iter().zip(reference["sparse"].as_array().unwrap()).enumerate() {
+    for (i, (e, want)) in out
+        .iter()
+        .zip(reference["sparse"].as_array().unwrap())
+        .enumerate()
+    {
         let got = e.sparse.as_ref().unwrap();
         let want: Vec<(u32, f32)> = want
             .as_object()
@@ -180,18 +255,36 @@ fn bge_m3_dense_sparse_colbert_and_scores_match_flagembedding() {
             .map(|(id, w)| (id.parse().unwrap(), w.as_f64().unwrap() as f32))
             .collect();
         let significant = |v: &[(u32, f32)]| {
-            let mut ids: Vec<u32> = v.iter().filter(|(_, w)| *w >= 1e-4).map(|(id, _)| *id).collect();
+            let mut ids: Vec<u32> = v
+                .iter()
+                .filter(|(_, w)| *w >= 1e-4)
+                .map(|(id, _)| *id)
+                .collect();
             ids.sort_unstable();
             ids
         };
-        assert_eq!(significant(got), significant(&want), "sparse ids of text {i}");
+        assert_eq!(
+            significant(got),
+            significant(&want),
+            "sparse ids of text {i}"
+        );
         for (id, w) in &want {
-            let g = got.iter().find(|(gid, _)| gid == id).map_or(0.0, |(_, gw)| *gw);
-            assert!((g - w).abs() <= 1e-4, "text {i} token {id}: sparse weight {g} vs {w}");
+            let g = got
+                .iter()
+                .find(|(gid, _)| gid == id)
+                .map_or(0.0, |(_, gw)| *gw);
+            assert!(
+                (g - w).abs() <= 1e-4,
+                "text {i} token {id}: sparse weight {g} vs {w}"
+            );
         }
     }
 
-    for (i, (e, want)) in out.iter().zip(reference["colbert"].as_array().unwrap()).enumerate() {
+    for (i, (e, want)) in out
+        .iter()
+        .zip(reference["colbert"].as_array().unwrap())
+        .enumerate()
+    {
         let got = e.colbert.as_ref().unwrap();
         let want = matrix(want);
         assert_eq!(got.len(), inputs[i].len() - 1, "CLS dropped, </s> kept");
@@ -204,9 +297,18 @@ fn bge_m3_dense_sparse_colbert_and_scores_match_flagembedding() {
     let lexical = bge_m3::lexical_score(a.sparse.as_ref().unwrap(), b.sparse.as_ref().unwrap());
     let colbert = bge_m3::colbert_score(a.colbert.as_ref().unwrap(), b.colbert.as_ref().unwrap());
     let want = |k: &str| scores[k].as_f64().unwrap() as f32;
-    assert!((dense_score - want("dense")).abs() <= 1e-5, "dense score {dense_score}");
-    assert!((lexical - want("sparse")).abs() <= 1e-3, "lexical score {lexical}");
-    assert!((colbert - want("colbert")).abs() <= 1e-5, "colbert score {colbert}");
+    assert!(
+        (dense_score - want("dense")).abs() <= 1e-5,
+        "dense score {dense_score}"
+    );
+    assert!(
+        (lexical - want("sparse")).abs() <= 1e-3,
+        "lexical score {lexical}"
+    );
+    assert!(
+        (colbert - want("colbert")).abs() <= 1e-5,
+        "colbert score {colbert}"
+    );
 }
 
 #[test]
@@ -214,7 +316,10 @@ fn padded_batch_rows_equal_single_inputs() {
     for name in ["bert", "ernie", "xlm-roberta"] {
         let (_, model, reference) = tiny(name);
         let inputs = tokenize(&model, &texts(&reference, "texts"));
-        let outputs = EmbedOutputs { sparse: model.embedder.info().sparse, colbert: model.embedder.info().colbert };
+        let outputs = EmbedOutputs {
+            sparse: model.embedder.info().sparse,
+            colbert: model.embedder.info().colbert,
+        };
         check_batch_equals_single(&model, &inputs, outputs);
     }
 }
@@ -224,7 +329,16 @@ fn heads_requested_from_a_model_without_them_are_unsupported() {
     let (_, model, reference) = tiny("bert");
     let inputs = tokenize(&model, &texts(&reference, "texts")[..1]);
     let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-    for outputs in [EmbedOutputs { sparse: true, colbert: false }, EmbedOutputs { sparse: false, colbert: true }] {
+    for outputs in [
+        EmbedOutputs {
+            sparse: true,
+            colbert: false,
+        },
+        EmbedOutputs {
+            sparse: false,
+            colbert: true,
+        },
+    ] {
         let err = model.embedder.embed(&refs, outputs).unwrap_err();
         assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
     }
@@ -234,7 +348,10 @@ fn heads_requested_from_a_model_without_them_are_unsupported() {
 fn inputs_beyond_the_position_table_are_refused() {
     let (_, model, _) = tiny("bert");
     let too_long = vec![11u32; 129];
-    let err = model.embedder.embed(&[&too_long], EmbedOutputs::default()).unwrap_err();
+    let err = model
+        .embedder
+        .embed(&[&too_long], EmbedOutputs::default())
+        .unwrap_err();
     assert!(err.to_string().contains("129 tokens"), "{err}");
 }
 
@@ -254,19 +371,42 @@ fn real_minilm_matches_sentence_transformers() {
     // package's tokenizer.json would pad/truncate to 128.
     let mut tokenizer = model.tokenizer.clone();
     tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: 256, ..Default::default() }))
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 256,
+            ..Default::default()
+        }))
         .unwrap();
     let sentences = texts(&reference, "sentences");
-    let inputs: Vec<Vec<u32>> =
-        sentences.iter().map(|t| tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect();
-    for (case, got) in reference["tokenization"].as_array().unwrap().iter().zip(&inputs) {
+    let inputs: Vec<Vec<u32>> = sentences
+        .iter()
+        .map(|t| {
+            tokenizer
+                .encode(t.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect();
+    for (case, got) in reference["tokenization"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&inputs)
+    {
         assert_eq!(got, &ids(&case["ids"]), "tokenization of {}", case["text"]);
     }
-    assert!(inputs.iter().any(|i| i.len() == 256), "the fixture has a sentence truncated at 256 tokens");
     // One batch of 32 (all sentences), as the reference encoded them.
     assert!(inputs.len() <= 32);
-    let got: Vec<Vec<f32>> = embed(&model, &inputs, EmbedOutputs::default()).into_iter().map(|e| e.dense).collect();
-    assert_rows_close("minilm embeddings", &got, &matrix(&reference["embeddings"]), 1e-5);
+    let got: Vec<Vec<f32>> = embed(&model, &inputs, EmbedOutputs::default())
+        .into_iter()
+        .map(|e| e.dense)
+        .collect();
+    assert_rows_close(
+        "minilm embeddings",
+        &got,
+        &matrix(&reference["embeddings"]),
+        1e-5,
+    );
     check_batch_equals_single(&model, &inputs[..8], EmbedOutputs::default());
 }
 
@@ -281,7 +421,11 @@ fn broken_copy() -> tempfile::TempDir {
         }
     }
     std::fs::create_dir(tmp.path().join("1_Pooling")).unwrap();
-    std::fs::copy(src.join("1_Pooling/config.json"), tmp.path().join("1_Pooling/config.json")).unwrap();
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        tmp.path().join("1_Pooling/config.json"),
+    )
+    .unwrap();
     tmp
 }
 
@@ -298,11 +442,16 @@ fn broken_folders_fail_at_load_naming_file_and_problem() {
     let tmp = broken_copy();
     let weights = tmp.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
-    tensors.remove("encoder.layer.1.attention.self.key.weight").unwrap();
+    tensors
+        .remove("encoder.layer.1.attention.self.key.weight")
+        .unwrap();
     candle_core::safetensors::save(&tensors, &weights).unwrap();
     let err = load_error(tmp.path());
     assert!(err.contains(&weights.display().to_string()), "{err}");
-    assert!(err.contains("missing tensor `encoder.layer.1.attention.self.key.weight`"), "{err}");
+    assert!(
+        err.contains("missing tensor `encoder.layer.1.attention.self.key.weight`"),
+        "{err}"
+    );
 
     // A config the encoder cannot run.
     let tmp = broken_copy();
@@ -311,14 +460,21 @@ fn broken_folders_fail_at_load_naming_file_and_problem() {
     cfg["hidden_act"] = "gelu_10".into();
     std::fs::write(&config, cfg.to_string()).unwrap();
     let err = load_error(tmp.path());
-    assert!(err.contains(&config.display().to_string()) && err.contains("unsupported hidden_act `gelu_10`"), "{err}");
+    assert!(
+        err.contains(&config.display().to_string())
+            && err.contains("unsupported hidden_act `gelu_10`"),
+        "{err}"
+    );
 
     // A config missing a field.
     cfg.as_object_mut().unwrap().remove("hidden_size");
     cfg["hidden_act"] = "gelu".into();
     std::fs::write(&config, cfg.to_string()).unwrap();
     let err = load_error(tmp.path());
-    assert!(err.contains(&config.display().to_string()) && err.contains("missing field `hidden_size`"), "{err}");
+    assert!(
+        err.contains(&config.display().to_string()) && err.contains("missing field `hidden_size`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -329,8 +485,10 @@ fn checkpoints_with_a_model_prefix_load_the_same() {
     let tmp = broken_copy();
     let weights = tmp.path().join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
-    let prefixed: std::collections::HashMap<String, candle_core::Tensor> =
-        tensors.into_iter().map(|(k, v)| (format!("bert.{k}"), v)).collect();
+    let prefixed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("bert.{k}"), v))
+        .collect();
     candle_core::safetensors::save(&prefixed, &weights).unwrap();
     let renamed = load(tmp.path());
     let inputs = tokenize(&model, &texts(&reference, "texts"));
@@ -348,12 +506,18 @@ fn bge_m3_heads_load_from_torch_pt_files() {
     for entry in std::fs::read_dir(&src).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name();
-        if entry.file_type().unwrap().is_file() && !name.to_string_lossy().ends_with("_linear.safetensors") {
+        if entry.file_type().unwrap().is_file()
+            && !name.to_string_lossy().ends_with("_linear.safetensors")
+        {
             std::fs::copy(entry.path(), tmp.path().join(&name)).unwrap();
         }
     }
     std::fs::create_dir(tmp.path().join("1_Pooling")).unwrap();
-    std::fs::copy(src.join("1_Pooling/config.json"), tmp.path().join("1_Pooling/config.json")).unwrap();
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        tmp.path().join("1_Pooling/config.json"),
+    )
+    .unwrap();
     let pt = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bge-m3-pt");
     for head in ["sparse_linear.pt", "colbert_linear.pt"] {
         std::fs::copy(pt.join(head), tmp.path().join(head)).unwrap();
@@ -362,16 +526,40 @@ fn bge_m3_heads_load_from_torch_pt_files() {
     assert!(model.embedder.info().sparse && model.embedder.info().colbert);
     let reference = reference(&src.join("reference.json"));
     let inputs = tokenize(&model, &texts(&reference, "texts")[..2]);
-    let out = embed(&model, &inputs, EmbedOutputs { sparse: true, colbert: true });
+    let out = embed(
+        &model,
+        &inputs,
+        EmbedOutputs {
+            sparse: true,
+            colbert: true,
+        },
+    );
     for (i, e) in out.iter().enumerate() {
         let want = reference["sparse"][i].as_object().unwrap();
         let got = e.sparse.as_ref().unwrap();
-        let significant = want.values().filter(|w| w.as_f64().unwrap() >= 1e-4).count();
-        assert_eq!(got.iter().filter(|(_, w)| *w >= 1e-4).count(), significant, "text {i}: sparse entries");
+        let significant = want
+            .values()
+            .filter(|w| w.as_f64().unwrap() >= 1e-4)
+            .count();
+        assert_eq!(
+            got.iter().filter(|(_, w)| *w >= 1e-4).count(),
+            significant,
+            "text {i}: sparse entries"
+        );
         for (id, w) in got {
-            let w_ref = want.get(&id.to_string()).map_or(0.0, |w| w.as_f64().unwrap() as f32);
-            assert!((w - w_ref).abs() <= 1e-4, "text {i} token {id}: {w} vs {w_ref}");
+            let w_ref = want
+                .get(&id.to_string())
+                .map_or(0.0, |w| w.as_f64().unwrap() as f32);
+            assert!(
+                (w - w_ref).abs() <= 1e-4,
+                "text {i} token {id}: {w} vs {w_ref}"
+            );
         }
-        assert_rows_close("colbert from .pt", e.colbert.as_ref().unwrap(), &matrix(&reference["colbert"][i]), 1e-5);
+        assert_rows_close(
+            "colbert from .pt",
+            e.colbert.as_ref().unwrap(),
+            &matrix(&reference["colbert"][i]),
+            1e-5,
+        );
     }
 }

@@ -82,7 +82,10 @@ struct Usage {
     total_tokens: usize,
 }
 
-pub async fn openai(State(state): State<AppState>, JsonBody(req): JsonBody<EmbeddingsRequest>) -> Response {
+pub async fn openai(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<EmbeddingsRequest>,
+) -> Response {
     let mut label = None;
     let result = openai_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -93,12 +96,17 @@ async fn openai_inner(
     req: EmbeddingsRequest,
     label: &mut Option<String>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
-    let model = state.registry.embedding(req.model.as_deref(), "/v1/embeddings")?;
+    let model = state
+        .registry
+        .embedding(req.model.as_deref(), "/v1/embeddings")?;
     *label = Some(model.name.clone());
     let inputs = parse_input(&req.input, "input")?;
     check_batch_size(state, inputs.len())?;
     let dimensions = check_dimensions(&model, req.dimensions)?;
-    let outputs = EmbedOutputs { sparse: req.return_sparse, colbert: req.return_colbert };
+    let outputs = EmbedOutputs {
+        sparse: req.return_sparse,
+        colbert: req.return_colbert,
+    };
     check_outputs(&model, outputs)?;
     if let Some(user) = &req.user {
         tracing::debug!(user, model = %model.name, "embeddings request");
@@ -116,7 +124,10 @@ async fn openai_inner(
         object: "list",
         data,
         model: model.name.clone(),
-        usage: Usage { prompt_tokens: tokenized.tokens, total_tokens: tokenized.tokens },
+        usage: Usage {
+            prompt_tokens: tokenized.tokens,
+            total_tokens: tokenized.tokens,
+        },
     }))
 }
 
@@ -147,11 +158,16 @@ async fn seed_inner(
     req: SeedRequest,
     label: &mut Option<String>,
 ) -> Result<Json<SeedResponse>, ApiError> {
-    let model = state.registry.embedding(req.model.as_deref(), "/embedding")?;
+    let model = state
+        .registry
+        .embedding(req.model.as_deref(), "/embedding")?;
     *label = Some(model.name.clone());
     let inputs = parse_input(&req.prompt, "prompt")?;
     if inputs.iter().any(|i| matches!(i, Input::Ids(_))) {
-        return Err(ApiError::invalid("prompt", "must be a string or an array of strings"));
+        return Err(ApiError::invalid(
+            "prompt",
+            "must be a string or an array of strings",
+        ));
     }
     check_batch_size(state, inputs.len())?;
     let tokenized = tokenize_inputs(&model, inputs, true, "prompt").await?;
@@ -169,11 +185,15 @@ pub async fn run(
     ids: Vec<Vec<u32>>,
     outputs: EmbedOutputs,
 ) -> Result<Vec<Embedding>, ApiError> {
-    model.batcher.embed(ids, outputs).await.map_err(|e| match e {
-        BatchError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
-        BatchError::ShuttingDown => ApiError::Unavailable(e.to_string()),
-        BatchError::Model { .. } => ApiError::Internal(e.to_string()),
-    })
+    model
+        .batcher
+        .embed(ids, outputs)
+        .await
+        .map_err(|e| match e {
+            BatchError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
+            BatchError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            BatchError::Model { .. } => ApiError::Internal(e.to_string()),
+        })
 }
 
 fn check_batch_size(state: &AppState, n: usize) -> Result<(), ApiError> {
@@ -184,12 +204,18 @@ fn check_batch_size(state: &AppState, n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_dimensions(model: &EmbeddingModel, dimensions: Option<usize>) -> Result<Option<usize>, ApiError> {
+fn check_dimensions(
+    model: &EmbeddingModel,
+    dimensions: Option<usize>,
+) -> Result<Option<usize>, ApiError> {
     match dimensions {
         Some(0) => Err(ApiError::invalid("dimensions", "must be at least 1")),
         Some(d) if d > model.info.dimensions => Err(ApiError::invalid(
             "dimensions",
-            format!("{d} is more than the {} dimensions of `{}`", model.info.dimensions, model.name),
+            format!(
+                "{d} is more than the {} dimensions of `{}`",
+                model.info.dimensions, model.name
+            ),
         )),
         other => Ok(other),
     }
@@ -197,15 +223,26 @@ fn check_dimensions(model: &EmbeddingModel, dimensions: Option<usize>) -> Result
 
 fn check_outputs(model: &EmbeddingModel, outputs: EmbedOutputs) -> Result<(), ApiError> {
     if outputs.sparse && !model.info.sparse {
-        return Err(ApiError::invalid("return_sparse", format!("`{}` has no sparse (lexical) head", model.name)));
+        return Err(ApiError::invalid(
+            "return_sparse",
+            format!("`{}` has no sparse (lexical) head", model.name),
+        ));
     }
     if outputs.colbert && !model.info.colbert {
-        return Err(ApiError::invalid("return_colbert", format!("`{}` has no ColBERT head", model.name)));
+        return Err(ApiError::invalid(
+            "return_colbert",
+            format!("`{}` has no ColBERT head", model.name),
+        ));
     }
     Ok(())
 }
 
-fn item(index: usize, emb: Embedding, dimensions: Option<usize>, format: EncodingFormat) -> EmbeddingItem {
+fn item(
+    index: usize,
+    emb: Embedding,
+    dimensions: Option<usize>,
+    format: EncodingFormat,
+) -> EmbeddingItem {
     let dense = match dimensions {
         Some(d) => shorten(emb.dense, d),
         None => emb.dense,
@@ -218,7 +255,11 @@ fn item(index: usize, emb: Embedding, dimensions: Option<usize>, format: Encodin
         object: "embedding",
         embedding,
         index,
-        sparse_embedding: emb.sparse.map(|w| w.into_iter().map(|(id, weight)| (id.to_string(), weight)).collect()),
+        sparse_embedding: emb.sparse.map(|w| {
+            w.into_iter()
+                .map(|(id, weight)| (id.to_string(), weight))
+                .collect()
+        }),
         colbert_embedding: emb.colbert,
     }
 }
@@ -246,13 +287,20 @@ mod tests {
     fn shortening_renormalises() {
         let v = shorten(vec![3.0, 4.0, 12.0], 2);
         assert_eq!(v, vec![0.6, 0.8]);
-        assert_eq!(shorten(vec![0.0, 0.0, 1.0], 2), vec![0.0, 0.0], "zero vector stays zero, no NaN");
+        assert_eq!(
+            shorten(vec![0.0, 0.0, 1.0], 2),
+            vec![0.0, 0.0],
+            "zero vector stays zero, no NaN"
+        );
     }
 
     #[test]
     fn base64_is_little_endian_f32() {
         let s = encode_base64(&[1.0, -2.5]);
         let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
-        assert_eq!(bytes, [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
+        assert_eq!(
+            bytes,
+            [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
     }
 }

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::embeddings::run;
-use super::keyword_stub as kw;
 use super::tokens::{tokenize_inputs, Input};
 use super::{respond, AppState, JsonBody};
 use crate::error::ApiError;
+use crate::keyword::{self as kw, KeywordError};
 use crate::models::EmbedOutputs;
 
 #[derive(Debug, Deserialize)]
@@ -61,7 +61,10 @@ pub struct KeywordResponse {
     keywords: Vec<kw::Keyword>,
 }
 
-pub async fn keyword(State(state): State<AppState>, JsonBody(req): JsonBody<KeywordRequest>) -> Response {
+pub async fn keyword(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<KeywordRequest>,
+) -> Response {
     let mut label = None;
     let result = keyword_inner(&state, req, &mut label).await;
     respond(result, label)
@@ -75,7 +78,9 @@ async fn keyword_inner(
     let model = state.registry.embedding(req.model.as_deref(), "/keyword")?;
     *label = Some(model.name.clone());
     if req.input.trim().is_empty() {
-        return Err(ApiError::EmptyInput { param: "input".into() });
+        return Err(ApiError::EmptyInput {
+            param: "input".into(),
+        });
     }
     let opts = options(&req)?;
     let doc = req.input;
@@ -83,9 +88,12 @@ async fn keyword_inner(
     let plan = tokio::task::spawn_blocking(move || kw::plan(&doc, &plan_opts))
         .await
         .map_err(|e| ApiError::Internal(format!("keyword planning failed: {e}")))?
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        .map_err(keyword_error)?;
     if plan.candidates.is_empty() {
-        return Ok(Json(KeywordResponse { model: model.name.clone(), keywords: Vec::new() }));
+        return Ok(Json(KeywordResponse {
+            model: model.name.clone(),
+            keywords: Vec::new(),
+        }));
     }
     let max_inputs = model.batcher.config().max_queued_inputs;
     if plan.candidates.len() + 1 > max_inputs {
@@ -95,34 +103,30 @@ async fn keyword_inner(
         )));
     }
     // KeyBERT embeds through sentence-transformers, which truncates at max_seq_length.
-    let inputs = std::iter::once(&plan.doc).chain(&plan.candidates).map(|s| Input::Text(s.clone())).collect();
+    let inputs = std::iter::once(&plan.doc)
+        .chain(&plan.candidates)
+        .map(|s| Input::Text(s.clone()))
+        .collect();
     let tokenized = tokenize_inputs(&model, inputs, true, "input").await?;
-    let mut vectors = run(&model, tokenized.ids, EmbedOutputs::default()).await?.into_iter().map(|e| e.dense);
-    let doc_vec = vectors.next().ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
+    let mut vectors = run(&model, tokenized.ids, EmbedOutputs::default())
+        .await?
+        .into_iter()
+        .map(|e| e.dense);
+    let doc_vec = vectors
+        .next()
+        .ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
     let candidate_vecs: Vec<Vec<f32>> = vectors.collect();
     let keywords = kw::select(&plan, &doc_vec, &candidate_vecs, &opts);
-    Ok(Json(KeywordResponse { model: model.name.clone(), keywords }))
+    Ok(Json(KeywordResponse {
+        model: model.name.clone(),
+        keywords,
+    }))
 }
 
+/// The request's fields as KeyBERT's options. The option rules (ranges, Max Sum's cost cap) live
+/// in `keyword::plan`, which reports them as [`KeywordError`]; vocabulary entries are taken as
+/// written, as scikit-learn does (an entry the document cannot produce simply never matches).
 fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
-    if req.top == 0 {
-        return Err(ApiError::invalid("top", "must be at least 1"));
-    }
-    if !(0.0..=1.0).contains(&req.diversity) {
-        return Err(ApiError::invalid("diversity", "must be between 0 and 1"));
-    }
-    if req.nr_candidates == 0 {
-        return Err(ApiError::invalid("nr_candidates", "must be at least 1"));
-    }
-    let (lo, hi) = req.keyphrase_ngram_range;
-    if lo == 0 || lo > hi {
-        return Err(ApiError::invalid("keyphrase_ngram_range", "must be [min, max] with 1 <= min <= max"));
-    }
-    if let Some(vocab) = &req.vocab {
-        if vocab.iter().any(|w| w.trim().is_empty()) {
-            return Err(ApiError::invalid("vocab", "must not contain empty words"));
-        }
-    }
     Ok(kw::KeywordOptions {
         top_n: req.top,
         use_mmr: req.mmr,
@@ -133,6 +137,17 @@ fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
         stop_words: stop_words(&req.stop_words)?,
         vocab: req.vocab.clone(),
     })
+}
+
+/// Name the request field (the seed's names, not KeyBERT's) that a keyword error is about.
+fn keyword_error(err: KeywordError) -> ApiError {
+    let param = match err {
+        KeywordError::TopN => "top",
+        KeywordError::NgramRange { .. } => "keyphrase_ngram_range",
+        KeywordError::Diversity(_) => "diversity",
+        KeywordError::NrCandidates { .. } | KeywordError::MaxSumTooLarge { .. } => "nr_candidates",
+    };
+    ApiError::invalid(param, err.to_string())
 }
 
 fn stop_words(value: &Value) -> Result<kw::StopWords, ApiError> {

@@ -22,7 +22,10 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), key.as_bytes()) => next.run(req).await,
@@ -39,7 +42,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// flight; refuse with 503 while shutting down.
 pub async fn admission(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if !state.is_ready() {
-        return ApiError::Unavailable("the server is not ready (starting or shutting down)".into()).into_response();
+        return ApiError::Unavailable("the server is not ready (starting or shutting down)".into())
+            .into_response();
     }
     let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
         return ApiError::Overloaded(format!(
@@ -60,10 +64,16 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .unwrap_or_else(|| "unmatched".to_string());
     let started = Instant::now();
     let resp = next.run(req).await;
-    let model = resp.extensions().get::<ModelLabel>().map(|m| m.0.as_str()).unwrap_or("");
+    let model = resp
+        .extensions()
+        .get::<ModelLabel>()
+        .map(|m| m.0.as_str())
+        .unwrap_or("");
     let status = resp.status().as_u16().to_string();
     let m = &state.metrics;
-    m.requests.with_label_values(&[route.as_str(), model, status.as_str()]).inc();
+    m.requests
+        .with_label_values(&[route.as_str(), model, status.as_str()])
+        .inc();
     m.request_duration
         .with_label_values(&[route.as_str(), model])
         .observe(started.elapsed().as_secs_f64());

@@ -5,7 +5,6 @@ pub mod chat;
 mod embeddings;
 mod extract;
 mod keyword;
-mod keyword_stub;
 mod middleware;
 mod models;
 mod ops;
@@ -16,8 +15,8 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
@@ -96,7 +95,10 @@ pub fn router(state: AppState) -> Router {
         .route("/models", get(models::list))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get_one))
-        .route_layer(from_fn_with_state(state.clone(), middleware::require_api_key));
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            middleware::require_api_key,
+        ));
     let open = Router::new()
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))

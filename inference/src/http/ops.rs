@@ -18,13 +18,21 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if state.is_ready() {
         Json(json!({"status": "ready", "models": state.registry.names()})).into_response()
     } else {
-        ApiError::Unavailable("not ready: the server is starting or shutting down".into()).into_response()
+        ApiError::Unavailable("not ready: the server is starting or shutting down".into())
+            .into_response()
     }
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.render() {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
         Err(e) => ApiError::Internal(format!("cannot render metrics: {e}")).into_response(),
     }
 }
@@ -34,5 +42,8 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 }
 
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
 }

@@ -15,20 +15,26 @@ pub enum Input {
     Ids(Vec<u32>),
 }
 
-const INPUT_SHAPE: &str = "must be a string, an array of strings, an array of token ids or an array of token id arrays";
+const INPUT_SHAPE: &str =
+    "must be a string, an array of strings, an array of token ids or an array of token id arrays";
 
 /// Parse OpenAI's `input`: string | [string] | [int] | [[int]]. `param` names the field in errors.
 pub fn parse_input(value: &Value, param: &str) -> Result<Vec<Input>, ApiError> {
     match value {
         Value::String(s) => Ok(vec![text(s, param)?]),
-        Value::Array(items) if items.is_empty() => Err(ApiError::EmptyInput { param: param.to_string() }),
+        Value::Array(items) if items.is_empty() => Err(ApiError::EmptyInput {
+            param: param.to_string(),
+        }),
         Value::Array(items) => match &items[0] {
             Value::String(_) => items
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
                     Value::String(s) => text(s, &format!("{param}[{i}]")),
-                    _ => Err(ApiError::invalid(format!("{param}[{i}]"), "must be a string like the other items")),
+                    _ => Err(ApiError::invalid(
+                        format!("{param}[{i}]"),
+                        "must be a string like the other items",
+                    )),
                 })
                 .collect(),
             Value::Number(_) => Ok(vec![Input::Ids(ids(items, param)?)]),
@@ -38,9 +44,14 @@ pub fn parse_input(value: &Value, param: &str) -> Result<Vec<Input>, ApiError> {
                 .map(|(i, item)| {
                     let p = format!("{param}[{i}]");
                     match item {
-                        Value::Array(inner) if inner.is_empty() => Err(ApiError::EmptyInput { param: p }),
+                        Value::Array(inner) if inner.is_empty() => {
+                            Err(ApiError::EmptyInput { param: p })
+                        }
                         Value::Array(inner) => Ok(Input::Ids(ids(inner, &p)?)),
-                        _ => Err(ApiError::invalid(p, "must be an array of token ids like the other items")),
+                        _ => Err(ApiError::invalid(
+                            p,
+                            "must be an array of token ids like the other items",
+                        )),
                     }
                 })
                 .collect(),
@@ -52,7 +63,9 @@ pub fn parse_input(value: &Value, param: &str) -> Result<Vec<Input>, ApiError> {
 
 fn text(s: &str, param: &str) -> Result<Input, ApiError> {
     if s.is_empty() {
-        return Err(ApiError::EmptyInput { param: param.to_string() });
+        return Err(ApiError::EmptyInput {
+            param: param.to_string(),
+        });
     }
     Ok(Input::Text(s.to_string()))
 }
@@ -64,10 +77,20 @@ fn ids(items: &[Value], param: &str) -> Result<Vec<u32>, ApiError> {
         .map(|(i, item)| {
             let p = format!("{param}[{i}]");
             match item {
-                Value::Number(n) => n.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                    ApiError::invalid(p, format!("token ids are non-negative integers below 2^32, got {n}"))
-                }),
-                _ => Err(ApiError::invalid(p, "must be a token id (integer) like the other items")),
+                Value::Number(n) => {
+                    n.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                p,
+                                format!("token ids are non-negative integers below 2^32, got {n}"),
+                            )
+                        })
+                }
+                _ => Err(ApiError::invalid(
+                    p,
+                    "must be a token id (integer) like the other items",
+                )),
             }
         })
         .collect()
@@ -89,9 +112,18 @@ pub enum EncodeError {
 /// Encode `text` with the tokenizer's special tokens. Beyond `max_len` tokens (specials included)
 /// fail with the full length, or with `truncate` keep the first tokens and still add the specials
 /// (what sentence-transformers does at `max_seq_length`).
-pub fn encode_bounded(tok: &Tokenizer, text: &str, max_len: usize, truncate: bool) -> Result<Encoding, EncodeError> {
-    let mut enc = tok.encode(text, false).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-    let added = tok.get_post_processor().map_or(0, |p| p.added_tokens(false));
+pub fn encode_bounded(
+    tok: &Tokenizer,
+    text: &str,
+    max_len: usize,
+    truncate: bool,
+) -> Result<Encoding, EncodeError> {
+    let mut enc = tok
+        .encode(text, false)
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    let added = tok
+        .get_post_processor()
+        .map_or(0, |p| p.added_tokens(false));
     let total = enc.len() + added;
     if total > max_len {
         if !truncate {
@@ -100,7 +132,8 @@ pub fn encode_bounded(tok: &Tokenizer, text: &str, max_len: usize, truncate: boo
         enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
         enc.take_overflowing();
     }
-    tok.post_process(enc, None, true).map_err(|e| EncodeError::Tokenizer(e.to_string()))
+    tok.post_process(enc, None, true)
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))
 }
 
 /// Tokenize and bound every input for `model`, on the blocking pool.
@@ -124,17 +157,31 @@ fn tokenize_blocking(
 ) -> Result<Tokenized, ApiError> {
     let max_len = model.info.max_input_tokens;
     let single = inputs.len() == 1;
-    let name = |i: usize| if single { param.to_string() } else { format!("{param}[{i}]") };
+    let name = |i: usize| {
+        if single {
+            param.to_string()
+        } else {
+            format!("{param}[{i}]")
+        }
+    };
     let mut out = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.into_iter().enumerate() {
         let ids = match input {
             Input::Text(text) => match encode_bounded(&model.tokenizer, &text, max_len, truncate) {
                 Ok(enc) => enc.get_ids().to_vec(),
                 Err(EncodeError::TooLong(tokens)) => {
-                    return Err(ApiError::InputTooLong { param: name(i), model: model.name.clone(), tokens, limit: max_len })
+                    return Err(ApiError::InputTooLong {
+                        param: name(i),
+                        model: model.name.clone(),
+                        tokens,
+                        limit: max_len,
+                    })
                 }
                 Err(EncodeError::Tokenizer(msg)) => {
-                    return Err(ApiError::invalid(name(i), format!("cannot be tokenized: {msg}")))
+                    return Err(ApiError::invalid(
+                        name(i),
+                        format!("cannot be tokenized: {msg}"),
+                    ))
                 }
             },
             Input::Ids(mut ids) => {
@@ -184,17 +231,30 @@ mod tests {
             ApiError::InvalidParam { param, .. } | ApiError::EmptyInput { param } => param.clone(),
             other => panic!("unexpected {other:?}"),
         };
-        format!("{}@{param}", if matches!(err, ApiError::EmptyInput { .. }) { "empty" } else { "invalid" })
+        format!(
+            "{}@{param}",
+            if matches!(err, ApiError::EmptyInput { .. }) {
+                "empty"
+            } else {
+                "invalid"
+            }
+        )
     }
 
     #[test]
     fn accepts_the_four_openai_input_shapes() {
-        assert_eq!(parse_input(&json!("hi"), "input").unwrap(), vec![Input::Text("hi".into())]);
+        assert_eq!(
+            parse_input(&json!("hi"), "input").unwrap(),
+            vec![Input::Text("hi".into())]
+        );
         assert_eq!(
             parse_input(&json!(["a", "b"]), "input").unwrap(),
             vec![Input::Text("a".into()), Input::Text("b".into())]
         );
-        assert_eq!(parse_input(&json!([1, 2, 3]), "input").unwrap(), vec![Input::Ids(vec![1, 2, 3])]);
+        assert_eq!(
+            parse_input(&json!([1, 2, 3]), "input").unwrap(),
+            vec![Input::Ids(vec![1, 2, 3])]
+        );
         assert_eq!(
             parse_input(&json!([[1], [2, 3]]), "input").unwrap(),
             vec![Input::Ids(vec![1]), Input::Ids(vec![2, 3])]
@@ -222,7 +282,11 @@ mod tests {
             (json!([[1, "x"]]), "invalid@input[0][1]"),
         ];
         for (value, want) in cases {
-            assert_eq!(code(parse_input(&value, "input").unwrap_err()), want, "{value}");
+            assert_eq!(
+                code(parse_input(&value, "input").unwrap_err()),
+                want,
+                "{value}"
+            );
         }
     }
 
@@ -230,7 +294,9 @@ mod tests {
     fn token_ids_are_checked_against_the_vocabulary() {
         assert!(check_ids(&[0, 9], 10, "m", "input").is_ok());
         match check_ids(&[0, 10], 10, "m", "input").unwrap_err() {
-            ApiError::InvalidTokenId { param, id, vocab, .. } => {
+            ApiError::InvalidTokenId {
+                param, id, vocab, ..
+            } => {
                 assert_eq!((param.as_str(), id.as_str(), vocab), ("input[1]", "10", 10));
             }
             other => panic!("unexpected {other:?}"),
@@ -239,14 +305,22 @@ mod tests {
 
     #[test]
     fn encoding_is_bounded_with_specials_kept_on_truncation() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny/bert");
-        let tok = crate::tokenizer::load_tokenizer(&dir).expect("fixture tiny/bert tokenizer (see /work/shared/fixtures)");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/tiny/bert");
+        let tok = crate::tokenizer::load_tokenizer(&dir)
+            .expect("fixture tiny/bert tokenizer (see /work/shared/fixtures)");
         let text = "a b c d e f g h";
         let full = tok.encode(text, true).unwrap();
         let n = full.len();
         let same = encode_bounded(&tok, text, n, false).ok().unwrap();
-        assert_eq!(same.get_ids(), full.get_ids(), "within the limit: identical to encode(text, true)");
-        assert!(matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong(t)) if t == n));
+        assert_eq!(
+            same.get_ids(),
+            full.get_ids(),
+            "within the limit: identical to encode(text, true)"
+        );
+        assert!(
+            matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong(t)) if t == n)
+        );
         let cut = encode_bounded(&tok, text, 5, true).ok().unwrap();
         let ids = cut.get_ids();
         assert_eq!(ids.len(), 5);

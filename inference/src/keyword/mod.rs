@@ -97,9 +97,7 @@ pub struct Plan {
 pub enum KeywordError {
     #[error("top_n must be at least 1")]
     TopN,
-    #[error(
-        "ngram_range must satisfy 1 <= min <= max <= {MAX_NGRAM}, got ({min}, {max})"
-    )]
+    #[error("ngram_range must satisfy 1 <= min <= max <= {MAX_NGRAM}, got ({min}, {max})")]
     NgramRange { min: usize, max: usize },
     #[error("diversity must be within [0, 1], got {0}")]
     Diversity(f32),
@@ -116,9 +114,17 @@ pub enum KeywordError {
 /// Validate `opts`, segment Chinese text and list the candidate keywords of `doc`.
 pub fn plan(doc: &str, opts: &KeywordOptions) -> Result<Plan, KeywordError> {
     validate(opts)?;
-    let doc = if has_han(doc) { segment(doc) } else { doc.to_owned() };
-    let candidates =
-        vectorizer::candidates(&doc, opts.ngram_range, &opts.stop_words, opts.vocab.as_deref());
+    let doc = if has_han(doc) {
+        segment(doc)
+    } else {
+        doc.to_owned()
+    };
+    let candidates = vectorizer::candidates(
+        &doc,
+        opts.ngram_range,
+        &opts.stop_words,
+        opts.vocab.as_deref(),
+    );
     if max_sum_applies(opts) {
         check_max_sum_cost(candidates.len(), opts)?;
     }
@@ -148,8 +154,10 @@ pub fn select(
         similarity: select::round4(space.doc_sim[i]),
     };
     if opts.use_mmr {
-        let mut keywords: Vec<Keyword> =
-            select::mmr(&space, opts.top_n, opts.diversity).into_iter().map(keyword).collect();
+        let mut keywords: Vec<Keyword> = select::mmr(&space, opts.top_n, opts.diversity)
+            .into_iter()
+            .map(keyword)
+            .collect();
         // KeyBERT sorts MMR picks by rounded score, descending; Python's sort is stable.
         keywords.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
         keywords
@@ -159,9 +167,15 @@ pub fn select(
             tracing::warn!("Max Sum options not validated by plan; no keywords");
             return Vec::new();
         }
-        select::max_sum(&space, opts.top_n, opts.nr_candidates).into_iter().map(keyword).collect()
+        select::max_sum(&space, opts.top_n, opts.nr_candidates)
+            .into_iter()
+            .map(keyword)
+            .collect()
     } else {
-        select::top_similar(&space, opts.top_n).into_iter().map(keyword).collect()
+        select::top_similar(&space, opts.top_n)
+            .into_iter()
+            .map(keyword)
+            .collect()
     }
 }
 
@@ -197,8 +211,14 @@ fn check_max_sum_cost(found: usize, opts: &KeywordOptions) -> Result<(), Keyword
         return Ok(()); // KeyBERT returns [] without combining anything.
     }
     let pool = opts.nr_candidates.min(found);
-    let per_combination = (top_n as u64).saturating_mul(top_n.saturating_sub(1) as u64).max(1);
-    match binomial_up_to(pool as u64, top_n as u64, MAX_SUM_PAIR_LIMIT / per_combination) {
+    let per_combination = (top_n as u64)
+        .saturating_mul(top_n.saturating_sub(1) as u64)
+        .max(1);
+    match binomial_up_to(
+        pool as u64,
+        top_n as u64,
+        MAX_SUM_PAIR_LIMIT / per_combination,
+    ) {
         Some(_) => Ok(()),
         None => Err(KeywordError::MaxSumTooLarge { pool, top_n }),
     }

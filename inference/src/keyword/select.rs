@@ -17,7 +17,10 @@ impl Space {
         let doc = unit(doc);
         let candidates: Vec<Vec<f32>> = candidates.iter().map(|c| unit(c)).collect();
         let doc_sim = candidates.iter().map(|c| dot(&doc, c)).collect();
-        Space { candidates, doc_sim }
+        Space {
+            candidates,
+            doc_sim,
+        }
     }
 
     fn sim(&self, a: usize, b: usize) -> f32 {
@@ -88,7 +91,9 @@ pub(crate) fn mmr(space: &Space, top_n: usize, diversity: f32) -> Vec<usize> {
     let keep = (1.0 - f64::from(diversity)) as f32;
     let steps = top_n.saturating_sub(1).min(space.len().saturating_sub(1));
     for _ in 0..steps {
-        let scores = remaining.iter().map(|&i| keep * space.doc_sim[i] - diversity * nearest[i]);
+        let scores = remaining
+            .iter()
+            .map(|&i| keep * space.doc_sim[i] - diversity * nearest[i]);
         let Some(pos) = argmax(scores) else { break };
         let pick = remaining.remove(pos);
         chosen.push(pick);
@@ -110,8 +115,10 @@ pub(crate) fn max_sum(space: &Space, top_n: usize, nr_candidates: usize) -> Vec<
     }
     let order = argsort(&space.doc_sim);
     let pool = &order[order.len().saturating_sub(nr_candidates)..];
-    let pair: Vec<Vec<f32>> =
-        pool.iter().map(|&a| pool.iter().map(|&b| space.sim(a, b)).collect()).collect();
+    let pair: Vec<Vec<f32>> = pool
+        .iter()
+        .map(|&a| pool.iter().map(|&b| space.sim(a, b)).collect())
+        .collect();
     let mut best: Option<Vec<usize>> = None;
     let mut best_sum = 100_000.0_f32;
     let mut comb = Combinations::new(pool.len(), top_n);
@@ -130,7 +137,10 @@ pub(crate) fn max_sum(space: &Space, top_n: usize, nr_candidates: usize) -> Vec<
             best = Some(c.to_vec());
         }
     }
-    best.unwrap_or_default().into_iter().map(|p| pool[p]).collect()
+    best.unwrap_or_default()
+        .into_iter()
+        .map(|p| pool[p])
+        .collect()
 }
 
 /// `k`-combinations of `0..n` in lexicographic order, like `itertools.combinations(range(n), k)`.
@@ -142,7 +152,11 @@ struct Combinations {
 
 impl Combinations {
     fn new(n: usize, k: usize) -> Self {
-        Combinations { n, idx: (0..k).collect(), started: false }
+        Combinations {
+            n,
+            idx: (0..k).collect(),
+            started: false,
+        }
     }
 
     fn next_slice(&mut self) -> Option<&[usize]> {
@@ -164,7 +178,9 @@ impl Combinations {
 /// Python's `round(x, 4)` on the float64 value of a float32 score: correctly rounded, ties to even
 /// (Rust's `{:.4}` formats the exact binary value with the same rule).
 pub(crate) fn round4(x: f32) -> f32 {
-    format!("{:.4}", f64::from(x)).parse::<f64>().map_or(x, |r| r as f32)
+    format!("{:.4}", f64::from(x))
+        .parse::<f64>()
+        .map_or(x, |r| r as f32)
 }
 
 #[cfg(test)]
@@ -189,7 +205,10 @@ mod tests {
 
     #[test]
     fn cosine_ignores_length_and_zero_vectors_score_zero() {
-        let space = Space::new(&[2.0, 0.0], &[vec![0.0, 3.0], vec![5.0, 0.0], vec![0.0, 0.0]]);
+        let space = Space::new(
+            &[2.0, 0.0],
+            &[vec![0.0, 3.0], vec![5.0, 0.0], vec![0.0, 0.0]],
+        );
         assert_eq!(space.doc_sim, vec![0.0, 1.0, 0.0]);
     }
 

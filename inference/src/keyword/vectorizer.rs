@@ -24,7 +24,10 @@ static TOKEN: LazyLock<Regex> =
 /// The analyzer's tokens: the lower-cased document split by the token pattern.
 pub(crate) fn tokenize(doc: &str) -> Vec<String> {
     let lowered = doc.to_lowercase();
-    TOKEN.find_iter(&lowered).map(|m| m.as_str().to_owned()).collect()
+    TOKEN
+        .find_iter(&lowered)
+        .map(|m| m.as_str().to_owned())
+        .collect()
 }
 
 /// Stop-word filter resolved once per call (sklearn's `_check_stop_list`).
@@ -39,7 +42,9 @@ impl<'a> StopFilter<'a> {
         match stop_words {
             StopWords::None => StopFilter::None,
             StopWords::English => StopFilter::English,
-            StopWords::Custom(words) => StopFilter::Custom(words.iter().map(String::as_str).collect()),
+            StopWords::Custom(words) => {
+                StopFilter::Custom(words.iter().map(String::as_str).collect())
+            }
         }
     }
 
@@ -54,9 +59,16 @@ impl<'a> StopFilter<'a> {
 
 /// Every n-gram the analyzer emits (with repeats), as sklearn's `_word_ngrams` builds them:
 /// stop words are removed first, so an n-gram may join words that a stop word separated.
-pub(crate) fn analyze(doc: &str, ngram_range: (usize, usize), stop_words: &StopWords) -> Vec<String> {
+pub(crate) fn analyze(
+    doc: &str,
+    ngram_range: (usize, usize),
+    stop_words: &StopWords,
+) -> Vec<String> {
     let filter = StopFilter::new(stop_words);
-    let tokens: Vec<String> = tokenize(doc).into_iter().filter(|t| !filter.is_stop(t)).collect();
+    let tokens: Vec<String> = tokenize(doc)
+        .into_iter()
+        .filter(|t| !filter.is_stop(t))
+        .collect();
     let (min_n, max_n) = ngram_range;
     let mut out = Vec::new();
     for n in min_n..=max_n.min(tokens.len()) {
@@ -79,14 +91,22 @@ pub(crate) fn candidates(
 ) -> Vec<String> {
     let grams = analyze(doc, ngram_range, stop_words);
     match vocab {
-        None => grams.into_iter().collect::<BTreeSet<_>>().into_iter().collect(),
+        None => grams
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
         Some(vocab) => {
             if has_duplicates(vocab) {
                 tracing::debug!("keyword vocabulary repeats an entry; KeyBERT returns no keywords");
                 return Vec::new();
             }
             let present: HashSet<&str> = grams.iter().map(String::as_str).collect();
-            vocab.iter().filter(|v| present.contains(v.as_str())).cloned().collect()
+            vocab
+                .iter()
+                .filter(|v| present.contains(v.as_str()))
+                .cloned()
+                .collect()
         }
     }
 }
@@ -127,7 +147,10 @@ mod tests {
         let grams = analyze("The cat and the dog", (1, 2), &StopWords::English);
         assert_eq!(grams, strings(&["cat", "dog", "cat dog"]));
         let grams = analyze("The cat and the dog", (2, 2), &StopWords::None);
-        assert_eq!(grams, strings(&["the cat", "cat and", "and the", "the dog"]));
+        assert_eq!(
+            grams,
+            strings(&["the cat", "cat and", "and the", "the dog"])
+        );
     }
 
     #[test]

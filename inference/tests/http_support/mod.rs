@@ -61,9 +61,17 @@ impl Server {
         Server::start(&args, &[])
     }
 
+    /// Start on a free loopback port with these flags and environment variables.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let listen = ["--host", "127.0.0.1", "--port", "0"];
+        Server::spawn(&[&listen[..], args].concat(), env)
+    }
+
+    /// Start with exactly these flags and variables (no listen flags added; the caller sets
+    /// `API_HOST` / `API_PORT` or the flags itself).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.args(["--host", "127.0.0.1", "--port", "0"]).args(args);
+        cmd.args(args);
         for var in ["GLM_MODELS", "GLM_MODEL", "API_KEY", "API_PORT", "API_HOST"] {
             cmd.env_remove(var);
         }
@@ -157,6 +165,39 @@ impl Server {
         read(req.send().await.expect("request")).await
     }
 
+    /// POST a body the server refuses before reading it all (over `--max-body-bytes`). A server
+    /// answers 413 and closes while such a body is still arriving, so the upload may fail with a
+    /// broken pipe; reqwest then loses the response. Over a raw socket the response is read while
+    /// the body is written, as curl does.
+    pub async fn post_oversized(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://").to_string();
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let (mut rd, mut wr) = stream.into_split();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let writer = tokio::spawn(async move {
+            // The server may stop reading once it has decided; a write error is expected then.
+            let _ = wr.write_all(head.as_bytes()).await;
+            let _ = wr.write_all(&body).await;
+            let _ = wr.shutdown().await;
+        });
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut raw)).await;
+        writer.abort();
+        // A reset after the response arrived still leaves the response in `raw`.
+        if let Ok(Err(e)) = &read {
+            assert!(!raw.is_empty(), "no response to an oversized body: {e}");
+        }
+        assert!(read.is_ok(), "no response to an oversized body within 60 s");
+        parse_http_response(&raw)
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         read(
             self.client
@@ -227,6 +268,22 @@ pub async fn read(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
+    (status, body)
+}
+
+/// Status and JSON body of a raw HTTP/1.1 response with a Content-Length body.
+fn parse_http_response(raw: &[u8]) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head}"));
+    let body =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
     (status, body)
 }
 

@@ -26,9 +26,17 @@ pub struct SparseHead {
 impl M3Heads {
     /// Load `sparse_linear` / `colbert_linear` from `.safetensors`, or the `.pt` torch files that
     /// BAAI/bge-m3 ships, when present. `skip` lists the special-token ids dropped from sparse output.
-    pub fn load(dir: &Path, hidden: usize, skip: Vec<u32>, device: &Device) -> Result<Self, ModelError> {
+    pub fn load(
+        dir: &Path,
+        hidden: usize,
+        skip: Vec<u32>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let sparse = match head_file(dir, "sparse_linear") {
-            Some(file) => Some(SparseHead { linear: read_linear(&file, 1, hidden, device)?, skip }),
+            Some(file) => Some(SparseHead {
+                linear: read_linear(&file, 1, hidden, device)?,
+                skip,
+            }),
             None => None,
         };
         let colbert = match head_file(dir, "colbert_linear") {
@@ -40,19 +48,35 @@ impl M3Heads {
 }
 
 fn head_file(dir: &Path, stem: &str) -> Option<PathBuf> {
-    ["safetensors", "pt"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file())
+    ["safetensors", "pt"]
+        .iter()
+        .map(|ext| dir.join(format!("{stem}.{ext}")))
+        .find(|p| p.is_file())
 }
 
 fn read_linear(file: &Path, out: usize, inp: usize, device: &Device) -> Result<Linear, ModelError> {
     let w = Weights::open(file, DType::F32, device)?;
-    Ok(Linear::new(w.get("weight", (out, inp))?, Some(w.get("bias", out)?)))
+    Ok(Linear::new(
+        w.get("weight", (out, inp))?,
+        Some(w.get("bias", out)?),
+    ))
 }
 
 impl SparseHead {
     /// Lexical weights of each row of `states` [batch, width, hidden]: for every distinct token id
     /// its largest weight, positive weights only, special tokens dropped; sorted by id.
-    pub fn forward(&self, states: &Tensor, inputs: &[&[u32]]) -> Result<Vec<Vec<(u32, f32)>>, ModelError> {
-        let weights = self.linear.forward(states)?.relu()?.squeeze(2)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    pub fn forward(
+        &self,
+        states: &Tensor,
+        inputs: &[&[u32]],
+    ) -> Result<Vec<Vec<(u32, f32)>>, ModelError> {
+        let weights = self
+            .linear
+            .forward(states)?
+            .relu()?
+            .squeeze(2)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         Ok(inputs
             .iter()
             .zip(weights)
@@ -73,7 +97,11 @@ impl SparseHead {
 }
 
 /// ColBERT vectors of each row: every real token after CLS (the final `</s>` kept), L2-normalised.
-pub fn colbert(head: &Linear, states: &Tensor, lens: &[usize]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+pub fn colbert(
+    head: &Linear,
+    states: &Tensor,
+    lens: &[usize],
+) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
     let (_, width, _) = states.dims3()?;
     if width < 2 {
         return Ok(vec![Vec::new(); lens.len()]);
@@ -83,7 +111,9 @@ pub fn colbert(head: &Linear, states: &Tensor, lens: &[usize]) -> Result<Vec<Vec
         .enumerate()
         .map(|(i, &len)| {
             let rows = projected.get(i)?.narrow(0, 0, len.saturating_sub(1))?;
-            Ok(l2_normalize(&rows)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+            Ok(l2_normalize(&rows)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
         })
         .collect()
 }
@@ -91,7 +121,9 @@ pub fn colbert(head: &Linear, states: &Tensor, lens: &[usize]) -> Result<Vec<Vec
 /// bge-m3's lexical matching score: sum of weight products over shared token ids.
 pub fn lexical_score(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
     let b: HashMap<u32, f32> = b.iter().copied().collect();
-    a.iter().filter_map(|(id, wa)| b.get(id).map(|wb| wa * wb)).sum()
+    a.iter()
+        .filter_map(|(id, wa)| b.get(id).map(|wb| wa * wb))
+        .sum()
 }
 
 /// bge-m3's ColBERT score: mean over query vectors of the best dot product with any passage vector.
@@ -102,7 +134,12 @@ pub fn colbert_score(query: &[Vec<f32>], passage: &[Vec<f32>]) -> f32 {
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let total: f32 = query
         .iter()
-        .map(|q| passage.iter().map(|p| dot(q, p)).fold(f32::NEG_INFINITY, f32::max))
+        .map(|q| {
+            passage
+                .iter()
+                .map(|p| dot(q, p))
+                .fold(f32::NEG_INFINITY, f32::max)
+        })
         .sum();
     total / query.len() as f32
 }

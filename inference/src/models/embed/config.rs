@@ -96,18 +96,26 @@ impl EncoderConfig {
     /// Read and validate `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let file = dir.join("config.json");
-        let text = std::fs::read_to_string(&file).map_err(|e| ModelError::load(&file, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| ModelError::load(&file, format!("cannot read: {e}")))?;
         Self::parse(&text).map_err(|msg| ModelError::load(&file, msg))
     }
 
     fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("invalid encoder config: {e}"))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| format!("invalid encoder config: {e}"))?;
         let activation = Activation::parse(&raw.hidden_act)
             .ok_or_else(|| format!("unsupported hidden_act `{}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu)", raw.hidden_act))?;
-        if let Some(kind) = raw.position_embedding_type.as_deref().filter(|k| *k != "absolute") {
-            return Err(format!("unsupported position_embedding_type `{kind}` (only `absolute`)"));
+        if let Some(kind) = raw
+            .position_embedding_type
+            .as_deref()
+            .filter(|k| *k != "absolute")
+        {
+            return Err(format!(
+                "unsupported position_embedding_type `{kind}` (only `absolute`)"
+            ));
         }
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.hidden_size.checked_rem(raw.num_attention_heads) != Some(0) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 raw.hidden_size, raw.num_attention_heads
@@ -116,8 +124,11 @@ impl EncoderConfig {
         if raw.type_vocab_size == 0 {
             return Err("type_vocab_size must be at least 1".into());
         }
-        if !(raw.layer_norm_eps > 0.0) {
-            return Err(format!("layer_norm_eps must be positive, got {}", raw.layer_norm_eps));
+        if raw.layer_norm_eps.is_nan() || raw.layer_norm_eps <= 0.0 {
+            return Err(format!(
+                "layer_norm_eps must be positive, got {}",
+                raw.layer_norm_eps
+            ));
         }
         let task_type_vocab_size = raw.task_type_vocab_size.unwrap_or(3);
         if raw.use_task_id && task_type_vocab_size == 0 {
@@ -160,15 +171,26 @@ mod tests {
         assert_eq!(cfg.activation, Activation::GeluErf);
         assert_eq!(cfg.layer_norm_eps, 1e-12);
         assert_eq!(cfg.type_vocab_size, 2);
-        assert_eq!(parse(serde_json::json!({"hidden_act": "gelu_new"})).unwrap().activation, Activation::GeluTanh);
-        assert_eq!(parse(serde_json::json!({"layer_norm_eps": 1e-5})).unwrap().layer_norm_eps, 1e-5);
+        assert_eq!(
+            parse(serde_json::json!({"hidden_act": "gelu_new"}))
+                .unwrap()
+                .activation,
+            Activation::GeluTanh
+        );
+        assert_eq!(
+            parse(serde_json::json!({"layer_norm_eps": 1e-5}))
+                .unwrap()
+                .layer_norm_eps,
+            1e-5
+        );
     }
 
     #[test]
     fn rejects_what_the_encoder_cannot_run() {
         let err = parse(serde_json::json!({"hidden_act": "quick_gelu"})).unwrap_err();
         assert!(err.contains("unsupported hidden_act `quick_gelu`"), "{err}");
-        let err = parse(serde_json::json!({"position_embedding_type": "relative_key"})).unwrap_err();
+        let err =
+            parse(serde_json::json!({"position_embedding_type": "relative_key"})).unwrap_err();
         assert!(err.contains("relative_key"), "{err}");
         let err = parse(serde_json::json!({"num_attention_heads": 3})).unwrap_err();
         assert!(err.contains("not a multiple"), "{err}");

@@ -45,11 +45,12 @@ struct Norm {
 impl Norm {
     fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
         // Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
-        let (wn, bn) = if w.contains(&format!("{prefix}.weight")) || !w.contains(&format!("{prefix}.gamma")) {
-            ("weight", "bias")
-        } else {
-            ("gamma", "beta")
-        };
+        let (wn, bn) =
+            if w.contains(&format!("{prefix}.weight")) || !w.contains(&format!("{prefix}.gamma")) {
+                ("weight", "bias")
+            } else {
+                ("gamma", "beta")
+            };
         Ok(Self {
             weight: w.get(&format!("{prefix}.{wn}"), size)?,
             bias: w.get(&format!("{prefix}.{bn}"), size)?,
@@ -63,7 +64,10 @@ impl Norm {
 }
 
 fn linear(w: &Weights, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
-    Ok(Linear::new(w.get(&format!("{prefix}.weight"), (out, inp))?, Some(w.get(&format!("{prefix}.bias"), out)?)))
+    Ok(Linear::new(
+        w.get(&format!("{prefix}.weight"), (out, inp))?,
+        Some(w.get(&format!("{prefix}.bias"), out)?),
+    ))
 }
 
 struct Layer {
@@ -83,9 +87,12 @@ impl Layer {
     fn load(w: &Weights, i: usize, cfg: &EncoderConfig) -> Result<Self, ModelError> {
         let p = format!("encoder.layer.{i}");
         let h = cfg.hidden_size;
-        let [q, k, v] = ["query", "key", "value"].map(|n| linear(w, &format!("{p}.attention.self.{n}"), h, h));
+        let [q, k, v] =
+            ["query", "key", "value"].map(|n| linear(w, &format!("{p}.attention.self.{n}"), h, h));
         let (q, k, v) = (q?, k?, v?);
-        let fuse = |parts: [&Tensor; 3]| Tensor::cat(&parts, 0).map_err(|e| ModelError::load(w.file(), format!("{p}: {e}")));
+        let fuse = |parts: [&Tensor; 3]| {
+            Tensor::cat(&parts, 0).map_err(|e| ModelError::load(w.file(), format!("{p}: {e}")))
+        };
         let qkv_w = fuse([q.weight(), k.weight(), v.weight()])?;
         let biases = [q.bias(), k.bias(), v.bias()];
         let qkv_b = match biases {
@@ -95,8 +102,18 @@ impl Layer {
         Ok(Self {
             qkv: Linear::new(qkv_w, qkv_b),
             attn_out: linear(w, &format!("{p}.attention.output.dense"), h, h)?,
-            attn_norm: Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, cfg.layer_norm_eps)?,
-            intermediate: linear(w, &format!("{p}.intermediate.dense"), cfg.intermediate_size, h)?,
+            attn_norm: Norm::load(
+                w,
+                &format!("{p}.attention.output.LayerNorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?,
+            intermediate: linear(
+                w,
+                &format!("{p}.intermediate.dense"),
+                cfg.intermediate_size,
+                h,
+            )?,
             output: linear(w, &format!("{p}.output.dense"), h, cfg.intermediate_size)?,
             out_norm: Norm::load(w, &format!("{p}.output.LayerNorm"), h, cfg.layer_norm_eps)?,
             activation: cfg.activation,
@@ -109,15 +126,25 @@ impl Layer {
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
         // One copy lays q, k and v out head-major: [3, batch, heads, width, head_dim].
-        let qkv = self.qkv.forward(xs)?.reshape((b, t, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, t, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let context = softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let attn = self.attn_norm.forward(&(self.attn_out.forward(&context)? + xs)?)?;
+        let context = softmax_last_dim(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, h))?;
+        let attn = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&context)? + xs)?)?;
         let ff = self.activation.apply(&self.intermediate.forward(&attn)?)?;
         self.out_norm.forward(&(self.output.forward(&ff)? + &attn)?)
     }
@@ -142,17 +169,33 @@ impl Encoder {
     pub fn load(cfg: &EncoderConfig, w: &Weights, flavour: Flavour) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let word = w.get("embeddings.word_embeddings.weight", (cfg.vocab_size, h))?;
-        let position = w.get("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, h))?;
-        let token_types = w.get("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, h))?;
+        let position = w.get(
+            "embeddings.position_embeddings.weight",
+            (cfg.max_position_embeddings, h),
+        )?;
+        let token_types = w.get(
+            "embeddings.token_type_embeddings.weight",
+            (cfg.type_vocab_size, h),
+        )?;
         let bad = |e: candle_core::Error| ModelError::load(w.file(), format!("embeddings: {e}"));
         let mut constant_rows = token_types.get(0).map_err(bad)?;
         if flavour.task_type {
-            let tasks = w.get("embeddings.task_type_embeddings.weight", (cfg.task_type_vocab_size, h))?;
+            let tasks = w.get(
+                "embeddings.task_type_embeddings.weight",
+                (cfg.task_type_vocab_size, h),
+            )?;
             constant_rows = (constant_rows + tasks.get(0).map_err(bad)?).map_err(bad)?;
         }
-        let layers = (0..cfg.num_layers).map(|i| Layer::load(w, i, cfg)).collect::<Result<Vec<_>, _>>()?;
-        if flavour.positions == Positions::AfterPadding && cfg.max_position_embeddings <= cfg.pad_token_id as usize + 1 {
-            return Err(ModelError::load(w.file(), "max_position_embeddings leaves no positions after pad_token_id"));
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::load(w, i, cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        if flavour.positions == Positions::AfterPadding
+            && cfg.max_position_embeddings <= cfg.pad_token_id as usize + 1
+        {
+            return Err(ModelError::load(
+                w.file(),
+                "max_position_embeddings leaves no positions after pad_token_id",
+            ));
         }
         Ok(Self {
             device: word.device().clone(),
@@ -185,9 +228,10 @@ impl Encoder {
         let n = inputs.len();
         let ids = Tensor::from_vec(ids, n * batch.width, &self.device)?;
         let positions = Tensor::from_vec(positions, n * batch.width, &self.device)?;
-        let embedded = (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
-            .broadcast_add(&self.constant_rows)?
-            .reshape((n, batch.width, ()))?;
+        let embedded = (self.word.index_select(&ids, 0)?
+            + self.position.index_select(&positions, 0)?)?
+        .broadcast_add(&self.constant_rows)?
+        .reshape((n, batch.width, ()))?;
         let mut xs = self.embed_norm.forward(&embedded)?;
         let mask = self.mask(&batch)?;
         for layer in &self.layers {
@@ -225,7 +269,11 @@ impl Encoder {
         let total = inputs.len() * batch.width;
         let (mut ids, mut positions) = (Vec::with_capacity(total), Vec::with_capacity(total));
         for row in inputs {
-            let padded = row.iter().copied().chain(std::iter::repeat(self.pad_id)).take(batch.width);
+            let padded = row
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(self.pad_id))
+                .take(batch.width);
             let mut seen = 0u32;
             for (slot, id) in padded.enumerate() {
                 ids.push(id);
@@ -251,7 +299,9 @@ impl Encoder {
         let values: Vec<f32> = batch
             .lens
             .iter()
-            .flat_map(|&len| (0..batch.width).map(move |slot| if slot < len { 0.0 } else { f32::MIN }))
+            .flat_map(|&len| {
+                (0..batch.width).map(move |slot| if slot < len { 0.0 } else { f32::MIN })
+            })
             .collect();
         Tensor::from_vec(values, (batch.lens.len(), 1, 1, batch.width), &self.device).map(Some)
     }

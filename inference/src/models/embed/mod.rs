@@ -17,7 +17,9 @@ use self::config::EncoderConfig;
 use self::encoder::{Encoder, Flavour, Positions};
 use self::pooling::Pooling;
 use self::weights::Weights;
-use super::{Device, EmbedOutputs, Embedder, EmbedderInfo, Embedding, Family, LoadedEmbedder, ModelError};
+use super::{
+    Device, EmbedOutputs, Embedder, EmbedderInfo, Embedding, Family, LoadedEmbedder, ModelError,
+};
 use crate::tokenizer::load_tokenizer;
 
 /// Load an embedding model folder (Hugging Face snapshot) of the given family.
@@ -28,7 +30,12 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedEmbedd
     let encoder = load_encoder_with(path, &cfg, flavour, device)?;
     let pooling = Pooling::from_dir(path, cfg.hidden_size)?;
     let heads = match family {
-        Family::XlmRoberta => Some(M3Heads::load(path, cfg.hidden_size, special_ids(path, &tokenizer), device)?),
+        Family::XlmRoberta => Some(M3Heads::load(
+            path,
+            cfg.hidden_size,
+            special_ids(path, &tokenizer),
+            device,
+        )?),
         _ => None,
     };
     let info = EmbedderInfo {
@@ -40,8 +47,16 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedEmbedd
     };
     tracing::info!(path = %path.display(), family = name, dims = info.dimensions, max_tokens = info.max_input_tokens,
         pooling = ?pooling.modes, normalize = pooling.normalize, sparse = info.sparse, colbert = info.colbert, "embedding model loaded");
-    let embedder = EncoderEmbedder { info, encoder, pooling, heads };
-    Ok(LoadedEmbedder { embedder: Arc::new(embedder), tokenizer })
+    let embedder = EncoderEmbedder {
+        info,
+        encoder,
+        pooling,
+        heads,
+    };
+    Ok(LoadedEmbedder {
+        embedder: Arc::new(embedder),
+        tokenizer,
+    })
 }
 
 /// Load only the encoder of a folder (its last hidden states, without pooling or heads): for
@@ -53,16 +68,47 @@ pub fn load_encoder(path: &Path, family: Family, device: &Device) -> Result<Enco
 
 fn family_flavour(path: &Path, family: Family) -> Result<(&'static str, Flavour), ModelError> {
     Ok(match family {
-        Family::Bert => ("bert", Flavour { positions: Positions::FromZero, task_type: false }),
-        Family::Ernie => ("ernie", Flavour { positions: Positions::FromZero, task_type: true }),
-        Family::XlmRoberta => ("xlm-roberta", Flavour { positions: Positions::AfterPadding, task_type: false }),
-        other => return Err(ModelError::load(path, format!("{other:?} is not an embedding model family"))),
+        Family::Bert => (
+            "bert",
+            Flavour {
+                positions: Positions::FromZero,
+                task_type: false,
+            },
+        ),
+        Family::Ernie => (
+            "ernie",
+            Flavour {
+                positions: Positions::FromZero,
+                task_type: true,
+            },
+        ),
+        Family::XlmRoberta => (
+            "xlm-roberta",
+            Flavour {
+                positions: Positions::AfterPadding,
+                task_type: false,
+            },
+        ),
+        other => {
+            return Err(ModelError::load(
+                path,
+                format!("{other:?} is not an embedding model family"),
+            ))
+        }
     })
 }
 
-fn load_encoder_with(path: &Path, cfg: &EncoderConfig, flavour: Flavour, device: &Device) -> Result<Encoder, ModelError> {
+fn load_encoder_with(
+    path: &Path,
+    cfg: &EncoderConfig,
+    flavour: Flavour,
+    device: &Device,
+) -> Result<Encoder, ModelError> {
     // ERNIE checkpoints without `use_task_id` have no task-type table.
-    let flavour = Flavour { task_type: flavour.task_type && cfg.use_task_id, ..flavour };
+    let flavour = Flavour {
+        task_type: flavour.task_type && cfg.use_task_id,
+        ..flavour
+    };
     let mut weights = Weights::open_model(path, DType::F32, device)?;
     weights.detect_prefix("embeddings.word_embeddings.weight")?;
     Encoder::load(cfg, &weights, flavour)
@@ -73,7 +119,9 @@ fn load_encoder_with(path: &Path, cfg: &EncoderConfig, flavour: Flavour, device:
 fn max_input_tokens(dir: &Path, capacity: usize) -> Result<usize, ModelError> {
     let configured = match pooling::max_seq_length(dir)? {
         Some(n) => Some(n),
-        None => tokenizer_config(dir).and_then(|c| c.get("model_max_length")?.as_u64()).map(|n| n as usize),
+        None => tokenizer_config(dir)
+            .and_then(|c| c.get("model_max_length")?.as_u64())
+            .map(|n| n as usize),
     };
     Ok(configured.map_or(capacity, |n| n.min(capacity)))
 }
@@ -90,12 +138,19 @@ fn special_ids(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
     let name = |key: &str, default: &str| -> String {
         let v = cfg.as_ref().and_then(|c| c.get(key));
         // A token is either a string or an AddedToken object with `content`.
-        v.and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str())).unwrap_or(default).to_string()
+        v.and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+            .unwrap_or(default)
+            .to_string()
     };
-    [("cls_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>"), ("unk_token", "<unk>")]
-        .iter()
-        .filter_map(|(key, default)| tokenizer.token_to_id(&name(key, default)))
-        .collect()
+    [
+        ("cls_token", "<s>"),
+        ("eos_token", "</s>"),
+        ("pad_token", "<pad>"),
+        ("unk_token", "<unk>"),
+    ]
+    .iter()
+    .filter_map(|(key, default)| tokenizer.token_to_id(&name(key, default)))
+    .collect()
 }
 
 /// Any encoder family plus its pooling and optional bge-m3 heads.
@@ -109,10 +164,16 @@ struct EncoderEmbedder {
 impl EncoderEmbedder {
     fn check_outputs(&self, outputs: EmbedOutputs) -> Result<(), ModelError> {
         if outputs.sparse && !self.info.sparse {
-            return Err(ModelError::Unsupported(format!("{} model has no sparse (lexical) head", self.info.family)));
+            return Err(ModelError::Unsupported(format!(
+                "{} model has no sparse (lexical) head",
+                self.info.family
+            )));
         }
         if outputs.colbert && !self.info.colbert {
-            return Err(ModelError::Unsupported(format!("{} model has no ColBERT head", self.info.family)));
+            return Err(ModelError::Unsupported(format!(
+                "{} model has no ColBERT head",
+                self.info.family
+            )));
         }
         Ok(())
     }
@@ -129,21 +190,42 @@ impl Embedder for EncoderEmbedder {
             return Ok(Vec::new());
         }
         let (states, shape) = self.encoder.forward(batch)?;
-        let dense = self.pooling.forward(&states, &shape.lens)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let dense = self
+            .pooling
+            .forward(&states, &shape.lens)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         let heads = self.heads.as_ref();
-        let sparse: Vec<Option<_>> = match heads.and_then(|h| h.sparse.as_ref()).filter(|_| outputs.sparse) {
-            Some(head) => head.forward(&states, batch)?.into_iter().map(Some).collect(),
+        let sparse: Vec<Option<_>> = match heads
+            .and_then(|h| h.sparse.as_ref())
+            .filter(|_| outputs.sparse)
+        {
+            Some(head) => head
+                .forward(&states, batch)?
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => vec![None; batch.len()],
         };
-        let colbert: Vec<Option<_>> = match heads.and_then(|h| h.colbert.as_ref()).filter(|_| outputs.colbert) {
-            Some(head) => bge_m3::colbert(head, &states, &shape.lens)?.into_iter().map(Some).collect(),
+        let colbert: Vec<Option<_>> = match heads
+            .and_then(|h| h.colbert.as_ref())
+            .filter(|_| outputs.colbert)
+        {
+            Some(head) => bge_m3::colbert(head, &states, &shape.lens)?
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => vec![None; batch.len()],
         };
         Ok(dense
             .into_iter()
             .zip(sparse)
             .zip(colbert)
-            .map(|((dense, sparse), colbert)| Embedding { dense, sparse, colbert })
+            .map(|((dense, sparse), colbert)| Embedding {
+                dense,
+                sparse,
+                colbert,
+            })
             .collect())
     }
 }

@@ -28,7 +28,10 @@ pub struct Pooling {
 impl Default for Pooling {
     /// transformers-only folders: mean pooling, as sentence-transformers does when it wraps them.
     fn default() -> Self {
-        Self { modes: vec![PoolMode::Mean], normalize: false }
+        Self {
+            modes: vec![PoolMode::Mean],
+            normalize: false,
+        }
     }
 }
 
@@ -76,17 +79,26 @@ impl Pooling {
                 }
             }
         }
-        let modes = pooling.ok_or_else(|| ModelError::load(&modules_file, "lists no Pooling module"))?;
+        let modes =
+            pooling.ok_or_else(|| ModelError::load(&modules_file, "lists no Pooling module"))?;
         Ok(Self { modes, normalize })
     }
 
     fn read_modes(file: &Path, hidden: usize) -> Result<Vec<PoolMode>, ModelError> {
         let cfg: PoolingFile = read_json(file)?;
         if let Some(dim) = cfg.word_embedding_dimension.filter(|&d| d != hidden) {
-            return Err(ModelError::load(file, format!("word_embedding_dimension {dim} differs from the model's hidden_size {hidden}")));
+            return Err(ModelError::load(
+                file,
+                format!(
+                    "word_embedding_dimension {dim} differs from the model's hidden_size {hidden}"
+                ),
+            ));
         }
         if cfg.pooling_mode_weightedmean_tokens {
-            return Err(ModelError::load(file, "weightedmean pooling is not supported"));
+            return Err(ModelError::load(
+                file,
+                "weightedmean pooling is not supported",
+            ));
         }
         let modes: Vec<PoolMode> = match cfg.pooling_mode.as_deref() {
             Some(name) => vec![match name {
@@ -95,7 +107,12 @@ impl Pooling {
                 "mean" => PoolMode::Mean,
                 "mean_sqrt_len_tokens" => PoolMode::MeanSqrtLen,
                 "lasttoken" => PoolMode::LastToken,
-                other => return Err(ModelError::load(file, format!("unsupported pooling_mode `{other}`"))),
+                other => {
+                    return Err(ModelError::load(
+                        file,
+                        format!("unsupported pooling_mode `{other}`"),
+                    ))
+                }
             }],
             None => [
                 (cfg.pooling_mode_cls_token, PoolMode::Cls),
@@ -127,7 +144,11 @@ impl Pooling {
             .map(|(i, &len)| {
                 // Only the row's real tokens: padding never enters a sentence vector.
                 let tokens = states.get(i)?.narrow(0, 0, len)?;
-                let parts = self.modes.iter().map(|mode| pool(&tokens, *mode)).collect::<candle_core::Result<Vec<_>>>()?;
+                let parts = self
+                    .modes
+                    .iter()
+                    .map(|mode| pool(&tokens, *mode))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -155,12 +176,17 @@ fn pool(tokens: &Tensor, mode: PoolMode) -> candle_core::Result<Tensor> {
 /// Divide each row of a [rows, dims] tensor by its L2 norm (floored at 1e-12, as torch's
 /// `F.normalize`).
 pub fn l2_normalize(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let norms = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    let norms = xs
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::MAX)?;
     xs.broadcast_div(&norms)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(file).map_err(|e| ModelError::load(file, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ModelError::load(file, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| ModelError::load(file, format!("invalid JSON: {e}")))
 }
 
@@ -186,19 +212,49 @@ mod tests {
     fn pools_only_real_tokens() {
         // Row 0 has 2 real tokens, row 1 has 3; padding slot of row 0 holds 100s.
         let states = Tensor::new(
-            &[[[1f32, 2.], [3., 6.], [100., 100.]], [[1., 1.], [2., 2.], [6., 3.]]],
+            &[
+                [[1f32, 2.], [3., 6.], [100., 100.]],
+                [[1., 1.], [2., 2.], [6., 3.]],
+            ],
             &Device::Cpu,
         )
         .unwrap();
         let pooled = |modes: Vec<PoolMode>| {
-            Pooling { modes, normalize: false }.forward(&states, &[2, 3]).unwrap().to_vec2::<f32>().unwrap()
+            Pooling {
+                modes,
+                normalize: false,
+            }
+            .forward(&states, &[2, 3])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
         };
-        assert_eq!(pooled(vec![PoolMode::Mean]), vec![vec![2., 4.], vec![3., 2.]]);
-        assert_eq!(pooled(vec![PoolMode::Max]), vec![vec![3., 6.], vec![6., 3.]]);
-        assert_eq!(pooled(vec![PoolMode::LastToken]), vec![vec![3., 6.], vec![6., 3.]]);
-        assert_eq!(pooled(vec![PoolMode::Cls, PoolMode::Mean]), vec![vec![1., 2., 2., 4.], vec![1., 1., 3., 2.]]);
-        let normed = Pooling { modes: vec![PoolMode::Cls], normalize: true }.forward(&states, &[2, 3]).unwrap();
+        assert_eq!(
+            pooled(vec![PoolMode::Mean]),
+            vec![vec![2., 4.], vec![3., 2.]]
+        );
+        assert_eq!(
+            pooled(vec![PoolMode::Max]),
+            vec![vec![3., 6.], vec![6., 3.]]
+        );
+        assert_eq!(
+            pooled(vec![PoolMode::LastToken]),
+            vec![vec![3., 6.], vec![6., 3.]]
+        );
+        assert_eq!(
+            pooled(vec![PoolMode::Cls, PoolMode::Mean]),
+            vec![vec![1., 2., 2., 4.], vec![1., 1., 3., 2.]]
+        );
+        let normed = Pooling {
+            modes: vec![PoolMode::Cls],
+            normalize: true,
+        }
+        .forward(&states, &[2, 3])
+        .unwrap();
         let row = normed.get(0).unwrap().to_vec1::<f32>().unwrap();
-        assert!((row[0] - 1. / 5f32.sqrt()).abs() < 1e-7 && (row[1] - 2. / 5f32.sqrt()).abs() < 1e-7, "{row:?}");
+        assert!(
+            (row[0] - 1. / 5f32.sqrt()).abs() < 1e-7 && (row[1] - 2. / 5f32.sqrt()).abs() < 1e-7,
+            "{row:?}"
+        );
     }
 }

@@ -60,15 +60,22 @@ impl Weights {
                 .map_err(|e| ModelError::load(file, format!("cannot read safetensors: {e}")))?;
             Store::Safetensors(st)
         } else {
-            let pth = PthTensors::new(file, None)
-                .map_err(|e| ModelError::load(file, format!("cannot read torch checkpoint: {e}")))?;
+            let pth = PthTensors::new(file, None).map_err(|e| {
+                ModelError::load(file, format!("cannot read torch checkpoint: {e}"))
+            })?;
             Store::Pth(pth)
         };
         Ok(Self::new(file.to_path_buf(), store, dtype, device))
     }
 
     fn new(file: PathBuf, store: Store, dtype: DType, device: &Device) -> Self {
-        Self { file, store, prefix: String::new(), dtype, device: device.clone() }
+        Self {
+            file,
+            store,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
     }
 
     pub fn file(&self) -> &Path {
@@ -86,13 +93,19 @@ impl Weights {
     /// `roberta.`); find it from where `anchor` (e.g. `embeddings.word_embeddings.weight`) lives.
     pub fn detect_prefix(&mut self, anchor: &str) -> Result<(), ModelError> {
         let names = self.names();
-        let found = names.iter().filter_map(|n| n.strip_suffix(anchor)).min_by_key(|p| p.len());
+        let found = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(anchor))
+            .min_by_key(|p| p.len());
         match found {
             Some(prefix) if prefix.is_empty() || prefix.ends_with('.') => {
                 self.prefix = prefix.to_string();
                 Ok(())
             }
-            _ => Err(ModelError::load(&self.file, format!("missing tensor `{anchor}` (with or without a model prefix)"))),
+            _ => Err(ModelError::load(
+                &self.file,
+                format!("missing tensor `{anchor}` (with or without a model prefix)"),
+            )),
         }
     }
 
@@ -112,7 +125,12 @@ impl Weights {
         if t.shape() != &shape {
             return Err(ModelError::load(
                 &self.file,
-                format!("tensor `{}{name}` has shape {:?}, expected {:?}", self.prefix, t.dims(), shape.dims()),
+                format!(
+                    "tensor `{}{name}` has shape {:?}, expected {:?}",
+                    self.prefix,
+                    t.dims(),
+                    shape.dims()
+                ),
             ));
         }
         Ok(t)
@@ -121,14 +139,21 @@ impl Weights {
     /// The tensor `name`, whatever its shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor, ModelError> {
         let full = format!("{}{name}", self.prefix);
-        let bad = |e: candle_core::Error| ModelError::load(&self.file, format!("cannot read tensor `{full}`: {e}"));
+        let bad = |e: candle_core::Error| {
+            ModelError::load(&self.file, format!("cannot read tensor `{full}`: {e}"))
+        };
         let missing = || ModelError::load(&self.file, format!("missing tensor `{full}`"));
         let t = match &self.store {
             Store::Safetensors(st) => {
                 let view = st.get(&full).map_err(|_| missing())?;
                 candle_core::safetensors::Load::load(&view, &self.device).map_err(bad)?
             }
-            Store::Pth(pth) => pth.get(&full).map_err(bad)?.ok_or_else(missing)?.to_device(&self.device).map_err(bad)?,
+            Store::Pth(pth) => pth
+                .get(&full)
+                .map_err(bad)?
+                .ok_or_else(missing)?
+                .to_device(&self.device)
+                .map_err(bad)?,
         };
         t.to_dtype(self.dtype).map_err(bad)
     }
@@ -140,11 +165,16 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
     struct Index {
         weight_map: HashMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|e| ModelError::load(index, format!("cannot read: {e}")))?;
-    let parsed: Index =
-        serde_json::from_str(&text).map_err(|e| ModelError::load(index, format!("invalid shard index: {e}")))?;
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| ModelError::load(index, format!("cannot read: {e}")))?;
+    let parsed: Index = serde_json::from_str(&text)
+        .map_err(|e| ModelError::load(index, format!("invalid shard index: {e}")))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = parsed.weight_map.into_values().map(|f| dir.join(f)).collect();
+    let mut files: Vec<PathBuf> = parsed
+        .weight_map
+        .into_values()
+        .map(|f| dir.join(f))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files)
