@@ -266,15 +266,26 @@ fn check_smollm2_greedy(chat: &LoadedChat, reference: &Value, min_margin: f64) {
     }
 }
 
+/// Quantized kernels (Q4_1 weights x Q8 activations) move logits by a few tenths over 30 layers, so
+/// the top-1 is only required where the reference's first greedy margin is at least 0.1 (the
+/// README's bound for this mode; the top-1 at the last prompt position is that first greedy step).
 #[test]
 fn smollm2_quantized_kernels_agree_with_dequantized_reference() {
+    const SURE_MARGIN: f64 = 0.1;
     let (chat, reference) = smollm2(GgufMode::Quantized);
+    let mut checked = 0;
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let first_margin = f64::from(floats(&case["greedy_margins"])[0]);
+        if first_margin < SURE_MARGIN {
+            continue;
+        }
         let (logits, _) = prefill_logits(chat.model.as_ref(), &ids(&case["prompt_ids"]));
         let top = ids(&case["last_logits_top20"]["ids"]);
         assert_eq!(argmax(&logits), top[0], "case {i}: top-1");
+        checked += 1;
     }
-    check_smollm2_greedy(&chat, &reference, 0.1);
+    assert!(checked >= 2, "only {checked} cases have a first margin >= {SURE_MARGIN}");
+    check_smollm2_greedy(&chat, &reference, SURE_MARGIN);
 }
 
 #[test]

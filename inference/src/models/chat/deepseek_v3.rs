@@ -7,7 +7,7 @@ pub mod config;
 pub mod mla;
 pub mod moe;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -18,7 +18,9 @@ use mla::{Mla, Rope, SeqSpan};
 pub use moe::{MoeGate, RoutePolicy, TokenRoute};
 use moe::{Mlp, Moe};
 
+use super::decoder::compute_dtype;
 use super::snapshot::load_chat_assets;
+use super::weights::safetensors_files;
 use crate::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep};
 
 enum FeedForward {
@@ -200,33 +202,10 @@ pub fn load_model(path: &Path, device: &Device) -> Result<DeepseekV3, ModelError
         serde_json::from_str(&text).map_err(|e| ModelError::load(&cfg_path, format!("invalid config: {e}")))?;
     cfg.validate().map_err(|msg| ModelError::load(&cfg_path, msg))?;
     let files = safetensors_files(path)?;
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let dtype = compute_dtype(device);
     // SAFETY: the files are memory-mapped read-only; modifying them while serving is unsupported.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
         .map_err(|e| ModelError::load(path, format!("cannot map weights: {e}")))?;
     tracing::info!(path = %path.display(), layers = cfg.num_hidden_layers, experts = ?cfg.n_routed_experts, "loading deepseek_v3");
     DeepseekV3::new(&cfg, vb).map_err(|e| ModelError::load(path, format!("cannot load weights: {e}")))
-}
-
-/// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::load(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::load(&index, "no weight_map"))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(ModelError::load(dir, "no model.safetensors or model.safetensors.index.json"))
 }

@@ -19,10 +19,9 @@ use super::{Device, Family, LoadedChat, ModelError};
 pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
     match family {
         Family::Glm | Family::Glm4 | Family::Qwen2 | Family::Llama => load_dense(path, family, device),
+        Family::ChatGlm => chatglm::load(path, device),
+        Family::DeepseekV3 => deepseek_v3::load(path, device),
         Family::Gguf => gguf::load(path, device, gguf::GgufMode::Quantized),
-        Family::DeepseekV3 | Family::ChatGlm => {
-            Err(ModelError::load(path, format!("{family:?} chat models are not built into this binary yet")))
-        }
         Family::Bert | Family::XlmRoberta | Family::Ernie => {
             Err(ModelError::load(path, format!("{family:?} is an embedding model, not a chat model")))
         }

@@ -36,7 +36,13 @@ impl SafetensorsWeights {
         Ok(SafetensorsWeights { vb, dir: dir.to_owned() })
     }
 
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    /// Whether the checkpoint holds a tensor of this full name (`....weight`, `....bias`).
+    pub fn has(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// The tensor of this full name, checked against `shape`, in the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         self.vb
             .get(shape, name)
             .map_err(|e| ModelError::load(&self.dir, format!("tensor {name} (expected shape {shape:?}): {e}")))
@@ -65,7 +71,8 @@ impl Weights for SafetensorsWeights {
     }
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+/// `model.safetensors`, or the shards listed in `model.safetensors.index.json` (all must exist).
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
