@@ -140,7 +140,20 @@ pub struct TokenizerSpec<'a> {
 
 /// Build a byte-level BPE tokenizer equivalent to tiktoken with these ranks.
 pub fn build_tokenizer(ranks: &[(Vec<u8>, u32)], spec: &TokenizerSpec<'_>) -> Result<tokenizers::Tokenizer, TiktokenError> {
-    let (vocab, merges) = bpe_vocab_and_merges(ranks)?;
+    let (mut vocab, merges) = bpe_vocab_and_merges(ranks)?;
+    // `tokenizers` numbers an added token that is missing from the model's vocabulary after the
+    // vocabulary, whatever id it is given; in the vocabulary it keeps its own id.
+    for (content, id) in spec.special_tokens {
+        if let Some(taken) = vocab.insert(content.clone(), *id).filter(|old| old != id) {
+            return Err(TiktokenError::Build(format!("special token {content} (id {id}) is also rank {taken}")));
+        }
+        if let Some((bytes, _)) = ranks.iter().find(|(_, r)| r == id) {
+            return Err(TiktokenError::Build(format!(
+                "special token {content} has id {id}, which is the rank of {:?}",
+                String::from_utf8_lossy(bytes)
+            )));
+        }
+    }
     let added: Vec<Value> = spec
         .special_tokens
         .iter()
