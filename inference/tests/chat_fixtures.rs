@@ -3,9 +3,18 @@
 //! prefill and decode of different sequences.
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use glm_inference::engine::ChatTemplate;
 use glm_inference::models::chat::gguf::{self, GgufMode};
 use glm_inference::models::{chat, detect_family, CausalLM, Device, Family, LoadedChat, SeqCache, SeqStep};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+/// README tolerance for the tiny chat models' logits (float32 on CPU).
+const LOGITS_TOL: f32 = 1e-4;
+/// A sequence must get the same logits in a batch as alone, up to summation order.
+const BATCH_TOL: f32 = 1e-5;
 
 fn fixtures_dir() -> PathBuf {
     std::env::var("GLM_FIXTURES_DIR")
@@ -33,11 +42,42 @@ fn floats(v: &Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
-fn load_tiny(name: &str) -> (LoadedChat, Value) {
+fn tiny_dir(name: &str) -> PathBuf {
     let dir = fixtures_dir().join("tiny").join(name);
-    let family = detect_family(&dir).unwrap();
-    let loaded = chat::load(&dir, family, &Device::Cpu).unwrap();
-    (loaded, read_json(&dir.join("reference.json")))
+    assert!(
+        dir.join("reference.json").is_file(),
+        "fixture {} is missing: it ships in shared/fixtures (set GLM_FIXTURES_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// Load through the server's path: family detection, then `chat::load`.
+fn load_dir(dir: &Path) -> LoadedChat {
+    let family = detect_family(dir).unwrap();
+    chat::load(dir, family, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn load_tiny(name: &str) -> (LoadedChat, Value) {
+    let dir = tiny_dir(name);
+    (load_dir(&dir), read_json(&dir.join("reference.json")))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vector lengths");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// The chat template of a loaded model, rendered by the engine's minijinja setup, must give every
+/// case's `prompt_text` (transformers' `apply_chat_template(..., add_generation_prompt=True)`).
+fn check_template(name: &str, chat: &LoadedChat, reference: &Value) {
+    let source = chat.chat_template.as_deref().unwrap_or_else(|| panic!("{name}: no chat template"));
+    let template = ChatTemplate::new(source, chat.bos_token.as_deref(), chat.eos_token.as_deref()).unwrap();
+    for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let messages = case["messages"].as_array().unwrap();
+        let text = template.render(messages, None, true).unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "{name} case {i}: rendered prompt");
+    }
 }
 
 fn encode(chat: &LoadedChat, text: &str, special: bool) -> Vec<u32> {
@@ -64,16 +104,24 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decoding of one sequence, as transformers `generate(do_sample=False)`.
 fn greedy(model: &dyn CausalLM, prompt: &[u32], max_new: usize, eos: &[u32]) -> (Vec<u32>, &'static str) {
+    let (ids, finish, _) = greedy_steps(model, prompt, max_new, eos);
+    (ids, finish)
+}
+
+/// Greedy decoding that also returns the logits each new token was chosen from.
+fn greedy_steps(model: &dyn CausalLM, prompt: &[u32], max_new: usize, eos: &[u32]) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
     let (mut logits, mut cache) = prefill_logits(model, prompt);
     let mut out = Vec::new();
+    let mut steps = Vec::new();
     loop {
         let next = argmax(&logits);
         out.push(next);
+        steps.push(logits);
         if eos.contains(&next) {
-            return (out, "stop");
+            return (out, "stop", steps);
         }
         if out.len() == max_new {
-            return (out, "length");
+            return (out, "length", steps);
         }
         let l = model.forward(&mut [SeqStep { tokens: &[next], cache: &mut cache }]).unwrap();
         logits = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
@@ -91,22 +139,85 @@ fn check_tokenization(chat: &LoadedChat, reference: &Value) {
 fn check_tiny(name: &str) {
     let (chat, reference) = load_tiny(name);
     check_tokenization(&chat, &reference);
-    let eos = ids(&reference["eos_token_ids"]);
-    assert_eq!(chat.eos_token_ids, eos);
+    check_template(name, &chat, &reference);
+    assert_eq!(chat.eos_token_ids, ids(&reference["eos_token_ids"]));
     assert_eq!(chat.model.info().vocab_size, reference["config_vocab_size"].as_u64().unwrap() as usize);
+    check_generation(name, &chat, &reference, usize::MAX);
+}
+
+/// Last prompt logits, greedy ids (with the top-5 logits of every step, which exercise the KV
+/// cache), finish reason and decoded text against the reference. Logits are compared on the first
+/// `vocab` rows only (widened copies of a fixture add rows the reference does not have).
+fn check_generation(name: &str, chat: &LoadedChat, reference: &Value, vocab: usize) {
+    let eos = ids(&reference["eos_token_ids"]);
     let max_new = reference["generation"]["max_new_tokens"].as_u64().unwrap_or(12) as usize;
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        let prompt = encode(&chat, case["prompt_text"].as_str().unwrap(), false);
+        let prompt = encode(chat, case["prompt_text"].as_str().unwrap(), false);
         assert_eq!(prompt, ids(&case["prompt_ids"]), "{name} case {i}: prompt ids");
-        let (logits, _) = prefill_logits(chat.model.as_ref(), &prompt);
+        let (generated, finish, steps) = greedy_steps(chat.model.as_ref(), &prompt, max_new, &eos);
         let want = floats(&case["last_logits"]);
-        assert_eq!(logits.len(), want.len());
-        let diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-4, "{name} case {i}: last_logits max abs diff {diff}");
-        let (generated, finish) = greedy(chat.model.as_ref(), &prompt, max_new, &eos);
+        let got = &steps[0][..want.len().min(vocab).min(steps[0].len())];
+        assert_eq!(got.len(), want.len(), "{name} case {i}: logits length");
+        let diff = max_abs_diff(got, &want);
+        assert!(diff <= LOGITS_TOL, "{name} case {i}: last_logits max abs diff {diff}");
         assert_eq!(generated, ids(&case["generated_ids"]), "{name} case {i}: greedy ids");
         assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "{name} case {i}: finish reason");
+        for (t, (logits, top)) in steps.iter().zip(case["step_top5"].as_array().unwrap()).enumerate() {
+            for (id, w) in ids(&top["ids"]).iter().zip(floats(&top["logits"])) {
+                let got = logits[*id as usize];
+                assert!((got - w).abs() <= LOGITS_TOL, "{name} case {i} step {t}: logit of {id} {got} vs {w}");
+            }
+        }
+        let text = chat.tokenizer.decode(&generated, false).unwrap();
+        assert_eq!(text, case["generated_text"].as_str().unwrap(), "{name} case {i}: generated text");
     }
+}
+
+/// Two prompts of different lengths in ONE forward call give each the logits it gets alone (and
+/// the reference's); then one call mixes a decode token of the first with the second's next
+/// chunk, against the same tokens run alone. This is what continuous batching relies on.
+fn check_mixed_forward(name: &str) {
+    let (chat, reference) = load_tiny(name);
+    let model = chat.model.as_ref();
+    let cases = reference["cases"].as_array().unwrap();
+    let (a, b) = (ids(&cases[0]["prompt_ids"]), ids(&cases[2]["prompt_ids"]));
+    assert_ne!(a.len(), b.len(), "{name}: the two prompts should differ in length");
+    let (alone_a, mut cache_a1) = prefill_logits(model, &a);
+    let split = b.len() / 2;
+    let (alone_b, mut cache_b1) = prefill_logits(model, &b[..split]);
+
+    let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
+    let rows = model
+        .forward(&mut [SeqStep { tokens: &a, cache: &mut cache_a }, SeqStep { tokens: &b[..split], cache: &mut cache_b }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!((cache_a.len(), cache_b.len()), (a.len(), split), "{name}: cache lengths");
+    let diff = max_abs_diff(&rows[0], &alone_a);
+    assert!(diff <= BATCH_TOL, "{name}: batched vs alone, first sequence: {diff}");
+    let diff = max_abs_diff(&rows[1], &alone_b);
+    assert!(diff <= BATCH_TOL, "{name}: batched vs alone, second sequence: {diff}");
+    let diff = max_abs_diff(&rows[0], &floats(&cases[0]["last_logits"]));
+    assert!(diff <= LOGITS_TOL, "{name}: batched vs reference: {diff}");
+
+    // Next step, mixed: one decode token for `a`, the rest of `b`'s prompt (a prefill chunk).
+    let next = [argmax(&rows[0])];
+    let rows = model
+        .forward(&mut [SeqStep { tokens: &b[split..], cache: &mut cache_b }, SeqStep { tokens: &next, cache: &mut cache_a }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let step = |tokens: &[u32], cache: &mut SeqCache| {
+        model.forward(&mut [SeqStep { tokens, cache }]).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let alone_b = step(&b[split..], &mut cache_b1);
+    let alone_a = step(&next, &mut cache_a1);
+    let diff = max_abs_diff(&rows[0], &alone_b);
+    assert!(diff <= BATCH_TOL, "{name}: chunked prefill batched vs alone: {diff}");
+    let diff = max_abs_diff(&rows[1], &alone_a);
+    assert!(diff <= BATCH_TOL, "{name}: decode batched vs alone: {diff}");
+    let diff = max_abs_diff(&rows[0], &floats(&cases[2]["last_logits"]));
+    assert!(diff <= LOGITS_TOL, "{name}: chunked prefill vs reference: {diff}");
 }
 
 /// Every case of a fixture decoded together: sequences join at different steps (so prefill chunks
@@ -204,6 +315,125 @@ fn llama3_batched_equals_single() {
 }
 
 #[test]
+fn glm4_9b_chat_hf_mixed_forward_equals_alone() {
+    check_mixed_forward("glm4-9b-chat-hf");
+}
+
+#[test]
+fn glm4_0414_mixed_forward_equals_alone() {
+    check_mixed_forward("glm4-0414");
+}
+
+#[test]
+fn qwen2_mixed_forward_equals_alone() {
+    check_mixed_forward("qwen2");
+}
+
+#[test]
+fn llama3_mixed_forward_equals_alone() {
+    check_mixed_forward("llama");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes other than the fixtures': a fixture widened so that the network computes the same
+// function (key/value heads duplicated, MLP padded with zero units, vocabulary padded with zero
+// rows) must still reproduce the fixture's reference. Nothing in the loader may assume a size.
+// ---------------------------------------------------------------------------------------------
+
+struct Widen {
+    kv_heads: usize,
+    intermediate: usize,
+    vocab: usize,
+    max_positions: usize,
+}
+
+/// Rows `[n * block, ...]` -> each block of `block` rows repeated `times` times in place
+/// (key/value head `j` of the widened model is head `j / times` of the original).
+fn repeat_blocks(t: &Tensor, block: usize, times: usize) -> Tensor {
+    let n = t.dim(0).unwrap() / block;
+    let parts: Vec<Tensor> =
+        (0..n).flat_map(|j| std::iter::repeat_n(t.narrow(0, j * block, block).unwrap(), times)).collect();
+    Tensor::cat(&parts, 0).unwrap()
+}
+
+/// Zero rows (dim 0) or columns (dim 1) appended up to `to`.
+fn pad(t: &Tensor, dim: usize, to: usize) -> Tensor {
+    let mut shape = t.dims().to_vec();
+    let extra = to - shape[dim];
+    shape[dim] = extra;
+    let zeros = Tensor::zeros(shape, t.dtype(), t.device()).unwrap();
+    Tensor::cat(&[t, &zeros], dim).unwrap()
+}
+
+fn widen_tensor(name: &str, t: &Tensor, cfg: &Value, w: &Widen) -> Tensor {
+    let head_dim = cfg["head_dim"].as_u64().map(|d| d as usize).unwrap_or_else(|| {
+        (cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap()) as usize
+    });
+    let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
+    let inter = cfg["intermediate_size"].as_u64().unwrap() as usize;
+    if name.contains("self_attn.k_proj") || name.contains("self_attn.v_proj") {
+        return repeat_blocks(t, head_dim, w.kv_heads / kv);
+    }
+    if name.ends_with("mlp.gate_up_proj.weight") {
+        // Gate rows first, then up rows: each half padded on its own.
+        let (gate, up) = (t.narrow(0, 0, inter).unwrap(), t.narrow(0, inter, inter).unwrap());
+        return Tensor::cat(&[pad(&gate, 0, w.intermediate), pad(&up, 0, w.intermediate)], 0).unwrap();
+    }
+    if name.ends_with("mlp.gate_proj.weight") || name.ends_with("mlp.up_proj.weight") {
+        return pad(t, 0, w.intermediate);
+    }
+    if name.ends_with("mlp.down_proj.weight") {
+        return pad(t, 1, w.intermediate);
+    }
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        return pad(t, 0, w.vocab);
+    }
+    t.clone()
+}
+
+/// A copy of a tiny fixture with the widened shapes, in a temp folder.
+fn widened_fixture(name: &str, w: &Widen) -> tempfile::TempDir {
+    let src = tiny_dir(name);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = read_json(&src.join("config.json"));
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let widened: HashMap<String, Tensor> =
+        tensors.iter().map(|(n, t)| (n.clone(), widen_tensor(n, t, &cfg, w))).collect();
+    candle_core::safetensors::save(&widened, dir.path().join("model.safetensors")).unwrap();
+    cfg["num_key_value_heads"] = json!(w.kv_heads);
+    cfg["intermediate_size"] = json!(w.intermediate);
+    cfg["vocab_size"] = json!(w.vocab);
+    cfg["max_position_embeddings"] = json!(w.max_positions);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+fn check_widened(name: &str, w: Widen) {
+    let reference = read_json(&tiny_dir(name).join("reference.json"));
+    let original_vocab = reference["config_vocab_size"].as_u64().unwrap() as usize;
+    let dir = widened_fixture(name, &w);
+    let chat = load_dir(dir.path());
+    let info = chat.model.info();
+    assert_eq!((info.vocab_size, info.max_context), (w.vocab, w.max_positions), "{name}: widened info");
+    check_generation(name, &chat, &reference, original_vocab);
+}
+
+#[test]
+fn llama3_with_other_shapes_matches_transformers() {
+    // GQA 4:1 becomes plain multi-head attention; 112 -> 200 MLP units; 587 -> 640 vocabulary rows.
+    check_widened("llama", Widen { kv_heads: 4, intermediate: 200, vocab: 640, max_positions: 2048 });
+}
+
+#[test]
+fn glm4_0414_with_other_shapes_matches_transformers() {
+    // Fused gate/up projection and q/k/v biases; 2 -> 4 key/value heads, 160 -> 176 units.
+    check_widened("glm4-0414", Widen { kv_heads: 4, intermediate: 176, vocab: 608, max_positions: 4096 });
+}
+
+#[test]
 fn families_are_detected_for_tiny_chat_fixtures() {
     let root = fixtures_dir().join("tiny");
     assert_eq!(detect_family(&root.join("glm4-9b-chat-hf")).unwrap(), Family::Glm);
@@ -233,7 +463,12 @@ fn smollm2(mode: GgufMode) -> (LoadedChat, Value) {
         file.display()
     );
     let reference = read_json(&fixtures_dir().join("real/smollm2/reference.json"));
-    (gguf::load(&file, &Device::Cpu, mode).unwrap(), reference)
+    let chat = match mode {
+        // What the server does with a .gguf path.
+        GgufMode::Quantized => load_dir(&file),
+        GgufMode::Dequantized => gguf::load(&file, &Device::Cpu, mode).unwrap(),
+    };
+    (chat, reference)
 }
 
 #[test]
@@ -245,6 +480,7 @@ fn smollm2_gguf_tokenizer_and_template_match_transformers() {
         assert_eq!(prompt, ids(&case["prompt_ids"]));
     }
     assert_eq!(chat.chat_template.as_deref(), reference["chat_template"].as_str());
+    check_template("smollm2", &chat, &reference);
     assert_eq!(chat.eos_token_ids, ids(&reference["eos_token_ids"]));
     assert_eq!(chat.eos_token.as_deref(), Some("<|im_end|>"));
 }
@@ -301,4 +537,24 @@ fn smollm2_dequantized_matches_transformers_top20() {
         }
     }
     check_smollm2_greedy(&chat, &reference, 0.0);
+}
+
+/// Quantized kernels batch too: two prompts of different lengths in one forward give each the
+/// logits it gets alone.
+#[test]
+fn smollm2_quantized_mixed_forward_equals_alone() {
+    let (chat, reference) = smollm2(GgufMode::Quantized);
+    let model = chat.model.as_ref();
+    let cases = reference["cases"].as_array().unwrap();
+    let (a, b) = (ids(&cases[0]["prompt_ids"]), ids(&cases[2]["prompt_ids"]));
+    let (alone_a, _) = prefill_logits(model, &a);
+    let (alone_b, _) = prefill_logits(model, &b);
+    let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
+    let rows = model
+        .forward(&mut [SeqStep { tokens: &b, cache: &mut cache_b }, SeqStep { tokens: &a, cache: &mut cache_a }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let (da, db) = (max_abs_diff(&rows[1], &alone_a), max_abs_diff(&rows[0], &alone_b));
+    assert!(da <= BATCH_TOL && db <= BATCH_TOL, "batched vs alone: {da}, {db}");
 }
