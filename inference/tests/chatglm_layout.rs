@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use glm_inference::models::chat::{chatglm, tiktoken};
-use glm_inference::models::{CausalLM, SeqStep};
+use glm_inference::engine::ChatTemplate;
+use glm_inference::models::chat::tiktoken;
+use glm_inference::models::{chat, detect_family, CausalLM, Family, LoadedChat, SeqStep};
 use serde_json::{json, Value};
 
 const LOGITS_TOL: f32 = 1e-4;
@@ -123,6 +124,12 @@ fn build_original_layout() -> tempfile::TempDir {
     dir
 }
 
+/// The folder as the server loads it: detected as THUDM's layout, then `chat::load`.
+fn load_original(dir: &Path) -> LoadedChat {
+    assert_eq!(detect_family(dir).unwrap(), Family::ChatGlm);
+    chat::load(dir, Family::ChatGlm, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn argmax(row: &[f32]) -> u32 {
     row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
 }
@@ -137,7 +144,7 @@ fn tiktoken_tokenizer_matches_the_hf_tokenizer() {
     let dir = build_original_layout();
     assert!(!dir.path().join("tokenizer.json").exists());
     let reference = read_json(&fixture_dir().join("reference.json"));
-    let loaded = chatglm::load(dir.path(), &Device::Cpu).unwrap();
+    let loaded = load_original(dir.path());
     for t in reference["tokenization"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
         let plain = loaded.tokenizer.encode(text, false).unwrap();
@@ -151,14 +158,19 @@ fn tiktoken_tokenizer_matches_the_hf_tokenizer() {
         assert_eq!(enc.get_ids(), ids(&case["prompt_ids"]).as_slice());
     }
     assert_eq!(loaded.eos_token_ids, ids(&reference["eos_token_ids"]));
-    assert!(loaded.chat_template.unwrap().contains("[gMASK]"));
+    let source = loaded.chat_template.as_deref().expect("chat template from tokenizer_config.json");
+    let template = ChatTemplate::new(source, loaded.bos_token.as_deref(), loaded.eos_token.as_deref()).unwrap();
+    for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let text = template.render(case["messages"].as_array().unwrap(), None, true).unwrap();
+        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {i}: rendered prompt");
+    }
 }
 
 #[test]
 fn original_layout_reproduces_the_reference() {
     let dir = build_original_layout();
     let reference = read_json(&fixture_dir().join("reference.json"));
-    let loaded = chatglm::load(dir.path(), &Device::Cpu).unwrap();
+    let loaded = load_original(dir.path());
     let model = loaded.model.as_ref();
     let eos = ids(&reference["eos_token_ids"]);
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {

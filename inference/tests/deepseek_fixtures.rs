@@ -2,8 +2,9 @@
 //! `fixtures/tiny/deepseek-v3` (see the fixtures README for how it was made and the tolerances).
 use std::path::PathBuf;
 
+use glm_inference::engine::ChatTemplate;
 use glm_inference::models::chat::deepseek_v3::{self, DeepseekV3, RoutePolicy};
-use glm_inference::models::{CausalLM, Device, SeqCache, SeqStep};
+use glm_inference::models::{chat, detect_family, CausalLM, Device, Family, SeqCache, SeqStep};
 use serde_json::Value;
 
 const LOGITS_TOL: f32 = 1e-4;
@@ -69,10 +70,13 @@ fn greedy(model: &dyn CausalLM, prompt: &[u32], eos: &[u32]) -> (Vec<u32>, &'sta
     (out, "length")
 }
 
+/// Loaded as the server does (family detection, `chat::load`): tokenizer, stop ids, template.
 #[test]
-fn tokenization_and_prompt_ids_are_exact() {
+fn tokenization_template_and_prompt_ids_are_exact() {
     let r = reference();
-    let loaded = deepseek_v3::load(&fixture_dir(), &Device::Cpu).unwrap();
+    let dir = fixture_dir();
+    assert_eq!(detect_family(&dir).unwrap(), Family::DeepseekV3);
+    let loaded = chat::load(&dir, Family::DeepseekV3, &Device::Cpu).unwrap();
     for t in r["tokenization"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
         let plain = loaded.tokenizer.encode(text, false).unwrap();
@@ -86,6 +90,14 @@ fn tokenization_and_prompt_ids_are_exact() {
     }
     assert_eq!(loaded.eos_token_ids, ids(&r["eos_token_ids"]));
     assert_eq!(loaded.model.info().vocab_size, r["config_vocab_size"].as_u64().unwrap() as usize);
+    let source = loaded.chat_template.as_deref().expect("chat template");
+    let template = ChatTemplate::new(source, loaded.bos_token.as_deref(), loaded.eos_token.as_deref()).unwrap();
+    for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
+        let text = template.render(case["messages"].as_array().unwrap(), None, true).unwrap();
+        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {i}: rendered prompt");
+        let decoded = loaded.tokenizer.decode(&ids(&case["generated_ids"]), false).unwrap();
+        assert_eq!(decoded, case["generated_text"].as_str().unwrap(), "case {i}: generated text");
+    }
 }
 
 #[test]
