@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use glm_inference::engine::ChatTemplate;
 use glm_inference::models::chat::gguf::{self, GgufMode};
-use glm_inference::models::{chat, detect_family, CausalLM, Device, Family, LoadedChat, SeqCache, SeqStep};
+use glm_inference::models::{
+    chat, detect_family, CausalLM, Device, Family, LoadedChat, SeqCache, SeqStep,
+};
 use serde_json::{json, Value};
 
 /// README tolerance for the tiny chat models' logits (float32 on CPU).
@@ -19,7 +21,12 @@ const BATCH_TOL: f32 = 1e-5;
 fn fixtures_dir() -> PathBuf {
     std::env::var("GLM_FIXTURES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")))
+        .unwrap_or_else(|_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
+        })
 }
 
 fn models_dir() -> PathBuf {
@@ -29,17 +36,29 @@ fn models_dir() -> PathBuf {
 }
 
 fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (fixtures live in shared/fixtures; set GLM_FIXTURES_DIR)", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (fixtures live in shared/fixtures; set GLM_FIXTURES_DIR)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn tiny_dir(name: &str) -> PathBuf {
@@ -65,29 +84,51 @@ fn load_tiny(name: &str) -> (LoadedChat, Value) {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "vector lengths");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// The chat template of a loaded model, rendered by the engine's minijinja setup, must give every
 /// case's `prompt_text` (transformers' `apply_chat_template(..., add_generation_prompt=True)`).
 fn check_template(name: &str, chat: &LoadedChat, reference: &Value) {
-    let source = chat.chat_template.as_deref().unwrap_or_else(|| panic!("{name}: no chat template"));
-    let template = ChatTemplate::new(source, chat.bos_token.as_deref(), chat.eos_token.as_deref()).unwrap();
+    let source = chat
+        .chat_template
+        .as_deref()
+        .unwrap_or_else(|| panic!("{name}: no chat template"));
+    let template =
+        ChatTemplate::new(source, chat.bos_token.as_deref(), chat.eos_token.as_deref()).unwrap();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
         let messages = case["messages"].as_array().unwrap();
-        let text = template.render(messages, None, true).unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "{name} case {i}: rendered prompt");
+        let text = template
+            .render(messages, None, true)
+            .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "{name} case {i}: rendered prompt"
+        );
     }
 }
 
 fn encode(chat: &LoadedChat, text: &str, special: bool) -> Vec<u32> {
-    chat.tokenizer.encode(text, special).unwrap().get_ids().to_vec()
+    chat.tokenizer
+        .encode(text, special)
+        .unwrap()
+        .get_ids()
+        .to_vec()
 }
 
 /// Logits of the last prompt position, the prompt run as one prefill.
 fn prefill_logits(model: &dyn CausalLM, prompt: &[u32]) -> (Vec<f32>, SeqCache) {
     let mut cache = model.new_cache();
-    let logits = model.forward(&mut [SeqStep { tokens: prompt, cache: &mut cache }]).unwrap();
+    let logits = model
+        .forward(&mut [SeqStep {
+            tokens: prompt,
+            cache: &mut cache,
+        }])
+        .unwrap();
     assert_eq!(logits.dims(), &[1, model.info().vocab_size]);
     (logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap(), cache)
 }
@@ -103,13 +144,23 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Greedy decoding of one sequence, as transformers `generate(do_sample=False)`.
-fn greedy(model: &dyn CausalLM, prompt: &[u32], max_new: usize, eos: &[u32]) -> (Vec<u32>, &'static str) {
+fn greedy(
+    model: &dyn CausalLM,
+    prompt: &[u32],
+    max_new: usize,
+    eos: &[u32],
+) -> (Vec<u32>, &'static str) {
     let (ids, finish, _) = greedy_steps(model, prompt, max_new, eos);
     (ids, finish)
 }
 
 /// Greedy decoding that also returns the logits each new token was chosen from.
-fn greedy_steps(model: &dyn CausalLM, prompt: &[u32], max_new: usize, eos: &[u32]) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
+fn greedy_steps(
+    model: &dyn CausalLM,
+    prompt: &[u32],
+    max_new: usize,
+    eos: &[u32],
+) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
     let (mut logits, mut cache) = prefill_logits(model, prompt);
     let mut out = Vec::new();
     let mut steps = Vec::new();
@@ -123,7 +174,12 @@ fn greedy_steps(model: &dyn CausalLM, prompt: &[u32], max_new: usize, eos: &[u32
         if out.len() == max_new {
             return (out, "length", steps);
         }
-        let l = model.forward(&mut [SeqStep { tokens: &[next], cache: &mut cache }]).unwrap();
+        let l = model
+            .forward(&mut [SeqStep {
+                tokens: &[next],
+                cache: &mut cache,
+            }])
+            .unwrap();
         logits = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
     }
 }
@@ -132,7 +188,11 @@ fn check_tokenization(chat: &LoadedChat, reference: &Value) {
     for t in reference["tokenization"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
         assert_eq!(encode(chat, text, false), ids(&t["ids"]), "ids of {text:?}");
-        assert_eq!(encode(chat, text, true), ids(&t["ids_add_special_tokens"]), "ids with specials of {text:?}");
+        assert_eq!(
+            encode(chat, text, true),
+            ids(&t["ids_add_special_tokens"]),
+            "ids with specials of {text:?}"
+        );
     }
 }
 
@@ -141,7 +201,10 @@ fn check_tiny(name: &str) {
     check_tokenization(&chat, &reference);
     check_template(name, &chat, &reference);
     assert_eq!(chat.eos_token_ids, ids(&reference["eos_token_ids"]));
-    assert_eq!(chat.model.info().vocab_size, reference["config_vocab_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        chat.model.info().vocab_size,
+        reference["config_vocab_size"].as_u64().unwrap() as usize
+    );
     check_generation(name, &chat, &reference, usize::MAX);
 }
 
@@ -150,26 +213,54 @@ fn check_tiny(name: &str) {
 /// `vocab` rows only (widened copies of a fixture add rows the reference does not have).
 fn check_generation(name: &str, chat: &LoadedChat, reference: &Value, vocab: usize) {
     let eos = ids(&reference["eos_token_ids"]);
-    let max_new = reference["generation"]["max_new_tokens"].as_u64().unwrap_or(12) as usize;
+    let max_new = reference["generation"]["max_new_tokens"]
+        .as_u64()
+        .unwrap_or(12) as usize;
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = encode(chat, case["prompt_text"].as_str().unwrap(), false);
-        assert_eq!(prompt, ids(&case["prompt_ids"]), "{name} case {i}: prompt ids");
+        assert_eq!(
+            prompt,
+            ids(&case["prompt_ids"]),
+            "{name} case {i}: prompt ids"
+        );
         let (generated, finish, steps) = greedy_steps(chat.model.as_ref(), &prompt, max_new, &eos);
         let want = floats(&case["last_logits"]);
         let got = &steps[0][..want.len().min(vocab).min(steps[0].len())];
         assert_eq!(got.len(), want.len(), "{name} case {i}: logits length");
         let diff = max_abs_diff(got, &want);
-        assert!(diff <= LOGITS_TOL, "{name} case {i}: last_logits max abs diff {diff}");
-        assert_eq!(generated, ids(&case["generated_ids"]), "{name} case {i}: greedy ids");
-        assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "{name} case {i}: finish reason");
-        for (t, (logits, top)) in steps.iter().zip(case["step_top5"].as_array().unwrap()).enumerate() {
+        assert!(
+            diff <= LOGITS_TOL,
+            "{name} case {i}: last_logits max abs diff {diff}"
+        );
+        assert_eq!(
+            generated,
+            ids(&case["generated_ids"]),
+            "{name} case {i}: greedy ids"
+        );
+        assert_eq!(
+            finish,
+            case["finish_reason"].as_str().unwrap(),
+            "{name} case {i}: finish reason"
+        );
+        for (t, (logits, top)) in steps
+            .iter()
+            .zip(case["step_top5"].as_array().unwrap())
+            .enumerate()
+        {
             for (id, w) in ids(&top["ids"]).iter().zip(floats(&top["logits"])) {
                 let got = logits[*id as usize];
-                assert!((got - w).abs() <= LOGITS_TOL, "{name} case {i} step {t}: logit of {id} {got} vs {w}");
+                assert!(
+                    (got - w).abs() <= LOGITS_TOL,
+                    "{name} case {i} step {t}: logit of {id} {got} vs {w}"
+                );
             }
         }
         let text = chat.tokenizer.decode(&generated, false).unwrap();
-        assert_eq!(text, case["generated_text"].as_str().unwrap(), "{name} case {i}: generated text");
+        assert_eq!(
+            text,
+            case["generated_text"].as_str().unwrap(),
+            "{name} case {i}: generated text"
+        );
     }
 }
 
@@ -181,43 +272,87 @@ fn check_mixed_forward(name: &str) {
     let model = chat.model.as_ref();
     let cases = reference["cases"].as_array().unwrap();
     let (a, b) = (ids(&cases[0]["prompt_ids"]), ids(&cases[2]["prompt_ids"]));
-    assert_ne!(a.len(), b.len(), "{name}: the two prompts should differ in length");
+    assert_ne!(
+        a.len(),
+        b.len(),
+        "{name}: the two prompts should differ in length"
+    );
     let (alone_a, mut cache_a1) = prefill_logits(model, &a);
     let split = b.len() / 2;
     let (alone_b, mut cache_b1) = prefill_logits(model, &b[..split]);
 
     let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
     let rows = model
-        .forward(&mut [SeqStep { tokens: &a, cache: &mut cache_a }, SeqStep { tokens: &b[..split], cache: &mut cache_b }])
+        .forward(&mut [
+            SeqStep {
+                tokens: &a,
+                cache: &mut cache_a,
+            },
+            SeqStep {
+                tokens: &b[..split],
+                cache: &mut cache_b,
+            },
+        ])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    assert_eq!((cache_a.len(), cache_b.len()), (a.len(), split), "{name}: cache lengths");
+    assert_eq!(
+        (cache_a.len(), cache_b.len()),
+        (a.len(), split),
+        "{name}: cache lengths"
+    );
     let diff = max_abs_diff(&rows[0], &alone_a);
-    assert!(diff <= BATCH_TOL, "{name}: batched vs alone, first sequence: {diff}");
+    assert!(
+        diff <= BATCH_TOL,
+        "{name}: batched vs alone, first sequence: {diff}"
+    );
     let diff = max_abs_diff(&rows[1], &alone_b);
-    assert!(diff <= BATCH_TOL, "{name}: batched vs alone, second sequence: {diff}");
+    assert!(
+        diff <= BATCH_TOL,
+        "{name}: batched vs alone, second sequence: {diff}"
+    );
     let diff = max_abs_diff(&rows[0], &floats(&cases[0]["last_logits"]));
     assert!(diff <= LOGITS_TOL, "{name}: batched vs reference: {diff}");
 
     // Next step, mixed: one decode token for `a`, the rest of `b`'s prompt (a prefill chunk).
     let next = [argmax(&rows[0])];
     let rows = model
-        .forward(&mut [SeqStep { tokens: &b[split..], cache: &mut cache_b }, SeqStep { tokens: &next, cache: &mut cache_a }])
+        .forward(&mut [
+            SeqStep {
+                tokens: &b[split..],
+                cache: &mut cache_b,
+            },
+            SeqStep {
+                tokens: &next,
+                cache: &mut cache_a,
+            },
+        ])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
     let step = |tokens: &[u32], cache: &mut SeqCache| {
-        model.forward(&mut [SeqStep { tokens, cache }]).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+        model
+            .forward(&mut [SeqStep { tokens, cache }])
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     let alone_b = step(&b[split..], &mut cache_b1);
     let alone_a = step(&next, &mut cache_a1);
     let diff = max_abs_diff(&rows[0], &alone_b);
-    assert!(diff <= BATCH_TOL, "{name}: chunked prefill batched vs alone: {diff}");
+    assert!(
+        diff <= BATCH_TOL,
+        "{name}: chunked prefill batched vs alone: {diff}"
+    );
     let diff = max_abs_diff(&rows[1], &alone_a);
     assert!(diff <= BATCH_TOL, "{name}: decode batched vs alone: {diff}");
     let diff = max_abs_diff(&rows[0], &floats(&cases[2]["last_logits"]));
-    assert!(diff <= LOGITS_TOL, "{name}: chunked prefill vs reference: {diff}");
+    assert!(
+        diff <= LOGITS_TOL,
+        "{name}: chunked prefill vs reference: {diff}"
+    );
 }
 
 /// Every case of a fixture decoded together: sequences join at different steps (so prefill chunks
@@ -248,16 +383,28 @@ fn check_batched(name: &str) {
         .collect();
     let mut step = 0;
     while seqs.iter().any(|s| !s.done) {
-        let mut active: Vec<&mut Seq> = seqs.iter_mut().filter(|s| !s.done && s.joins_at <= step).collect();
+        let mut active: Vec<&mut Seq> = seqs
+            .iter_mut()
+            .filter(|s| !s.done && s.joins_at <= step)
+            .collect();
         let inputs: Vec<Vec<u32>> = active
             .iter()
-            .map(|s| if s.cache.is_empty() { s.prompt.clone() } else { vec![*s.out.last().unwrap()] })
+            .map(|s| {
+                if s.cache.is_empty() {
+                    s.prompt.clone()
+                } else {
+                    vec![*s.out.last().unwrap()]
+                }
+            })
             .collect();
         if !active.is_empty() {
             let mut steps: Vec<SeqStep> = active
                 .iter_mut()
                 .zip(&inputs)
-                .map(|(s, t)| SeqStep { tokens: t, cache: &mut s.cache })
+                .map(|(s, t)| SeqStep {
+                    tokens: t,
+                    cache: &mut s.cache,
+                })
                 .collect();
             let logits = model.forward(&mut steps).unwrap().to_vec2::<f32>().unwrap();
             for (s, row) in active.iter_mut().zip(logits) {
@@ -269,8 +416,16 @@ fn check_batched(name: &str) {
         step += 1;
     }
     for (i, (s, c)) in seqs.iter().zip(cases).enumerate() {
-        assert_eq!(s.out, ids(&c["generated_ids"]), "{name} case {i}: batched greedy ids");
-        assert_eq!(s.cache.len(), s.prompt.len() + s.out.len() - 1, "{name} case {i}: cache length");
+        assert_eq!(
+            s.out,
+            ids(&c["generated_ids"]),
+            "{name} case {i}: batched greedy ids"
+        );
+        assert_eq!(
+            s.cache.len(),
+            s.prompt.len() + s.out.len() - 1,
+            "{name} case {i}: cache length"
+        );
     }
 }
 
@@ -351,8 +506,9 @@ struct Widen {
 /// (key/value head `j` of the widened model is head `j / times` of the original).
 fn repeat_blocks(t: &Tensor, block: usize, times: usize) -> Tensor {
     let n = t.dim(0).unwrap() / block;
-    let parts: Vec<Tensor> =
-        (0..n).flat_map(|j| std::iter::repeat_n(t.narrow(0, j * block, block).unwrap(), times)).collect();
+    let parts: Vec<Tensor> = (0..n)
+        .flat_map(|j| std::iter::repeat_n(t.narrow(0, j * block, block).unwrap(), times))
+        .collect();
     Tensor::cat(&parts, 0).unwrap()
 }
 
@@ -366,9 +522,13 @@ fn pad(t: &Tensor, dim: usize, to: usize) -> Tensor {
 }
 
 fn widen_tensor(name: &str, t: &Tensor, cfg: &Value, w: &Widen) -> Tensor {
-    let head_dim = cfg["head_dim"].as_u64().map(|d| d as usize).unwrap_or_else(|| {
-        (cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap()) as usize
-    });
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map(|d| d as usize)
+        .unwrap_or_else(|| {
+            (cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap())
+                as usize
+        });
     let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
     let inter = cfg["intermediate_size"].as_u64().unwrap() as usize;
     if name.contains("self_attn.k_proj") || name.contains("self_attn.v_proj") {
@@ -376,8 +536,15 @@ fn widen_tensor(name: &str, t: &Tensor, cfg: &Value, w: &Widen) -> Tensor {
     }
     if name.ends_with("mlp.gate_up_proj.weight") {
         // Gate rows first, then up rows: each half padded on its own.
-        let (gate, up) = (t.narrow(0, 0, inter).unwrap(), t.narrow(0, inter, inter).unwrap());
-        return Tensor::cat(&[pad(&gate, 0, w.intermediate), pad(&up, 0, w.intermediate)], 0).unwrap();
+        let (gate, up) = (
+            t.narrow(0, 0, inter).unwrap(),
+            t.narrow(0, inter, inter).unwrap(),
+        );
+        return Tensor::cat(
+            &[pad(&gate, 0, w.intermediate), pad(&up, 0, w.intermediate)],
+            0,
+        )
+        .unwrap();
     }
     if name.ends_with("mlp.gate_proj.weight") || name.ends_with("mlp.up_proj.weight") {
         return pad(t, 0, w.intermediate);
@@ -396,16 +563,24 @@ fn widened_fixture(name: &str, w: &Widen) -> tempfile::TempDir {
     let src = tiny_dir(name);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = read_json(&src.join("config.json"));
-    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let widened: HashMap<String, Tensor> =
-        tensors.iter().map(|(n, t)| (n.clone(), widen_tensor(n, t, &cfg, w))).collect();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let widened: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), widen_tensor(n, t, &cfg, w)))
+        .collect();
     candle_core::safetensors::save(&widened, dir.path().join("model.safetensors")).unwrap();
     cfg["num_key_value_heads"] = json!(w.kv_heads);
     cfg["intermediate_size"] = json!(w.intermediate);
     cfg["vocab_size"] = json!(w.vocab);
     cfg["max_position_embeddings"] = json!(w.max_positions);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     dir
@@ -417,26 +592,49 @@ fn check_widened(name: &str, w: Widen) {
     let dir = widened_fixture(name, &w);
     let chat = load_dir(dir.path());
     let info = chat.model.info();
-    assert_eq!((info.vocab_size, info.max_context), (w.vocab, w.max_positions), "{name}: widened info");
+    assert_eq!(
+        (info.vocab_size, info.max_context),
+        (w.vocab, w.max_positions),
+        "{name}: widened info"
+    );
     check_generation(name, &chat, &reference, original_vocab);
 }
 
 #[test]
 fn llama3_with_other_shapes_matches_transformers() {
     // GQA 4:1 becomes plain multi-head attention; 112 -> 200 MLP units; 587 -> 640 vocabulary rows.
-    check_widened("llama", Widen { kv_heads: 4, intermediate: 200, vocab: 640, max_positions: 2048 });
+    check_widened(
+        "llama",
+        Widen {
+            kv_heads: 4,
+            intermediate: 200,
+            vocab: 640,
+            max_positions: 2048,
+        },
+    );
 }
 
 #[test]
 fn glm4_0414_with_other_shapes_matches_transformers() {
     // Fused gate/up projection and q/k/v biases; 2 -> 4 key/value heads, 160 -> 176 units.
-    check_widened("glm4-0414", Widen { kv_heads: 4, intermediate: 176, vocab: 608, max_positions: 4096 });
+    check_widened(
+        "glm4-0414",
+        Widen {
+            kv_heads: 4,
+            intermediate: 176,
+            vocab: 608,
+            max_positions: 4096,
+        },
+    );
 }
 
 #[test]
 fn families_are_detected_for_tiny_chat_fixtures() {
     let root = fixtures_dir().join("tiny");
-    assert_eq!(detect_family(&root.join("glm4-9b-chat-hf")).unwrap(), Family::Glm);
+    assert_eq!(
+        detect_family(&root.join("glm4-9b-chat-hf")).unwrap(),
+        Family::Glm
+    );
     assert_eq!(detect_family(&root.join("llama")).unwrap(), Family::Llama);
 }
 
@@ -444,11 +642,22 @@ fn families_are_detected_for_tiny_chat_fixtures() {
 fn missing_weights_fail_naming_the_folder() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures_dir().join("tiny").join("qwen2");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    let err = chat::load(dir.path(), Family::Qwen2, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains(&dir.path().display().to_string()) && err.contains("model.safetensors"), "{err}");
+    let err = chat::load(dir.path(), Family::Qwen2, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&dir.path().display().to_string()) && err.contains("model.safetensors"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,7 +688,10 @@ fn smollm2_gguf_tokenizer_and_template_match_transformers() {
         let prompt = encode(&chat, case["prompt_text"].as_str().unwrap(), false);
         assert_eq!(prompt, ids(&case["prompt_ids"]));
     }
-    assert_eq!(chat.chat_template.as_deref(), reference["chat_template"].as_str());
+    assert_eq!(
+        chat.chat_template.as_deref(),
+        reference["chat_template"].as_str()
+    );
     check_template("smollm2", &chat, &reference);
     assert_eq!(chat.eos_token_ids, ids(&reference["eos_token_ids"]));
     assert_eq!(chat.eos_token.as_deref(), Some("<|im_end|>"));
@@ -493,11 +705,22 @@ fn check_smollm2_greedy(chat: &LoadedChat, reference: &Value, min_margin: f64) {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["generated_ids"]);
         let margins = floats(&case["greedy_margins"]);
-        let sure = margins.iter().position(|m| f64::from(*m) < min_margin).unwrap_or(want.len());
+        let sure = margins
+            .iter()
+            .position(|m| f64::from(*m) < min_margin)
+            .unwrap_or(want.len());
         let (got, finish) = greedy(chat.model.as_ref(), &prompt, want.len(), &eos);
-        assert_eq!(got[..sure], want[..sure], "case {i}: greedy ids before step {sure}");
+        assert_eq!(
+            got[..sure],
+            want[..sure],
+            "case {i}: greedy ids before step {sure}"
+        );
         if sure == want.len() {
-            assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}: finish reason");
+            assert_eq!(
+                finish,
+                case["finish_reason"].as_str().unwrap(),
+                "case {i}: finish reason"
+            );
         }
     }
 }
@@ -520,7 +743,10 @@ fn smollm2_quantized_kernels_agree_with_dequantized_reference() {
         assert_eq!(argmax(&logits), top[0], "case {i}: top-1");
         checked += 1;
     }
-    assert!(checked >= 2, "only {checked} cases have a first margin >= {SURE_MARGIN}");
+    assert!(
+        checked >= 2,
+        "only {checked} cases have a first margin >= {SURE_MARGIN}"
+    );
     check_smollm2_greedy(&chat, &reference, SURE_MARGIN);
 }
 
@@ -533,7 +759,10 @@ fn smollm2_dequantized_matches_transformers_top20() {
         let want = floats(&case["last_logits_top20"]["logits"]);
         for (id, w) in top.iter().zip(want) {
             let got = logits[*id as usize];
-            assert!((got - w).abs() <= 2e-3, "case {i}: logit of {id}: {got} vs {w}");
+            assert!(
+                (got - w).abs() <= 2e-3,
+                "case {i}: logit of {id}: {got} vs {w}"
+            );
         }
     }
     check_smollm2_greedy(&chat, &reference, 0.0);
@@ -551,10 +780,25 @@ fn smollm2_quantized_mixed_forward_equals_alone() {
     let (alone_b, _) = prefill_logits(model, &b);
     let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
     let rows = model
-        .forward(&mut [SeqStep { tokens: &b, cache: &mut cache_b }, SeqStep { tokens: &a, cache: &mut cache_a }])
+        .forward(&mut [
+            SeqStep {
+                tokens: &b,
+                cache: &mut cache_b,
+            },
+            SeqStep {
+                tokens: &a,
+                cache: &mut cache_a,
+            },
+        ])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    let (da, db) = (max_abs_diff(&rows[1], &alone_a), max_abs_diff(&rows[0], &alone_b));
-    assert!(da <= BATCH_TOL && db <= BATCH_TOL, "batched vs alone: {da}, {db}");
+    let (da, db) = (
+        max_abs_diff(&rows[1], &alone_a),
+        max_abs_diff(&rows[0], &alone_b),
+    );
+    assert!(
+        da <= BATCH_TOL && db <= BATCH_TOL,
+        "batched vs alone: {da}, {db}"
+    );
 }

@@ -32,25 +32,43 @@ fn model() -> DeepseekV3 {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
 }
 
 /// One forward for several sequences; rows of the returned logits, one per step.
 fn step(model: &dyn CausalLM, batch: Vec<(&[u32], &mut SeqCache)>) -> Vec<Vec<f32>> {
-    let mut steps: Vec<SeqStep> = batch.into_iter().map(|(tokens, cache)| SeqStep { tokens, cache }).collect();
+    let mut steps: Vec<SeqStep> = batch
+        .into_iter()
+        .map(|(tokens, cache)| SeqStep { tokens, cache })
+        .collect();
     model.forward(&mut steps).unwrap().to_vec2().unwrap()
 }
 
@@ -82,21 +100,49 @@ fn tokenization_template_and_prompt_ids_are_exact() {
         let plain = loaded.tokenizer.encode(text, false).unwrap();
         assert_eq!(plain.get_ids(), ids(&t["ids"]).as_slice(), "{text:?}");
         let with = loaded.tokenizer.encode(text, true).unwrap();
-        assert_eq!(with.get_ids(), ids(&t["ids_add_special_tokens"]).as_slice(), "{text:?}");
+        assert_eq!(
+            with.get_ids(),
+            ids(&t["ids_add_special_tokens"]).as_slice(),
+            "{text:?}"
+        );
     }
     for case in r["cases"].as_array().unwrap() {
-        let enc = loaded.tokenizer.encode(case["prompt_text"].as_str().unwrap(), false).unwrap();
+        let enc = loaded
+            .tokenizer
+            .encode(case["prompt_text"].as_str().unwrap(), false)
+            .unwrap();
         assert_eq!(enc.get_ids(), ids(&case["prompt_ids"]).as_slice());
     }
     assert_eq!(loaded.eos_token_ids, ids(&r["eos_token_ids"]));
-    assert_eq!(loaded.model.info().vocab_size, r["config_vocab_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        loaded.model.info().vocab_size,
+        r["config_vocab_size"].as_u64().unwrap() as usize
+    );
     let source = loaded.chat_template.as_deref().expect("chat template");
-    let template = ChatTemplate::new(source, loaded.bos_token.as_deref(), loaded.eos_token.as_deref()).unwrap();
+    let template = ChatTemplate::new(
+        source,
+        loaded.bos_token.as_deref(),
+        loaded.eos_token.as_deref(),
+    )
+    .unwrap();
     for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
-        let text = template.render(case["messages"].as_array().unwrap(), None, true).unwrap();
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "case {i}: rendered prompt");
-        let decoded = loaded.tokenizer.decode(&ids(&case["generated_ids"]), false).unwrap();
-        assert_eq!(decoded, case["generated_text"].as_str().unwrap(), "case {i}: generated text");
+        let text = template
+            .render(case["messages"].as_array().unwrap(), None, true)
+            .unwrap();
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "case {i}: rendered prompt"
+        );
+        let decoded = loaded
+            .tokenizer
+            .decode(&ids(&case["generated_ids"]), false)
+            .unwrap();
+        assert_eq!(
+            decoded,
+            case["generated_text"].as_str().unwrap(),
+            "case {i}: generated text"
+        );
     }
 }
 
@@ -109,7 +155,10 @@ fn last_logits_match_transformers() {
         let mut cache = model.new_cache();
         let logits = step(&model, vec![(&prompt, &mut cache)]).remove(0);
         let diff = max_abs_diff(&logits, &floats(&case["last_logits"]));
-        assert!(diff <= LOGITS_TOL, "case {i}: last_logits max abs diff {diff}");
+        assert!(
+            diff <= LOGITS_TOL,
+            "case {i}: last_logits max abs diff {diff}"
+        );
         assert_eq!(cache.len, prompt.len());
     }
 }
@@ -134,9 +183,19 @@ fn routing_matches_transformers_and_both_rules_matter() {
     let prompt = ids(&r["cases"][0]["prompt_ids"]);
     let inputs = model.gate_inputs(&prompt).unwrap();
     let expected = routing["moe_layers"].as_array().unwrap();
-    assert_eq!(inputs.len(), expected.len(), "one router input per MoE layer");
-    let no_bias = RoutePolicy { correction_bias: false, group_limit: true };
-    let no_group = RoutePolicy { correction_bias: true, group_limit: false };
+    assert_eq!(
+        inputs.len(),
+        expected.len(),
+        "one router input per MoE layer"
+    );
+    let no_bias = RoutePolicy {
+        correction_bias: false,
+        group_limit: true,
+    };
+    let no_group = RoutePolicy {
+        correction_bias: true,
+        group_limit: false,
+    };
     let (mut pairs, mut changed_bias, mut changed_group) = (0, 0, 0);
     for (input, want) in inputs.iter().zip(expected) {
         assert_eq!(input.layer as u64, want["layer"].as_u64().unwrap());
@@ -146,13 +205,27 @@ fn routing_matches_transformers_and_both_rules_matter() {
         let want_weights = want["weights"].as_array().unwrap();
         assert_eq!(routes.len(), want_experts.len());
         for (t, route) in routes.iter().enumerate() {
-            let mut chosen: Vec<(usize, f32)> = route.experts.iter().copied().zip(route.weights.iter().copied()).collect();
+            let mut chosen: Vec<(usize, f32)> = route
+                .experts
+                .iter()
+                .copied()
+                .zip(route.weights.iter().copied())
+                .collect();
             chosen.sort_by_key(|(e, _)| *e);
             let experts: Vec<u32> = chosen.iter().map(|(e, _)| *e as u32).collect();
             let weights: Vec<f32> = chosen.iter().map(|(_, w)| *w).collect();
-            assert_eq!(experts, ids(&want_experts[t]), "layer {} token {t}", input.layer);
+            assert_eq!(
+                experts,
+                ids(&want_experts[t]),
+                "layer {} token {t}",
+                input.layer
+            );
             let diff = max_abs_diff(&weights, &floats(&want_weights[t]));
-            assert!(diff <= LOGITS_TOL, "layer {} token {t}: weight diff {diff}", input.layer);
+            assert!(
+                diff <= LOGITS_TOL,
+                "layer {} token {t}: weight diff {diff}",
+                input.layer
+            );
         }
         let differs = |policy| {
             let other = gate.route(&input.hidden, policy).unwrap();
@@ -172,8 +245,14 @@ fn routing_matches_transformers_and_both_rules_matter() {
         changed_group += differs(no_group);
     }
     assert_eq!(pairs as u64, routing["token_layer_pairs"].as_u64().unwrap());
-    assert_eq!(changed_bias as u64, routing["changed_without_correction_bias"].as_u64().unwrap());
-    assert_eq!(changed_group as u64, routing["changed_without_group_limit"].as_u64().unwrap());
+    assert_eq!(
+        changed_bias as u64,
+        routing["changed_without_correction_bias"].as_u64().unwrap()
+    );
+    assert_eq!(
+        changed_group as u64,
+        routing["changed_without_group_limit"].as_u64().unwrap()
+    );
 }
 
 /// Two prompts prefilled and decoded together (one forward per step), plus a third prefilled in two
@@ -183,18 +262,35 @@ fn batched_sequences_match_single_sequences() {
     let r = reference();
     let model = model();
     let cases = r["cases"].as_array().unwrap();
-    let (p0, p1, p2) = (ids(&cases[0]["prompt_ids"]), ids(&cases[1]["prompt_ids"]), ids(&cases[2]["prompt_ids"]));
+    let (p0, p1, p2) = (
+        ids(&cases[0]["prompt_ids"]),
+        ids(&cases[1]["prompt_ids"]),
+        ids(&cases[2]["prompt_ids"]),
+    );
     let (mut c0, mut c1, mut c2) = (model.new_cache(), model.new_cache(), model.new_cache());
     let split = p2.len() / 2;
 
-    let first = step(&model, vec![(&p0, &mut c0), (&p1, &mut c1), (&p2[..split], &mut c2)]);
+    let first = step(
+        &model,
+        vec![(&p0, &mut c0), (&p1, &mut c1), (&p2[..split], &mut c2)],
+    );
     for (i, (row, case)) in first.iter().zip(cases).take(2).enumerate() {
         let diff = max_abs_diff(row, &floats(&case["last_logits"]));
-        assert!(diff <= LOGITS_TOL, "batched prefill of case {i}: diff {diff}");
+        assert!(
+            diff <= LOGITS_TOL,
+            "batched prefill of case {i}: diff {diff}"
+        );
     }
     let (mut gen0, mut gen1) = (vec![argmax(&first[0])], vec![argmax(&first[1])]);
     // Decode steps for cases 0 and 1 while case 2 finishes its prefill in the same pass.
-    let second = step(&model, vec![(&gen0[..1], &mut c0), (&p2[split..], &mut c2), (&gen1[..1], &mut c1)]);
+    let second = step(
+        &model,
+        vec![
+            (&gen0[..1], &mut c0),
+            (&p2[split..], &mut c2),
+            (&gen1[..1], &mut c1),
+        ],
+    );
     let diff = max_abs_diff(&second[1], &floats(&cases[2]["last_logits"]));
     assert!(diff <= LOGITS_TOL, "chunked prefill of case 2: diff {diff}");
     assert_eq!(c2.len, p2.len());

@@ -12,7 +12,10 @@ pub struct SeqCache {
 
 impl SeqCache {
     pub fn new(num_layers: usize) -> Self {
-        SeqCache { layers: vec![None; num_layers], len: 0 }
+        SeqCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -45,11 +45,14 @@ const GLM4_PREFIX: [&str; 2] = ["[gMASK]", "<sop>"];
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let raw: Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
+    let raw: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
     let cfg = config(&raw).map_err(|m| ModelError::load(&cfg_path, m))?;
     let dtype = compute_dtype(device);
-    let weights = ChatGlmWeights { st: SafetensorsWeights::open(dir, dtype, device)?, cfg: cfg.clone() };
+    let weights = ChatGlmWeights {
+        st: SafetensorsWeights::open(dir, dtype, device)?,
+        cfg: cfg.clone(),
+    };
     let model = Decoder::load(&cfg, &weights, dtype, device)?;
     let tokenizer = tokenizer(dir)?;
     let assets = load_chat_assets_with(dir, tokenizer)?;
@@ -67,17 +70,27 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
 /// `ChatGLMConfig` -> decoder shapes. Variants the GLM-4 release never uses (LayerNorm instead of
 /// RMSNorm, residual after the norm, biased dense layers) are rejected rather than misread.
 pub fn config(cfg: &Value) -> Result<DecoderConfig, String> {
-    let num = |key: &str| cfg.get(key).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok());
+    let num = |key: &str| {
+        cfg.get(key)
+            .and_then(Value::as_u64)
+            .and_then(|v| usize::try_from(v).ok())
+    };
     let req = |key: &str| num(key).ok_or_else(|| format!("config.json: missing or invalid {key}"));
     let flag = |key: &str, default: bool| cfg.get(key).and_then(Value::as_bool).unwrap_or(default);
     if !flag("rmsnorm", true) {
-        return Err("config.json: rmsnorm false (LayerNorm) is not supported; GLM-4 uses RMSNorm".into());
+        return Err(
+            "config.json: rmsnorm false (LayerNorm) is not supported; GLM-4 uses RMSNorm".into(),
+        );
     }
     if flag("apply_residual_connection_post_layernorm", false) {
-        return Err("config.json: apply_residual_connection_post_layernorm is not supported".into());
+        return Err(
+            "config.json: apply_residual_connection_post_layernorm is not supported".into(),
+        );
     }
     if flag("add_bias_linear", false) {
-        return Err("config.json: add_bias_linear is not supported (GLM-4 has biases on q/k/v only)".into());
+        return Err(
+            "config.json: add_bias_linear is not supported (GLM-4 has biases on q/k/v only)".into(),
+        );
     }
     if !flag("post_layer_norm", true) {
         return Err("config.json: post_layer_norm false is not supported".into());
@@ -85,7 +98,11 @@ pub fn config(cfg: &Value) -> Result<DecoderConfig, String> {
     let hidden_size = req("hidden_size")?;
     let num_heads = req("num_attention_heads")?;
     let head_dim = num("kv_channels").unwrap_or(hidden_size / num_heads.max(1));
-    let num_kv_heads = if flag("multi_query_attention", false) { req("multi_query_group_num")? } else { num_heads };
+    let num_kv_heads = if flag("multi_query_attention", false) {
+        req("multi_query_group_num")?
+    } else {
+        num_heads
+    };
     // modeling_chatglm.py: RotaryEmbedding(kv_channels // 2) over the first half of each head,
     // base 10000 * rope_ratio, on interleaved pairs.
     let rope_ratio = cfg.get("rope_ratio").and_then(Value::as_f64).unwrap_or(1.0);
@@ -98,7 +115,10 @@ pub fn config(cfg: &Value) -> Result<DecoderConfig, String> {
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: cfg.get("layernorm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
+        rms_norm_eps: cfg
+            .get("layernorm_epsilon")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5),
         rope_theta: 10_000.0 * rope_ratio,
         rotary_dim: head_dim / 2,
         rope_scaling: RopeScaling::None,
@@ -123,7 +143,10 @@ struct ChatGlmWeights {
 enum Source {
     Plain(String),
     /// Rows `start .. start + len` of the fused `query_key_value` projection.
-    QkvRows { fused: String, part: Qkv },
+    QkvRows {
+        fused: String,
+        part: Qkv,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,7 +166,12 @@ fn source(hf: &str) -> Option<Source> {
     }
     let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let p = format!("transformer.encoder.layers.{layer}");
-    let qkv = |part| Some(Source::QkvRows { fused: format!("{p}.self_attention.query_key_value"), part });
+    let qkv = |part| {
+        Some(Source::QkvRows {
+            fused: format!("{p}.self_attention.query_key_value"),
+            part,
+        })
+    };
     match part {
         "self_attn.q_proj" => qkv(Qkv::Q),
         "self_attn.k_proj" => qkv(Qkv::K),
@@ -158,7 +186,9 @@ fn source(hf: &str) -> Option<Source> {
 
 impl ChatGlmWeights {
     fn source(&self, hf: &str) -> Result<Source, ModelError> {
-        source(hf).ok_or_else(|| ModelError::Unsupported(format!("no THUDM GLM-4 tensor corresponds to {hf}")))
+        source(hf).ok_or_else(|| {
+            ModelError::Unsupported(format!("no THUDM GLM-4 tensor corresponds to {hf}"))
+        })
     }
 
     /// Row range of q, k or v inside the fused projection (q rows first, then k, then v).
@@ -172,7 +202,13 @@ impl ChatGlmWeights {
         }
     }
 
-    fn fused_rows(&self, fused: &str, suffix: &str, part: Qkv, cols: Option<usize>) -> Result<Tensor, ModelError> {
+    fn fused_rows(
+        &self,
+        fused: &str,
+        suffix: &str,
+        part: Qkv,
+        cols: Option<usize>,
+    ) -> Result<Tensor, ModelError> {
         let q = self.cfg.num_heads * self.cfg.head_dim;
         let kv = self.cfg.num_kv_heads * self.cfg.head_dim;
         let total = q + 2 * kv;
@@ -187,7 +223,9 @@ impl Weights for ChatGlmWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         match self.source(name)? {
             Source::Plain(n) => self.st.tensor(&n, shape),
-            Source::QkvRows { .. } => Err(ModelError::Unsupported(format!("{name} is a projection, not a plain tensor"))),
+            Source::QkvRows { .. } => Err(ModelError::Unsupported(format!(
+                "{name} is a projection, not a plain tensor"
+            ))),
         }
     }
 
@@ -197,7 +235,10 @@ impl Weights for ChatGlmWeights {
             Source::QkvRows { fused, part } => {
                 let weight = self.fused_rows(&fused, "weight", part, Some(in_dim))?;
                 if weight.dim(0)? != out_dim {
-                    return Err(ModelError::Unsupported(format!("{name}: {} rows, expected {out_dim}", weight.dim(0)?)));
+                    return Err(ModelError::Unsupported(format!(
+                        "{name}: {} rows, expected {out_dim}",
+                        weight.dim(0)?
+                    )));
                 }
                 let bias = if self.st.has(&format!("{fused}.bias")) {
                     Some(self.fused_rows(&fused, "bias", part, None)?)
@@ -228,11 +269,19 @@ fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
         return crate::tokenizer::load_tokenizer(dir);
     }
     let path = dir.join("tokenizer.model");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| ModelError::load(&path, format!("no tokenizer.json, and tokenizer.model is unreadable: {e}")))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ModelError::load(
+            &path,
+            format!("no tokenizer.json, and tokenizer.model is unreadable: {e}"),
+        )
+    })?;
     let ranks = tiktoken::parse_ranks(&text).map_err(|e| ModelError::load(&path, e))?;
     let specials = special_tokens(dir, ranks.len())?;
-    let spec = TokenizerSpec { pattern: GLM4_PATTERN, special_tokens: &specials, prefix: &GLM4_PREFIX };
+    let spec = TokenizerSpec {
+        pattern: GLM4_PATTERN,
+        special_tokens: &specials,
+        prefix: &GLM4_PREFIX,
+    };
     tiktoken::build_tokenizer(&ranks, &spec).map_err(|e| ModelError::load(&path, e))
 }
 
@@ -242,9 +291,11 @@ fn special_tokens(dir: &Path, first_id: usize) -> Result<Vec<(String, u32)>, Mod
     let path = dir.join("tokenizer_config.json");
     let decoder = match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let cfg: Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::load(&path, format!("invalid JSON: {e}")))?;
-            cfg.get("added_tokens_decoder").and_then(Value::as_object).cloned()
+            let cfg: Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::load(&path, format!("invalid JSON: {e}")))?;
+            cfg.get("added_tokens_decoder")
+                .and_then(Value::as_object)
+                .cloned()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(ModelError::load(&path, e)),
@@ -253,11 +304,12 @@ fn special_tokens(dir: &Path, first_id: usize) -> Result<Vec<(String, u32)>, Mod
         return decoder
             .iter()
             .map(|(id, tok)| {
-                let id = id.parse::<u32>().map_err(|_| ModelError::load(&path, format!("added token id {id:?}")))?;
-                let content = tok
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ModelError::load(&path, format!("added token {id} has no content")))?;
+                let id = id
+                    .parse::<u32>()
+                    .map_err(|_| ModelError::load(&path, format!("added token id {id:?}")))?;
+                let content = tok.get("content").and_then(Value::as_str).ok_or_else(|| {
+                    ModelError::load(&path, format!("added token {id} has no content"))
+                })?;
                 Ok((content.to_owned(), id))
             })
             .collect();
@@ -266,7 +318,8 @@ fn special_tokens(dir: &Path, first_id: usize) -> Result<Vec<(String, u32)>, Mod
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let id = u32::try_from(first_id + i).map_err(|_| ModelError::load(&path, "too many tokens"))?;
+            let id = u32::try_from(first_id + i)
+                .map_err(|_| ModelError::load(&path, "too many tokens"))?;
             Ok(((*t).to_owned(), id))
         })
         .collect()
@@ -280,13 +333,21 @@ mod tests {
     fn maps_transformers_names_to_thudm_names() {
         assert_eq!(
             source("model.layers.3.self_attn.k_proj"),
-            Some(Source::QkvRows { fused: "transformer.encoder.layers.3.self_attention.query_key_value".into(), part: Qkv::K })
+            Some(Source::QkvRows {
+                fused: "transformer.encoder.layers.3.self_attention.query_key_value".into(),
+                part: Qkv::K
+            })
         );
         assert_eq!(
             source("model.layers.0.mlp.gate_up_proj"),
-            Some(Source::Plain("transformer.encoder.layers.0.mlp.dense_h_to_4h".into()))
+            Some(Source::Plain(
+                "transformer.encoder.layers.0.mlp.dense_h_to_4h".into()
+            ))
         );
-        assert_eq!(source("lm_head"), Some(Source::Plain("transformer.output_layer".into())));
+        assert_eq!(
+            source("lm_head"),
+            Some(Source::Plain("transformer.output_layer".into()))
+        );
         assert_eq!(source("model.layers.0.post_mlp_layernorm"), None);
     }
 
@@ -300,8 +361,20 @@ mod tests {
             "post_layer_norm": true, "apply_residual_connection_post_layernorm": false
         });
         let c = config(&cfg).unwrap();
-        assert_eq!((c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim), (40, 32, 2, 128, 64));
-        assert_eq!((c.vocab_size, c.intermediate_size, c.max_context), (151552, 13696, 131072));
+        assert_eq!(
+            (
+                c.num_layers,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                c.rotary_dim
+            ),
+            (40, 32, 2, 128, 64)
+        );
+        assert_eq!(
+            (c.vocab_size, c.intermediate_size, c.max_context),
+            (151552, 13696, 131072)
+        );
         assert_eq!(c.rope_theta, 5_000_000.0);
         let bad = serde_json::json!({"rmsnorm": false});
         assert!(config(&bad).unwrap_err().contains("RMSNorm"));

@@ -93,7 +93,10 @@ impl DeepseekV3Config {
     }
 
     pub fn rope_base(&self) -> f64 {
-        self.rope_scaling.as_ref().and_then(|r| r.rope_theta).unwrap_or(self.rope_theta)
+        self.rope_scaling
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
     }
 
     /// Yarn scaling, the only scaling the DeepSeek-V3 family uses; `None` for plain rope.
@@ -103,13 +106,18 @@ impl DeepseekV3Config {
 
     /// Whether decoder layer `i` has routed experts (otherwise a dense MLP).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts.is_some() && i >= self.first_k_dense_replace && i % self.moe_layer_freq.max(1) == 0
+        self.n_routed_experts.is_some()
+            && i >= self.first_k_dense_replace
+            && i % self.moe_layer_freq.max(1) == 0
     }
 
     /// Reject settings this implementation does not compute, with a message for the operator.
     pub fn validate(&self) -> Result<(), String> {
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported (only silu)",
+                self.hidden_act
+            ));
         }
         if self.n_routed_experts.is_some() {
             if self.scoring_func != "sigmoid" || self.topk_method != "noaux_tc" {
@@ -131,11 +139,17 @@ impl DeepseekV3Config {
             }
         }
         if self.qk_rope_head_dim % 2 != 0 {
-            return Err(format!("qk_rope_head_dim {} must be even", self.qk_rope_head_dim));
+            return Err(format!(
+                "qk_rope_head_dim {} must be even",
+                self.qk_rope_head_dim
+            ));
         }
         if let Some(r) = &self.rope_scaling {
             if !r.is_yarn() && r.rope_type.as_deref().is_some_and(|t| t != "default") {
-                return Err(format!("rope scaling {:?} is not supported (only yarn)", r.rope_type));
+                return Err(format!(
+                    "rope scaling {:?} is not supported (only yarn)",
+                    r.rope_type
+                ));
             }
         }
         Ok(())
