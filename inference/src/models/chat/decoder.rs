@@ -116,13 +116,16 @@ impl DecoderConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err("attention heads and head_dim must be positive".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.rotary_dim % 2 != 0 || self.rotary_dim == 0 || self.rotary_dim > self.head_dim {
+        if !self.rotary_dim.is_multiple_of(2)
+            || self.rotary_dim == 0
+            || self.rotary_dim > self.head_dim
+        {
             return Err(format!(
                 "rotary dimension {} does not fit head_dim {}",
                 self.rotary_dim, self.head_dim

@@ -308,7 +308,7 @@ impl Weights for GgufWeights<'_> {
         let t = self.qtensor(&name, Some(&[vocab, hidden]))?;
         if self.mode == GgufMode::Quantized
             && !is_float(t.dtype())
-            && hidden % t.dtype().block_size() == 0
+            && hidden.is_multiple_of(t.dtype().block_size())
         {
             return Ok(Embedding::Quantized(Arc::new(t)));
         }

@@ -92,10 +92,11 @@ fn to_byte_level(bytes: &[u8], table: &[char; 256]) -> String {
     bytes.iter().map(|&b| table[b as usize]).collect()
 }
 
-/// Vocabulary (byte-level strings -> id) and merges, in priority order, recovered from ranks.
-pub fn bpe_vocab_and_merges(
-    ranks: &[(Vec<u8>, u32)],
-) -> Result<(HashMap<String, u32>, Vec<(String, String)>), TiktokenError> {
+/// Byte-level BPE vocabulary (token string -> id) and merges in priority order.
+pub type VocabAndMerges = (HashMap<String, u32>, Vec<(String, String)>);
+
+/// Vocabulary and merges recovered from ranks.
+pub fn bpe_vocab_and_merges(ranks: &[(Vec<u8>, u32)]) -> Result<VocabAndMerges, TiktokenError> {
     let table = byte_to_char();
     let by_bytes: HashMap<&[u8], u32> = ranks.iter().map(|(b, r)| (b.as_slice(), *r)).collect();
     if by_bytes.len() != ranks.len() {

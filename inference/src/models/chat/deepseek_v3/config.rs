@@ -108,7 +108,7 @@ impl DeepseekV3Config {
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.n_routed_experts.is_some()
             && i >= self.first_k_dense_replace
-            && i % self.moe_layer_freq.max(1) == 0
+            && i.is_multiple_of(self.moe_layer_freq.max(1))
     }
 
     /// Reject settings this implementation does not compute, with a message for the operator.
@@ -127,7 +127,10 @@ impl DeepseekV3Config {
                 ));
             }
             let experts = self.n_routed_experts.unwrap_or(0);
-            if self.n_group == 0 || experts % self.n_group != 0 || self.topk_group > self.n_group {
+            if self.n_group == 0
+                || !experts.is_multiple_of(self.n_group)
+                || self.topk_group > self.n_group
+            {
                 return Err(format!(
                     "n_routed_experts {experts} is not split evenly into n_group {} (topk_group {})",
                     self.n_group, self.topk_group
@@ -138,7 +141,7 @@ impl DeepseekV3Config {
                 return Err(format!("num_experts_per_tok {k} must be in 1..={experts}"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(format!(
                 "qk_rope_head_dim {} must be even",
                 self.qk_rope_head_dim
