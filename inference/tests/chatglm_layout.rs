@@ -296,3 +296,23 @@ fn original_layout_reproduces_the_reference() {
         assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}");
     }
 }
+
+/// ChatGLM3-style folders carry a binary SentencePiece `tokenizer.model`: the load fails naming the
+/// file and what is expected instead of a parse error deep in the ranks.
+#[test]
+fn sentencepiece_tokenizer_model_is_refused_with_a_clear_message() {
+    let dir = build_original_layout();
+    std::fs::write(
+        dir.path().join("tokenizer.model"),
+        [0x0a, 0x0b, 0xff, 0xfe, 0x00, 0x12],
+    )
+    .unwrap();
+    let err = chat::load(dir.path(), Family::ChatGlm, &Device::Cpu)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.model") && err.contains("tiktoken"),
+        "{err}"
+    );
+}

@@ -1,7 +1,9 @@
 //! DeepSeek-V3 (MLA + MoE, `noaux_tc` routing) against the transformers reference in
 //! `fixtures/tiny/deepseek-v3` (see the fixtures README for how it was made and the tolerances).
+use std::collections::HashMap;
 use std::path::PathBuf;
 
+use candle_core::Tensor;
 use glm_inference::engine::ChatTemplate;
 use glm_inference::models::chat::deepseek_v3::{self, DeepseekV3, RoutePolicy};
 use glm_inference::models::{chat, detect_family, CausalLM, Device, Family, SeqCache, SeqStep};
@@ -305,4 +307,81 @@ fn batched_sequences_match_single_sequences() {
     // Neither fixture case stops early (finish_reason "length"), so both run 12 tokens.
     assert_eq!(gen0, ids(&cases[0]["generated_ids"]));
     assert_eq!(gen1, ids(&cases[1]["generated_ids"]));
+}
+
+/// Zero rows (dim 0) or columns (dim 1) appended up to `to`.
+fn pad(t: &Tensor, dim: usize, to: usize) -> Tensor {
+    let mut shape = t.dims().to_vec();
+    shape[dim] = to - shape[dim];
+    let zeros = Tensor::zeros(shape, t.dtype(), t.device()).unwrap();
+    Tensor::cat(&[t, &zeros], dim).unwrap()
+}
+
+/// A config with other sizes than the fixture's: the dense MLP, every expert and the shared expert
+/// get extra zero units and the vocabulary extra zero rows, which leaves the function unchanged, so
+/// the widened model must still reproduce the reference (nothing may assume the fixture's sizes).
+#[test]
+fn other_shapes_reproduce_the_reference() {
+    let src = fixture_dir();
+    let r = reference();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let (dense, expert, vocab) = (160, 48, 704);
+    let shared = expert * cfg["n_shared_experts"].as_u64().unwrap() as usize;
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let widened: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let width = if name.contains(".experts.") {
+                expert
+            } else if name.contains(".shared_experts.") {
+                shared
+            } else {
+                dense
+            };
+            let t = if name.ends_with("gate_proj.weight") || name.ends_with("up_proj.weight") {
+                pad(&t, 0, width)
+            } else if name.ends_with("down_proj.weight") {
+                pad(&t, 1, width)
+            } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                pad(&t, 0, vocab)
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&widened, dir.path().join("model.safetensors")).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(dense);
+    cfg["moe_intermediate_size"] = serde_json::json!(expert);
+    cfg["vocab_size"] = serde_json::json!(vocab);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+
+    let loaded = chat::load(dir.path(), Family::DeepseekV3, &Device::Cpu).unwrap();
+    let model = loaded.model.as_ref();
+    assert_eq!(model.info().vocab_size, vocab);
+    let eos = ids(&r["eos_token_ids"]);
+    for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = floats(&case["last_logits"]);
+        let mut cache = model.new_cache();
+        let logits = step(model, vec![(&prompt, &mut cache)]).remove(0);
+        let diff = max_abs_diff(&logits[..want.len()], &want);
+        assert!(
+            diff <= LOGITS_TOL,
+            "case {i}: last_logits max abs diff {diff}"
+        );
+        let (generated, finish) = greedy(model, &prompt, &eos);
+        assert_eq!(generated, ids(&case["generated_ids"]), "case {i}");
+        assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}");
+    }
 }

@@ -269,13 +269,16 @@ fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
         return crate::tokenizer::load_tokenizer(dir);
     }
     let path = dir.join("tokenizer.model");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        ModelError::load(
-            &path,
-            format!("no tokenizer.json, and tokenizer.model is unreadable: {e}"),
-        )
-    })?;
-    let ranks = tiktoken::parse_ranks(&text).map_err(|e| ModelError::load(&path, e))?;
+    // ChatGLM3 and earlier ship a SentencePiece model under the same name: say so plainly.
+    let not_tiktoken = |e: &dyn std::fmt::Display| {
+        let msg = format!(
+            "no tokenizer.json, and tokenizer.model is not GLM-4's tiktoken ranks file ({e}); \
+             SentencePiece tokenizers (ChatGLM3 and earlier) need a tokenizer.json"
+        );
+        ModelError::load(&path, msg)
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| not_tiktoken(&e))?;
+    let ranks = tiktoken::parse_ranks(&text).map_err(|e| not_tiktoken(&e))?;
     let specials = special_tokens(dir, ranks.len())?;
     let spec = TokenizerSpec {
         pattern: GLM4_PATTERN,
