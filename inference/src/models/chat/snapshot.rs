@@ -33,12 +33,17 @@ pub fn load_chat_assets_with(
     let eos_token = special_token(&tok_cfg, "eos_token");
     let mut eos_token_ids = ids_of(gen_cfg.get("eos_token_id"));
     if eos_token_ids.is_empty() {
+        // Snapshots without generation_config.json often list the same ids in config.json.
+        let model_cfg = read_json_opt(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        eos_token_ids = ids_of(model_cfg.get("eos_token_id"));
+    }
+    if eos_token_ids.is_empty() {
         eos_token_ids.extend(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
     }
     if eos_token_ids.is_empty() {
         return Err(ModelError::load(
             dir,
-            "no eos_token_id in generation_config.json and no eos_token in tokenizer_config.json",
+            "no eos_token_id in generation_config.json or config.json, and no eos_token in tokenizer_config.json",
         ));
     }
     Ok(ChatAssets {
@@ -113,6 +118,17 @@ mod tests {
         assert_eq!(a.eos_token_ids, vec![586, 593, 595]);
         assert!(a.chat_template.unwrap().contains("[gMASK]"));
         assert_eq!(a.eos_token.as_deref(), Some("<|endoftext|>"));
+    }
+
+    #[test]
+    fn stop_ids_fall_back_to_config_json() {
+        let src = fixture("glm4-0414");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let a = load_chat_assets(dir.path()).unwrap();
+        assert_eq!(a.eos_token_ids, vec![586, 593, 595]);
     }
 
     #[test]
