@@ -242,6 +242,11 @@ fn check_generation(name: &str, chat: &LoadedChat, reference: &Value, vocab: usi
             case["finish_reason"].as_str().unwrap(),
             "{name} case {i}: finish reason"
         );
+        assert_eq!(
+            steps.len(),
+            case["step_top5"].as_array().unwrap().len(),
+            "step_top5 entries"
+        );
         for (t, (logits, top)) in steps
             .iter()
             .zip(case["step_top5"].as_array().unwrap())

@@ -76,18 +76,30 @@ fn step(model: &dyn CausalLM, batch: Vec<(&[u32], &mut SeqCache)>) -> Vec<Vec<f3
 
 /// Greedy decoding as transformers' `generate` does it: stop token included, at most 12 new tokens.
 fn greedy(model: &dyn CausalLM, prompt: &[u32], eos: &[u32]) -> (Vec<u32>, &'static str) {
+    let (out, finish, _) = greedy_steps(model, prompt, eos);
+    (out, finish)
+}
+
+/// The same, also returning the logits each token was chosen from.
+fn greedy_steps(
+    model: &dyn CausalLM,
+    prompt: &[u32],
+    eos: &[u32],
+) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
     let mut cache = model.new_cache();
     let mut logits = step(model, vec![(prompt, &mut cache)]).remove(0);
-    let mut out = Vec::new();
+    let (mut out, mut steps) = (Vec::new(), Vec::new());
     while out.len() < MAX_NEW_TOKENS {
         let next = argmax(&logits);
         out.push(next);
         if eos.contains(&next) {
-            return (out, "stop");
+            steps.push(logits);
+            return (out, "stop", steps);
         }
-        logits = step(model, vec![(&[next], &mut cache)]).remove(0);
+        let next_logits = step(model, vec![(&[next], &mut cache)]).remove(0);
+        steps.push(std::mem::replace(&mut logits, next_logits));
     }
-    (out, "length")
+    (out, "length", steps)
 }
 
 /// Loaded as the server does (family detection, `chat::load`): tokenizer, stop ids, template.
@@ -171,9 +183,28 @@ fn greedy_generation_matches_transformers() {
     let model = model();
     let eos = ids(&r["eos_token_ids"]);
     for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
-        let (generated, finish) = greedy(&model, &ids(&case["prompt_ids"]), &eos);
+        let (generated, finish, steps) = greedy_steps(&model, &ids(&case["prompt_ids"]), &eos);
         assert_eq!(generated, ids(&case["generated_ids"]), "case {i}");
         assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}");
+        assert_eq!(
+            steps.len(),
+            case["step_top5"].as_array().unwrap().len(),
+            "step_top5 entries"
+        );
+        // The top-5 logits of every step exercise the MLA cache across decode steps.
+        for (t, (logits, top)) in steps
+            .iter()
+            .zip(case["step_top5"].as_array().unwrap())
+            .enumerate()
+        {
+            for (id, want) in ids(&top["ids"]).iter().zip(floats(&top["logits"])) {
+                let got = logits[*id as usize];
+                assert!(
+                    (got - want).abs() <= LOGITS_TOL,
+                    "case {i} step {t}: logit of {id} {got} vs {want}"
+                );
+            }
+        }
     }
 }
 
