@@ -19,10 +19,35 @@ use crate::models::{LoadedChat, ModelError};
 /// How GGUF weights are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
-    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small and fast.
+    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small, and fast for the
+    /// types candle has SIMD kernels for (Q4_0, Q8_0, K-quants).
     Quantized,
     /// Weights dequantized to the compute dtype at load: the reference numerics, 4-8x the memory.
     Dequantized,
+    /// `Dequantized` when the dequantized weights fit in [`DEQUANTIZE_BUDGET_BYTES`], else
+    /// `Quantized`: small models (the default SmolLM2-135M) then give transformers' exact numbers
+    /// and run faster (candle's CPU Q4_1 kernels are scalar), large ones stay small.
+    Auto,
+}
+
+/// Largest dequantized model [`GgufMode::Auto`] dequantizes: 2 GiB.
+pub const DEQUANTIZE_BUDGET_BYTES: usize = 2 << 30;
+
+/// What [`GgufMode::Auto`] means for this file: compare the weights' size in `dtype` to the budget.
+fn resolve_mode(mode: GgufMode, content: &Content, dtype: DType) -> GgufMode {
+    if mode != GgufMode::Auto {
+        return mode;
+    }
+    let elements: usize = content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count())
+        .sum();
+    if elements.saturating_mul(dtype.size_in_bytes()) <= DEQUANTIZE_BUDGET_BYTES {
+        GgufMode::Dequantized
+    } else {
+        GgufMode::Quantized
+    }
 }
 
 /// Load a `.gguf` chat model: weights, tokenizer (`tokenizer.ggml.*`) and chat template.
@@ -38,6 +63,7 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
     let mut cfg = config(&meta)?;
     let tok = tokenizer::from_metadata(&meta, cfg.family)?;
     let dtype = compute_dtype(device);
+    let mode = resolve_mode(mode, &content, dtype);
     let weights = GgufWeights {
         content: &content,
         reader: RefCell::new(reader),
@@ -291,8 +317,9 @@ impl Weights for GgufWeights<'_> {
         } else {
             None
         };
+        // `Auto` is resolved before the weights are read; counted as quantized for completeness.
         match self.mode {
-            GgufMode::Quantized => Ok(Linear::quantized(
+            GgufMode::Quantized | GgufMode::Auto => Ok(Linear::quantized(
                 Arc::new(self.qtensor(&weight, Some(&[out_dim, in_dim]))?),
                 bias,
             )?),
@@ -306,7 +333,7 @@ impl Weights for GgufWeights<'_> {
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
         let name = self.name(name, "weight")?;
         let t = self.qtensor(&name, Some(&[vocab, hidden]))?;
-        if self.mode == GgufMode::Quantized
+        if self.mode != GgufMode::Dequantized
             && !is_float(t.dtype())
             && hidden.is_multiple_of(t.dtype().block_size())
         {

@@ -23,7 +23,7 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, 
         }
         Family::ChatGlm => chatglm::load(path, device),
         Family::DeepseekV3 => deepseek_v3::load(path, device),
-        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Quantized),
+        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Auto),
         Family::Bert | Family::XlmRoberta | Family::Ernie => Err(ModelError::load(
             path,
             format!("{family:?} is an embedding model, not a chat model"),
