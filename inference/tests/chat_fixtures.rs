@@ -633,6 +633,24 @@ fn glm4_0414_with_other_shapes_matches_transformers() {
     );
 }
 
+/// A token id beyond the embedding rows is an error (the engine drops that sequence), not a panic.
+#[test]
+fn out_of_vocabulary_token_is_an_error() {
+    let (chat, _) = load_tiny("qwen2");
+    let model = chat.model.as_ref();
+    let vocab = model.info().vocab_size as u32;
+    let mut cache = model.new_cache();
+    let err = model
+        .forward(&mut [SeqStep {
+            tokens: &[1, vocab],
+            cache: &mut cache,
+        }])
+        .err()
+        .expect("forward must fail")
+        .to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
 #[test]
 fn families_are_detected_for_tiny_chat_fixtures() {
     let root = fixtures_dir().join("tiny");
@@ -805,7 +823,10 @@ fn check_smollm2_mixed_forward(mode: GgufMode) {
     );
     // 30 layers and logits around 30: summation order (the matmul blocks differ with the number of
     // rows) shows at 1e-6 relative, so the bound scales with the logits.
-    let scale = alone_a.iter().chain(&alone_b).fold(1f32, |m, x| m.max(x.abs()));
+    let scale = alone_a
+        .iter()
+        .chain(&alone_b)
+        .fold(1f32, |m, x| m.max(x.abs()));
     let tol = BATCH_TOL * scale;
     assert!(
         da <= tol && db <= tol,

@@ -264,6 +264,13 @@ impl Decoder {
             ids.extend_from_slice(s.tokens);
             shapes.push((s.cache.len, s.tokens.len()));
         }
+        // Checked here: a quantized embedding lookup would index out of bounds.
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.info.vocab_size
+            );
+        }
         let layout = StepLayout::new(&shapes, &self.rotary, &self.device, self.dtype)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut xs = self.embed.forward(&ids, self.dtype)?;
