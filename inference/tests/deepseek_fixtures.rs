@@ -416,3 +416,28 @@ fn other_shapes_reproduce_the_reference() {
         assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}");
     }
 }
+
+/// The released FP8 checkpoints must be converted first: loading one as plain weights would give
+/// wrong numbers without any error.
+#[test]
+fn fp8_checkpoints_are_refused() {
+    let src = fixture_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]});
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let err = chat::load(dir.path(), Family::DeepseekV3, &Device::Cpu)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+}

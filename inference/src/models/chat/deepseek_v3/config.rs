@@ -56,6 +56,10 @@ pub struct DeepseekV3Config {
     /// Rotation on interleaved pairs `(2i, 2i+1)`, as the released checkpoints are trained.
     #[serde(default = "yes")]
     pub rope_interleave: bool,
+    /// The released DeepSeek-V3/R1 checkpoints are FP8 with block scales (`weight_scale_inv`);
+    /// reading them as plain weights would be silently wrong, so they are refused.
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +117,16 @@ impl DeepseekV3Config {
 
     /// Reject settings this implementation does not compute, with a message for the operator.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(q) = &self.quantization_config {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            return Err(format!(
+                "quantization_config {method} is not supported: convert the checkpoint to bf16 \
+                 first (DeepSeek ships fp8_cast_bf16.py for this)"
+            ));
+        }
         if self.hidden_act != "silu" {
             return Err(format!(
                 "hidden_act {:?} is not supported (only silu)",
