@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::cache::SeqCache;
+use super::cache::{append_kv, SeqCache};
 
 /// A linear projection `y = x W^T + b` whose weight is either a dense tensor (safetensors,
 /// dequantized GGUF) or a quantized GGUF tensor run by ggml-style kernels.
@@ -294,13 +294,8 @@ impl Attention {
             let slot = cache.layers.get_mut(layer).ok_or_else(|| {
                 candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
             })?;
-            let (k, v) = match slot.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                None => (k.contiguous()?, v.contiguous()?),
-            };
-            let out = self.attend(&q, &k, &v, past)?;
-            *slot = Some((k, v));
-            outs.push(out);
+            let (k, v) = append_kv(slot, past, &k, &v)?;
+            outs.push(self.attend(&q, &k, &v, past)?);
         }
         let out = Tensor::cat(&outs, 0)?;
         self.o_proj.forward(&out)

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::config::DeepseekV3Config;
+use crate::models::chat::cache::append_kv;
 use crate::models::SeqCache;
 
 /// Inverse frequencies and attention factor of the rotary embedding.
@@ -266,15 +267,8 @@ impl Mla {
             let slot = cache.layers.get_mut(layer).ok_or_else(|| {
                 candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
             })?;
-            let (k_all, v_all) = match slot.take() {
-                Some((k_past, v_past)) => (
-                    Tensor::cat(&[&k_past, &k_s], 1)?,
-                    Tensor::cat(&[&v_past, &v_s], 1)?,
-                ),
-                None => (k_s.contiguous()?, v_s.contiguous()?),
-            };
+            let (k_all, v_all) = append_kv(slot, span.past, &k_s, &v_s)?;
             let out = self.attend(&q_s, &k_all, &v_all, span.past)?;
-            *slot = Some((k_all, v_all));
             outputs.push(out.transpose(0, 1)?.reshape((span.len, h * self.v_dim))?);
         }
         let out = Tensor::cat(&outputs, 0)?;
@@ -293,11 +287,7 @@ impl Mla {
         let kv_len = k.dim(1)?;
         let dtype = q.dtype();
         // Softmax in f32 whatever the weights' dtype, as transformers' eager attention does.
-        let scores = (q
-            .contiguous()?
-            .matmul(&k.t()?.contiguous()?)?
-            .to_dtype(DType::F32)?
-            * self.softmax_scale)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.softmax_scale)?;
         let scores = if n > 1 {
             let mask: Vec<f32> = (0..n)
                 .flat_map(|i| {
@@ -309,6 +299,6 @@ impl Mla {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs.matmul(&v.contiguous()?)
+        probs.matmul(v)
     }
 }
