@@ -645,8 +645,7 @@ fn out_of_vocabulary_token_is_an_error() {
             tokens: &[1, vocab],
             cache: &mut cache,
         }])
-        .err()
-        .expect("forward must fail")
+        .expect_err("forward must fail")
         .to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
