@@ -2,7 +2,8 @@
 //! part of each head.
 //!
 //! Cache layout: each sequence's [`SeqCache`] layer slot holds the decompressed keys
-//! `[heads, seq, qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, seq, v_head_dim]`. That
+//! `[heads, capacity, qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, capacity,
+//! v_head_dim]` (growable buffers, see `cache::append_kv`). That
 //! keeps attention a plain batched matmul and is fine for small and distilled models. For the 671B
 //! checkpoints the memory-efficient path is to cache the compressed latent (`kv_lora_rank +
 //! qk_rope_head_dim` per token, shared by all heads: ~70x smaller) and absorb `kv_b_proj` into the
