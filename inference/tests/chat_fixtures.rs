@@ -842,3 +842,298 @@ fn smollm2_quantized_mixed_forward_equals_alone() {
 fn smollm2_dequantized_mixed_forward_equals_alone() {
     check_smollm2_mixed_forward(GgufMode::Dequantized);
 }
+
+// ---------------------------------------------------------------------------------------------
+// GGUF files of the other architectures, written from the tiny fixtures the way llama.cpp's
+// convert_hf_to_gguf.py writes them (llama.cpp tensor names, q/k rows permuted for llama, llama3
+// scaling as `rope_freqs.weight`, tokenizer as `tokenizer.ggml.*`), float32 so the numbers stay
+// the reference's: the GGUF loader must reproduce transformers on each.
+// ---------------------------------------------------------------------------------------------
+
+use candle_core::quantized::gguf_file::Value as GgufValue;
+use candle_core::quantized::{GgmlDType, QTensor};
+
+/// transformers name -> llama.cpp name (None: not stored in the GGUF).
+fn llama_cpp_name(hf: &str) -> Option<String> {
+    let short = match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => hf.strip_prefix("model.layers.")?,
+    };
+    let (layer, rest) = short.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let gguf = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_self_attn_layernorm" => "post_attention_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "post_mlp_layernorm" => "post_ffw_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gguf}.{kind}"))
+}
+
+/// convert_hf_to_gguf's `LlamaModel.permute`: rotate-half q/k rows reordered for pairwise rope.
+fn permute_for_pairs(w: &Tensor, heads: usize) -> Tensor {
+    let dims = w.dims().to_vec();
+    let half = dims[0] / heads / 2;
+    let mut shape = vec![heads, 2, half];
+    shape.extend_from_slice(&dims[1..]);
+    w.reshape(shape)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape(dims)
+        .unwrap()
+}
+
+/// convert_hf_to_gguf's llama3 `rope_freqs`: one divisor per rotary frequency.
+fn llama3_rope_factors(cfg: &Value, rot_dim: usize) -> Tensor {
+    let s = &cfg["rope_scaling"];
+    let (factor, low, high, old) = (
+        s["factor"].as_f64().unwrap(),
+        s["low_freq_factor"].as_f64().unwrap(),
+        s["high_freq_factor"].as_f64().unwrap(),
+        s["original_max_position_embeddings"].as_f64().unwrap(),
+    );
+    let base = cfg["rope_theta"].as_f64().unwrap();
+    let factors: Vec<f32> = (0..rot_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf((2 * i) as f64 / rot_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor as f32
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect();
+    Tensor::new(factors, &Device::Cpu).unwrap()
+}
+
+fn gguf_strings(items: impl IntoIterator<Item = String>) -> GgufValue {
+    GgufValue::Array(items.into_iter().map(GgufValue::String).collect())
+}
+
+/// `tokenizer.ggml.*` from a tokenizer.json: tokens in id order (padded to the model's rows),
+/// merges as "a b", token types (1 normal, 3 control = special added, 4 user-defined).
+fn gguf_tokenizer(dir: &Path, rows: usize, pre: &str, add_bos: bool) -> Vec<(String, GgufValue)> {
+    let tok = read_json(&dir.join("tokenizer.json"));
+    let tok_cfg = read_json(&dir.join("tokenizer_config.json"));
+    let gen = read_json(&dir.join("generation_config.json"));
+    let mut tokens = vec![String::new(); rows];
+    let mut types = vec![1i32; rows];
+    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
+        tokens[id.as_u64().unwrap() as usize] = t.clone();
+    }
+    for a in tok["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = a["content"].as_str().unwrap().to_owned();
+        types[id] = if a["special"].as_bool().unwrap() {
+            3
+        } else {
+            4
+        };
+    }
+    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
+        *t = format!("[PAD{i}]");
+        types[i] = 4;
+    }
+    let merges = tok["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => s.clone(),
+            pair => format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ),
+        });
+    let eos = match &gen["eos_token_id"] {
+        Value::Array(list) => list[0].as_u64().unwrap() as u32,
+        one => one.as_u64().unwrap() as u32,
+    };
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".into(), GgufValue::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), gguf_strings(tokens.clone())),
+        ("tokenizer.ggml.merges".into(), gguf_strings(merges)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+        ),
+        ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(eos)),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            GgufValue::Bool(add_bos),
+        ),
+        (
+            "tokenizer.chat_template".into(),
+            GgufValue::String(tok_cfg["chat_template"].as_str().unwrap().into()),
+        ),
+    ];
+    if let Some(bos) = tok_cfg["bos_token"]
+        .as_str()
+        .and_then(|b| tokens.iter().position(|t| t == b))
+    {
+        meta.push((
+            "tokenizer.ggml.bos_token_id".into(),
+            GgufValue::U32(bos as u32),
+        ));
+    }
+    meta
+}
+
+/// Write `name` as `<tmp>/model.gguf` with llama.cpp architecture `arch`.
+fn fixture_as_gguf(
+    name: &str,
+    arch: &str,
+    pre: &str,
+    add_bos: bool,
+) -> (tempfile::TempDir, PathBuf) {
+    let src = tiny_dir(name);
+    let cfg = read_json(&src.join("config.json"));
+    let num = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (hidden, heads) = (num("hidden_size"), num("num_attention_heads"));
+    let kv_heads = cfg["num_key_value_heads"]
+        .as_u64()
+        .map_or(heads, |v| v as usize);
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map_or(hidden / heads, |v| v as usize);
+    let rot_dim = (head_dim as f64 * cfg["partial_rotary_factor"].as_f64().unwrap_or(1.0)) as usize;
+
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (hf, t) in
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap()
+    {
+        let Some(gguf) = llama_cpp_name(&hf) else {
+            continue;
+        };
+        let t = match (arch, hf.rsplit('.').nth(1)) {
+            ("llama", Some("q_proj")) => permute_for_pairs(&t, heads),
+            ("llama", Some("k_proj")) => permute_for_pairs(&t, kv_heads),
+            _ => t,
+        };
+        tensors.push((gguf, t));
+    }
+    if cfg["rope_scaling"]["rope_type"].as_str() == Some("llama3") {
+        tensors.push((
+            "rope_freqs.weight".into(),
+            llama3_rope_factors(&cfg, rot_dim),
+        ));
+    }
+    let rows = num("vocab_size");
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta: Vec<(String, GgufValue)> = vec![
+        (
+            "general.architecture".into(),
+            GgufValue::String(arch.into()),
+        ),
+        (key("embedding_length"), GgufValue::U32(hidden as u32)),
+        (
+            key("block_count"),
+            GgufValue::U32(num("num_hidden_layers") as u32),
+        ),
+        (
+            key("feed_forward_length"),
+            GgufValue::U32(num("intermediate_size") as u32),
+        ),
+        (key("attention.head_count"), GgufValue::U32(heads as u32)),
+        (
+            key("attention.head_count_kv"),
+            GgufValue::U32(kv_heads as u32),
+        ),
+        (key("attention.key_length"), GgufValue::U32(head_dim as u32)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            key("rope.freq_base"),
+            GgufValue::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        (key("rope.dimension_count"), GgufValue::U32(rot_dim as u32)),
+        (
+            key("context_length"),
+            GgufValue::U32(num("max_position_embeddings") as u32),
+        ),
+    ];
+    meta.extend(gguf_tokenizer(&src, rows, pre, add_bos));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let qtensors: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let meta_refs: Vec<(&str, &GgufValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut file = std::fs::File::create(&path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+    (dir, path)
+}
+
+fn check_gguf_fixture(name: &str, arch: &str, pre: &str, add_bos: bool) {
+    let (_dir, path) = fixture_as_gguf(name, arch, pre, add_bos);
+    let reference = read_json(&tiny_dir(name).join("reference.json"));
+    let chat = load_dir(&path);
+    assert_eq!(chat.model.info().family, format!("gguf-{arch}"));
+    assert_eq!(
+        chat.eos_token_ids,
+        ids(&reference["eos_token_ids"]),
+        "{name}: stop ids"
+    );
+    for t in reference["tokenization"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(
+            encode(&chat, text, false),
+            ids(&t["ids"]),
+            "{name}: ids of {text:?}"
+        );
+        if add_bos {
+            let want = ids(&t["ids_add_special_tokens"]);
+            assert_eq!(
+                encode(&chat, text, true),
+                want,
+                "{name}: ids with BOS of {text:?}"
+            );
+        }
+    }
+    check_template(name, &chat, &reference);
+    check_generation(name, &chat, &reference, usize::MAX);
+}
+
+#[test]
+fn gguf_qwen2_from_the_tiny_fixture_matches_transformers() {
+    check_gguf_fixture("qwen2", "qwen2", "deepseek-r1-qwen", true);
+}
+
+#[test]
+fn gguf_llama_from_the_tiny_fixture_matches_transformers() {
+    check_gguf_fixture("llama", "llama", "llama-bpe", true);
+}
+
+#[test]
+fn gguf_glm4_from_the_tiny_fixture_matches_transformers() {
+    // GLM-4's [gMASK]<sop> prefix is in the rendered prompt; llama.cpp adds no BOS for glm4.
+    check_gguf_fixture("glm4-0414", "glm4", "glm4", false);
+}
