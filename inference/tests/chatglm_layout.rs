@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use glm_inference::models::chat::{chatglm, tiktoken};
-use glm_inference::models::{CausalLM, SeqStep};
+use glm_inference::engine::ChatTemplate;
+use glm_inference::models::chat::tiktoken;
+use glm_inference::models::{chat, detect_family, CausalLM, Family, LoadedChat, SeqStep};
 use serde_json::{json, Value};
 
 const LOGITS_TOL: f32 = 1e-4;
@@ -29,7 +30,11 @@ fn read_json(path: &Path) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// THUDM's config.json keys for the fixture's shapes.
@@ -68,31 +73,58 @@ fn original_config(hf: &Value) -> Value {
 /// The `-hf` tensors under THUDM's names: q/k/v fused into `query_key_value` (weight and bias),
 /// `gate_up_proj` is `dense_h_to_4h` (gate rows first in both).
 fn original_tensors(hf: HashMap<String, Tensor>, layers: usize) -> HashMap<String, Tensor> {
-    let take = |name: &str| hf.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).clone();
+    let take = |name: &str| {
+        hf.get(name)
+            .unwrap_or_else(|| panic!("fixture lacks {name}"))
+            .clone()
+    };
     let mut out = HashMap::new();
-    out.insert("transformer.embedding.word_embeddings.weight".into(), take("model.embed_tokens.weight"));
-    out.insert("transformer.encoder.final_layernorm.weight".into(), take("model.norm.weight"));
-    out.insert("transformer.output_layer.weight".into(), take("lm_head.weight"));
+    out.insert(
+        "transformer.embedding.word_embeddings.weight".into(),
+        take("model.embed_tokens.weight"),
+    );
+    out.insert(
+        "transformer.encoder.final_layernorm.weight".into(),
+        take("model.norm.weight"),
+    );
+    out.insert(
+        "transformer.output_layer.weight".into(),
+        take("lm_head.weight"),
+    );
     for i in 0..layers {
-        let (hf_p, p) = (format!("model.layers.{i}"), format!("transformer.encoder.layers.{i}"));
+        let (hf_p, p) = (
+            format!("model.layers.{i}"),
+            format!("transformer.encoder.layers.{i}"),
+        );
         for suffix in ["weight", "bias"] {
-            let parts: Vec<Tensor> =
-                ["q_proj", "k_proj", "v_proj"].iter().map(|q| take(&format!("{hf_p}.self_attn.{q}.{suffix}"))).collect();
-            out.insert(format!("{p}.self_attention.query_key_value.{suffix}"), Tensor::cat(&parts, 0).unwrap());
+            let parts: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|q| take(&format!("{hf_p}.self_attn.{q}.{suffix}")))
+                .collect();
+            out.insert(
+                format!("{p}.self_attention.query_key_value.{suffix}"),
+                Tensor::cat(&parts, 0).unwrap(),
+            );
         }
         let renames = [
             ("self_attn.o_proj.weight", "self_attention.dense.weight"),
             ("mlp.gate_up_proj.weight", "mlp.dense_h_to_4h.weight"),
             ("mlp.down_proj.weight", "mlp.dense_4h_to_h.weight"),
             ("input_layernorm.weight", "input_layernorm.weight"),
-            ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+            (
+                "post_attention_layernorm.weight",
+                "post_attention_layernorm.weight",
+            ),
         ];
         for (from, to) in renames {
             out.insert(format!("{p}.{to}"), take(&format!("{hf_p}.{from}")));
         }
     }
     // The release also stores the rotary table; loaders must ignore it.
-    out.insert("transformer.rotary_pos_emb.inv_freq".into(), Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap());
+    out.insert(
+        "transformer.rotary_pos_emb.inv_freq".into(),
+        Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     out
 }
 
@@ -101,7 +133,12 @@ fn ranks_file(tokenizer_json: &Value) -> String {
     let vocab = tokenizer_json["model"]["vocab"].as_object().unwrap();
     let mut ranks: Vec<(Vec<u8>, u32)> = vocab
         .iter()
-        .map(|(token, id)| (tiktoken::bytes_from_byte_level(token).unwrap(), id.as_u64().unwrap() as u32))
+        .map(|(token, id)| {
+            (
+                tiktoken::bytes_from_byte_level(token).unwrap(),
+                id.as_u64().unwrap() as u32,
+            )
+        })
         .collect();
     ranks.sort_by_key(|(_, id)| *id);
     tiktoken::format_ranks(&ranks)
@@ -112,24 +149,59 @@ fn build_original_layout() -> tempfile::TempDir {
     let src = fixture_dir();
     let dir = tempfile::tempdir().unwrap();
     let hf_cfg = read_json(&src.join("config.json"));
-    std::fs::write(dir.path().join("config.json"), original_config(&hf_cfg).to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        original_config(&hf_cfg).to_string(),
+    )
+    .unwrap();
     let hf = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let layers = hf_cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    candle_core::safetensors::save(&original_tensors(hf, layers), dir.path().join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("tokenizer.model"), ranks_file(&read_json(&src.join("tokenizer.json")))).unwrap();
-    for f in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    candle_core::safetensors::save(
+        &original_tensors(hf, layers),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.model"),
+        ranks_file(&read_json(&src.join("tokenizer.json"))),
+    )
+    .unwrap();
+    for f in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     dir
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+/// The folder as the server loads it: detected as THUDM's layout, then `chat::load`.
+fn load_original(dir: &Path) -> LoadedChat {
+    assert_eq!(detect_family(dir).unwrap(), Family::ChatGlm);
+    chat::load(dir, Family::ChatGlm, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn forward(model: &dyn CausalLM, tokens: &[u32], cache: &mut glm_inference::models::SeqCache) -> Vec<f32> {
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
+}
+
+fn forward(
+    model: &dyn CausalLM,
+    tokens: &[u32],
+    cache: &mut glm_inference::models::SeqCache,
+) -> Vec<f32> {
     let mut steps = [SeqStep { tokens, cache }];
-    model.forward(&mut steps).unwrap().to_vec2::<f32>().unwrap().remove(0)
+    model
+        .forward(&mut steps)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .remove(0)
 }
 
 #[test]
@@ -137,37 +209,78 @@ fn tiktoken_tokenizer_matches_the_hf_tokenizer() {
     let dir = build_original_layout();
     assert!(!dir.path().join("tokenizer.json").exists());
     let reference = read_json(&fixture_dir().join("reference.json"));
-    let loaded = chatglm::load(dir.path(), &Device::Cpu).unwrap();
+    let loaded = load_original(dir.path());
     for t in reference["tokenization"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
         let plain = loaded.tokenizer.encode(text, false).unwrap();
         assert_eq!(plain.get_ids(), ids(&t["ids"]).as_slice(), "{text:?}");
         let with = loaded.tokenizer.encode(text, true).unwrap();
-        assert_eq!(with.get_ids(), ids(&t["ids_add_special_tokens"]).as_slice(), "{text:?}");
-        assert_eq!(loaded.tokenizer.decode(plain.get_ids(), false).unwrap(), t["decoded"].as_str().unwrap());
+        assert_eq!(
+            with.get_ids(),
+            ids(&t["ids_add_special_tokens"]).as_slice(),
+            "{text:?}"
+        );
+        assert_eq!(
+            loaded.tokenizer.decode(plain.get_ids(), false).unwrap(),
+            t["decoded"].as_str().unwrap()
+        );
     }
     for case in reference["cases"].as_array().unwrap() {
-        let enc = loaded.tokenizer.encode(case["prompt_text"].as_str().unwrap(), false).unwrap();
+        let enc = loaded
+            .tokenizer
+            .encode(case["prompt_text"].as_str().unwrap(), false)
+            .unwrap();
         assert_eq!(enc.get_ids(), ids(&case["prompt_ids"]).as_slice());
     }
     assert_eq!(loaded.eos_token_ids, ids(&reference["eos_token_ids"]));
-    assert!(loaded.chat_template.unwrap().contains("[gMASK]"));
+    let source = loaded
+        .chat_template
+        .as_deref()
+        .expect("chat template from tokenizer_config.json");
+    let template = ChatTemplate::new(
+        source,
+        loaded.bos_token.as_deref(),
+        loaded.eos_token.as_deref(),
+    )
+    .unwrap();
+    for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let text = template
+            .render(case["messages"].as_array().unwrap(), None, true)
+            .unwrap();
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "case {i}: rendered prompt"
+        );
+    }
 }
 
 #[test]
 fn original_layout_reproduces_the_reference() {
     let dir = build_original_layout();
     let reference = read_json(&fixture_dir().join("reference.json"));
-    let loaded = chatglm::load(dir.path(), &Device::Cpu).unwrap();
+    let loaded = load_original(dir.path());
     let model = loaded.model.as_ref();
     let eos = ids(&reference["eos_token_ids"]);
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
         let mut cache = model.new_cache();
         let mut logits = forward(model, &ids(&case["prompt_ids"]), &mut cache);
-        let want: Vec<f32> = case["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = case["last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(logits.len(), want.len());
-        let diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        assert!(diff <= LOGITS_TOL, "case {i}: last_logits max abs diff {diff}");
+        let diff = logits
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff <= LOGITS_TOL,
+            "case {i}: last_logits max abs diff {diff}"
+        );
         let mut generated = Vec::new();
         let mut finish = "length";
         while generated.len() < MAX_NEW_TOKENS {
@@ -182,4 +295,24 @@ fn original_layout_reproduces_the_reference() {
         assert_eq!(generated, ids(&case["generated_ids"]), "case {i}");
         assert_eq!(finish, case["finish_reason"].as_str().unwrap(), "case {i}");
     }
+}
+
+/// ChatGLM3-style folders carry a binary SentencePiece `tokenizer.model`: the load fails naming the
+/// file and what is expected instead of a parse error deep in the ranks.
+#[test]
+fn sentencepiece_tokenizer_model_is_refused_with_a_clear_message() {
+    let dir = build_original_layout();
+    std::fs::write(
+        dir.path().join("tokenizer.model"),
+        [0x0a, 0x0b, 0xff, 0xfe, 0x00, 0x12],
+    )
+    .unwrap();
+    let err = chat::load(dir.path(), Family::ChatGlm, &Device::Cpu)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.model") && err.contains("tiktoken"),
+        "{err}"
+    );
 }

@@ -74,7 +74,7 @@ pub fn family_from_config(cfg: &serde_json::Value) -> Option<Family> {
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
         .unwrap_or_default();
-    let has = |name: &str| archs.iter().any(|a| *a == name);
+    let has = |name: &str| archs.contains(&name);
     Some(match model_type {
         "bert" => Family::Bert,
         "xlm-roberta" => Family::XlmRoberta,

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::cache::SeqCache;
-use super::layers::{Attention, Embedding, Linear, Llama3Scaling, Mlp, RmsNorm, RopeScaling, Rotary, StepLayout};
+use super::layers::{
+    Attention, Embedding, Linear, Llama3Scaling, Mlp, RmsNorm, RopeScaling, Rotary, StepLayout,
+};
 use super::weights::Weights;
 use crate::models::{CausalLM, CausalLMInfo, Family, ModelError, SeqStep};
 
@@ -43,14 +45,21 @@ impl DecoderConfig {
     /// transformers' defaults; missing shapes fail naming the key.
     pub fn from_hf(cfg: &Value, family: Family, path: &Path) -> Result<Self, ModelError> {
         let req = |key: &str| -> Result<usize, ModelError> {
-            get_usize(cfg, key).ok_or_else(|| ModelError::load(path, format!("config.json: missing or invalid {key}")))
+            get_usize(cfg, key).ok_or_else(|| {
+                ModelError::load(path, format!("config.json: missing or invalid {key}"))
+            })
         };
         let (name, interleaved, fused, sandwich) = match family {
             Family::Glm => ("glm", true, true, false),
             Family::Glm4 => ("glm4", true, true, true),
             Family::Qwen2 => ("qwen2", false, false, false),
             Family::Llama => ("llama", false, false, false),
-            other => return Err(ModelError::load(path, format!("{other:?} is not a dense decoder family"))),
+            other => {
+                return Err(ModelError::load(
+                    path,
+                    format!("{other:?} is not a dense decoder family"),
+                ))
+            }
         };
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
@@ -59,8 +68,14 @@ impl DecoderConfig {
         // transformers 5 may nest rope settings in `rope_parameters`; older configs keep them on top.
         let rope = cfg.get("rope_parameters").filter(|v| v.is_object());
         let rope_key = |key: &str| rope.and_then(|r| r.get(key)).or_else(|| cfg.get(key));
-        let default_partial = if matches!(family, Family::Glm | Family::Glm4) { 0.5 } else { 1.0 };
-        let partial = rope_key("partial_rotary_factor").and_then(Value::as_f64).unwrap_or(default_partial);
+        let default_partial = if matches!(family, Family::Glm | Family::Glm4) {
+            0.5
+        } else {
+            1.0
+        };
+        let partial = rope_key("partial_rotary_factor")
+            .and_then(Value::as_f64)
+            .unwrap_or(default_partial);
         let rotary_dim = (head_dim as f64 * partial) as usize;
         let scaling_value = cfg.get("rope_scaling").filter(|v| v.is_object()).or(rope);
         let config = DecoderConfig {
@@ -72,17 +87,28 @@ impl DecoderConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: cfg.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            rope_theta: rope_key("rope_theta").and_then(Value::as_f64).unwrap_or(10_000.0),
+            rms_norm_eps: cfg
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            rope_theta: rope_key("rope_theta")
+                .and_then(Value::as_f64)
+                .unwrap_or(10_000.0),
             rotary_dim,
-            rope_scaling: rope_scaling(scaling_value).map_err(|m| ModelError::load(path, format!("config.json: {m}")))?,
+            rope_scaling: rope_scaling(scaling_value)
+                .map_err(|m| ModelError::load(path, format!("config.json: {m}")))?,
             rope_interleaved: interleaved,
             fused_gate_up: fused,
             sandwich_norms: sandwich,
-            tie_word_embeddings: cfg.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: cfg
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             max_context: get_usize(cfg, "max_position_embeddings").unwrap_or(4096),
         };
-        config.validate().map_err(|m| ModelError::load(path, format!("config.json: {m}")))?;
+        config
+            .validate()
+            .map_err(|m| ModelError::load(path, format!("config.json: {m}")))?;
         Ok(config)
     }
 
@@ -90,14 +116,20 @@ impl DecoderConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err("attention heads and head_dim must be positive".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.rotary_dim % 2 != 0 || self.rotary_dim == 0 || self.rotary_dim > self.head_dim {
-            return Err(format!("rotary dimension {} does not fit head_dim {}", self.rotary_dim, self.head_dim));
+        if !self.rotary_dim.is_multiple_of(2)
+            || self.rotary_dim == 0
+            || self.rotary_dim > self.head_dim
+        {
+            return Err(format!(
+                "rotary dimension {} does not fit head_dim {}",
+                self.rotary_dim, self.head_dim
+            ));
         }
         Ok(())
     }
@@ -108,9 +140,19 @@ fn get_usize(cfg: &Value, key: &str) -> Option<usize> {
 }
 
 fn rope_scaling(v: Option<&Value>) -> Result<RopeScaling, String> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
-    let num = |key: &str| v.get(key).and_then(Value::as_f64).ok_or_else(|| format!("rope_scaling {kind}: missing {key}"));
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope_scaling {kind}: missing {key}"))
+    };
     match kind {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear(num("factor")?)),
@@ -120,7 +162,9 @@ fn rope_scaling(v: Option<&Value>) -> Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         })),
-        other => Err(format!("unsupported rope_scaling type {other} (supported: default, linear, llama3)")),
+        other => Err(format!(
+            "unsupported rope_scaling type {other} (supported: default, linear, llama3)"
+        )),
     }
 }
 
@@ -141,7 +185,9 @@ impl Block {
         caches: &mut [&mut SeqCache],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let h = self.attn.forward(&self.input_norm.forward(xs)?, layout, caches, layer)?;
+        let h = self
+            .attn
+            .forward(&self.input_norm.forward(xs)?, layout, caches, layer)?;
         let h = match &self.post_self_attn_norm {
             Some(n) => n.forward(&h)?,
             None => h,
@@ -169,9 +215,18 @@ pub struct Decoder {
 
 impl Decoder {
     /// Build the decoder from weights named as in transformers checkpoints.
-    pub fn load(cfg: &DecoderConfig, w: &dyn Weights, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        let rotary =
-            Arc::new(Rotary::new(cfg.rotary_dim, cfg.rope_theta, &cfg.rope_scaling, cfg.rope_interleaved));
+    pub fn load(
+        cfg: &DecoderConfig,
+        w: &dyn Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let rotary = Arc::new(Rotary::new(
+            cfg.rotary_dim,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            cfg.rope_interleaved,
+        ));
         let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
         let blocks = (0..cfg.num_layers)
             .map(|i| load_block(cfg, w, &format!("model.layers.{i}"), &rotary))
@@ -182,8 +237,21 @@ impl Decoder {
         } else {
             w.linear("lm_head", cfg.vocab_size, cfg.hidden_size)?
         };
-        let info = CausalLMInfo { family: cfg.family, vocab_size: cfg.vocab_size, max_context: cfg.max_context };
-        Ok(Decoder { info, embed, blocks, norm, lm_head, rotary, dtype, device: device.clone() })
+        let info = CausalLMInfo {
+            family: cfg.family,
+            vocab_size: cfg.vocab_size,
+            max_context: cfg.max_context,
+        };
+        Ok(Decoder {
+            info,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rotary,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     fn step(&self, steps: &mut [SeqStep<'_>]) -> candle_core::Result<Tensor> {
@@ -195,6 +263,13 @@ impl Decoder {
             }
             ids.extend_from_slice(s.tokens);
             shapes.push((s.cache.len, s.tokens.len()));
+        }
+        // Checked here: a quantized embedding lookup would index out of bounds.
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.info.vocab_size
+            );
         }
         let layout = StepLayout::new(&shapes, &self.rotary, &self.device, self.dtype)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
@@ -219,10 +294,18 @@ impl Decoder {
 }
 
 fn norm(cfg: &DecoderConfig, w: &dyn Weights, name: &str) -> Result<RmsNorm, ModelError> {
-    Ok(RmsNorm::new(w.tensor(name, &[cfg.hidden_size])?, cfg.rms_norm_eps))
+    Ok(RmsNorm::new(
+        w.tensor(name, &[cfg.hidden_size])?,
+        cfg.rms_norm_eps,
+    ))
 }
 
-fn load_block(cfg: &DecoderConfig, w: &dyn Weights, p: &str, rotary: &Arc<Rotary>) -> Result<Block, ModelError> {
+fn load_block(
+    cfg: &DecoderConfig,
+    w: &dyn Weights,
+    p: &str,
+    rotary: &Arc<Rotary>,
+) -> Result<Block, ModelError> {
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let attn = Attention {
         q_proj: w.linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * d, h)?,
@@ -249,7 +332,11 @@ fn load_block(cfg: &DecoderConfig, w: &dyn Weights, p: &str, rotary: &Arc<Rotary
         }
     };
     let sandwich = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
-        if cfg.sandwich_norms { Ok(Some(norm(cfg, w, &format!("{p}.{name}"))?)) } else { Ok(None) }
+        if cfg.sandwich_norms {
+            Ok(Some(norm(cfg, w, &format!("{p}.{name}"))?))
+        } else {
+            Ok(None)
+        }
     };
     Ok(Block {
         input_norm: norm(cfg, w, &format!("{p}.input_layernorm"))?,
@@ -274,7 +361,11 @@ impl CausalLM for Decoder {
     /// drop those sequences.
     fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
         if steps.is_empty() {
-            return Ok(Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.info.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         Ok(self.step(steps)?)
     }

@@ -7,7 +7,7 @@ pub mod config;
 pub mod mla;
 pub mod moe;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -15,10 +15,12 @@ use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm,
 
 pub use config::DeepseekV3Config;
 use mla::{Mla, Rope, SeqSpan};
-pub use moe::{MoeGate, RoutePolicy, TokenRoute};
 use moe::{Mlp, Moe};
+pub use moe::{MoeGate, RoutePolicy, TokenRoute};
 
+use super::decoder::compute_dtype;
 use super::snapshot::load_chat_assets;
+use super::weights::safetensors_files;
 use crate::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep};
 
 enum FeedForward {
@@ -91,17 +93,29 @@ impl DeepseekV3 {
     pub fn gate_inputs(&self, tokens: &[u32]) -> Result<Vec<GateInput>, ModelError> {
         let mut cache = self.new_cache();
         let mut trace = Vec::new();
-        self.run(&mut [SeqStep { tokens, cache: &mut cache }], Some(&mut trace))?;
+        self.run(
+            &mut [SeqStep {
+                tokens,
+                cache: &mut cache,
+            }],
+            Some(&mut trace),
+        )?;
         Ok(trace)
     }
 
-    fn run(&self, steps: &mut [SeqStep<'_>], mut trace: Option<&mut Vec<GateInput>>) -> Result<Tensor, ModelError> {
+    fn run(
+        &self,
+        steps: &mut [SeqStep<'_>],
+        mut trace: Option<&mut Vec<GateInput>>,
+    ) -> Result<Tensor, ModelError> {
         let mut spans = Vec::with_capacity(steps.len());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for step in steps.iter() {
             if step.tokens.is_empty() {
-                return Err(ModelError::Unsupported("a sequence step has no new tokens".into()));
+                return Err(ModelError::Unsupported(
+                    "a sequence step has no new tokens".into(),
+                ));
             }
             if step.cache.layers.len() != self.layers.len() {
                 return Err(ModelError::Unsupported(format!(
@@ -111,24 +125,37 @@ impl DeepseekV3 {
                 )));
             }
             let past = step.cache.len;
-            spans.push(SeqSpan { offset: ids.len(), len: step.tokens.len(), past });
+            spans.push(SeqSpan {
+                offset: ids.len(),
+                len: step.tokens.len(),
+                past,
+            });
             ids.extend_from_slice(step.tokens);
             positions.extend((past..past + step.tokens.len()).map(|p| p as u32));
         }
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            return Err(ModelError::Unsupported(format!("token id {bad} is outside the vocabulary")));
+            return Err(ModelError::Unsupported(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
         }
         let total = ids.len();
         let mut caches: Vec<&mut SeqCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
-        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, total, &self.device)?)?;
+        let mut x = self
+            .embed_tokens
+            .forward(&Tensor::from_vec(ids, total, &self.device)?)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &self.rope, &positions, &spans, &mut caches, i)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, &positions, &spans, &mut caches, i)?;
             let x1 = (residual + h)?;
             let h = layer.post_attention_layernorm.forward(&x1)?;
             if let (Some(trace), FeedForward::Moe(_)) = (trace.as_deref_mut(), &layer.mlp) {
-                trace.push(GateInput { layer: i, hidden: h.clone() });
+                trace.push(GateInput {
+                    layer: i,
+                    hidden: h.clone(),
+                });
             }
             let h = match &layer.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(&h)?,
@@ -139,7 +166,10 @@ impl DeepseekV3 {
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             cache.len = span.past + span.len;
         }
-        let last: Vec<u32> = spans.iter().map(|s| (s.offset + s.len - 1) as u32).collect();
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|s| (s.offset + s.len - 1) as u32)
+            .collect();
         let n = last.len();
         let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
@@ -152,12 +182,20 @@ impl DecoderLayer {
         let mlp = if cfg.is_moe_layer(i) {
             FeedForward::Moe(Moe::new(cfg, vb.pp("mlp"))?)
         } else {
-            FeedForward::Dense(Mlp::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp"))?)
+            FeedForward::Dense(Mlp::new(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("mlp"),
+            )?)
         };
         Ok(DecoderLayer {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Mla::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp,
         })
     }
@@ -196,37 +234,16 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
 pub fn load_model(path: &Path, device: &Device) -> Result<DeepseekV3, ModelError> {
     let cfg_path = path.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let cfg: DeepseekV3Config =
-        serde_json::from_str(&text).map_err(|e| ModelError::load(&cfg_path, format!("invalid config: {e}")))?;
-    cfg.validate().map_err(|msg| ModelError::load(&cfg_path, msg))?;
+    let cfg: DeepseekV3Config = serde_json::from_str(&text)
+        .map_err(|e| ModelError::load(&cfg_path, format!("invalid config: {e}")))?;
+    cfg.validate()
+        .map_err(|msg| ModelError::load(&cfg_path, msg))?;
     let files = safetensors_files(path)?;
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let dtype = compute_dtype(device);
     // SAFETY: the files are memory-mapped read-only; modifying them while serving is unsupported.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
         .map_err(|e| ModelError::load(path, format!("cannot map weights: {e}")))?;
     tracing::info!(path = %path.display(), layers = cfg.num_hidden_layers, experts = ?cfg.n_routed_experts, "loading deepseek_v3");
-    DeepseekV3::new(&cfg, vb).map_err(|e| ModelError::load(path, format!("cannot load weights: {e}")))
-}
-
-/// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::load(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::load(&index, "no weight_map"))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(ModelError::load(dir, "no model.safetensors or model.safetensors.index.json"))
+    DeepseekV3::new(&cfg, vb)
+        .map_err(|e| ModelError::load(path, format!("cannot load weights: {e}")))
 }

@@ -19,27 +19,66 @@ use crate::models::{LoadedChat, ModelError};
 /// How GGUF weights are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
-    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small and fast.
+    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small, and fast for the
+    /// types candle has SIMD kernels for (Q4_0, Q8_0, K-quants).
     Quantized,
     /// Weights dequantized to the compute dtype at load: the reference numerics, 4-8x the memory.
     Dequantized,
+    /// `Dequantized` when the dequantized weights fit in [`DEQUANTIZE_BUDGET_BYTES`], else
+    /// `Quantized`: small models (the default SmolLM2-135M) then give transformers' exact numbers
+    /// and run faster (candle's CPU Q4_1 kernels are scalar), large ones stay small.
+    Auto,
+}
+
+/// Largest dequantized model [`GgufMode::Auto`] dequantizes: 2 GiB.
+pub const DEQUANTIZE_BUDGET_BYTES: usize = 2 << 30;
+
+/// What [`GgufMode::Auto`] means for this file: compare the weights' size in `dtype` to the budget.
+fn resolve_mode(mode: GgufMode, content: &Content, dtype: DType) -> GgufMode {
+    if mode != GgufMode::Auto {
+        return mode;
+    }
+    let elements: usize = content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count())
+        .sum();
+    if elements.saturating_mul(dtype.size_in_bytes()) <= DEQUANTIZE_BUDGET_BYTES {
+        GgufMode::Dequantized
+    } else {
+        GgufMode::Quantized
+    }
 }
 
 /// Load a `.gguf` chat model: weights, tokenizer (`tokenizer.ggml.*`) and chat template.
 pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, ModelError> {
     let file = File::open(path).map_err(|e| ModelError::load(path, e))?;
     let mut reader = BufReader::new(file);
-    let content =
-        Content::read(&mut reader).map_err(|e| ModelError::load(path, format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta { content: &content, path };
+    let content = Content::read(&mut reader)
+        .map_err(|e| ModelError::load(path, format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta {
+        content: &content,
+        path,
+    };
     let mut cfg = config(&meta)?;
     let tok = tokenizer::from_metadata(&meta, cfg.family)?;
     let dtype = compute_dtype(device);
-    let weights = GgufWeights { content: &content, reader: RefCell::new(reader), path, device, dtype, mode };
+    let mode = resolve_mode(mode, &content, dtype);
+    let weights = GgufWeights {
+        content: &content,
+        reader: RefCell::new(reader),
+        path,
+        device,
+        dtype,
+        mode,
+    };
     if meta.has_tensor("rope_freqs.weight") {
         // llama.cpp's form of llama3 rope scaling: one divisor per rotary frequency.
         let factors = weights.qtensor("rope_freqs.weight", Some(&[cfg.rotary_dim / 2]))?;
-        let factors = factors.dequantize(device)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let factors = factors
+            .dequantize(device)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         cfg.rope_scaling = RopeScaling::FreqFactors(factors);
     }
     let model = Decoder::load(&cfg, &weights, dtype, device)?;
@@ -70,11 +109,14 @@ impl Meta<'_> {
     }
 
     fn usize(&self, key: &str) -> Option<usize> {
-        self.num(key).filter(|v| *v >= 0.0 && v.fract() == 0.0).map(|v| v as usize)
+        self.num(key)
+            .filter(|v| *v >= 0.0 && v.fract() == 0.0)
+            .map(|v| v as usize)
     }
 
     fn req_usize(&self, key: &str) -> Result<usize, ModelError> {
-        self.usize(key).ok_or_else(|| self.err(format!("metadata {key} is missing or not an integer")))
+        self.usize(key)
+            .ok_or_else(|| self.err(format!("metadata {key} is missing or not an integer")))
     }
 
     fn string(&self, key: &str) -> Option<String> {
@@ -118,19 +160,27 @@ fn number(v: &Value) -> Option<f64> {
 
 /// Decoder shapes from `{arch}.*` metadata and the tensors present.
 fn config(meta: &Meta) -> Result<DecoderConfig, ModelError> {
-    let arch = meta.string("general.architecture").ok_or_else(|| meta.err("metadata general.architecture is missing"))?;
+    let arch = meta
+        .string("general.architecture")
+        .ok_or_else(|| meta.err("metadata general.architecture is missing"))?;
     // llama.cpp stores llama q/k rows permuted for pairwise rotation, glm4 rotates pairs natively;
     // qwen2 keeps transformers' half rotation.
     let (family, interleaved) = match arch.as_str() {
         "llama" => ("gguf-llama", true),
         "qwen2" => ("gguf-qwen2", false),
         "glm4" => ("gguf-glm4", true),
-        other => return Err(meta.err(format!("unsupported GGUF architecture {other} (supported: llama, qwen2, glm4)"))),
+        other => {
+            return Err(meta.err(format!(
+                "unsupported GGUF architecture {other} (supported: llama, qwen2, glm4)"
+            )))
+        }
     };
     let key = |k: &str| format!("{arch}.{k}");
     let hidden_size = meta.req_usize(&key("embedding_length"))?;
     let num_heads = meta.req_usize(&key("attention.head_count"))?;
-    let head_dim = meta.usize(&key("attention.key_length")).unwrap_or(hidden_size / num_heads.max(1));
+    let head_dim = meta
+        .usize(&key("attention.key_length"))
+        .unwrap_or(hidden_size / num_heads.max(1));
     let vocab_size = meta
         .content
         .tensor_infos
@@ -144,9 +194,13 @@ fn config(meta: &Meta) -> Result<DecoderConfig, ModelError> {
         intermediate_size: meta.req_usize(&key("feed_forward_length"))?,
         num_layers: meta.req_usize(&key("block_count"))?,
         num_heads,
-        num_kv_heads: meta.usize(&key("attention.head_count_kv")).unwrap_or(num_heads),
+        num_kv_heads: meta
+            .usize(&key("attention.head_count_kv"))
+            .unwrap_or(num_heads),
         head_dim,
-        rms_norm_eps: meta.num(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rms_norm_eps: meta
+            .num(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
         rope_theta: meta.num(&key("rope.freq_base")).unwrap_or(10_000.0),
         rotary_dim: meta.usize(&key("rope.dimension_count")).unwrap_or(head_dim),
         rope_scaling: rope_scaling(meta, &arch)?,
@@ -164,10 +218,14 @@ fn rope_scaling(meta: &Meta, arch: &str) -> Result<RopeScaling, ModelError> {
     match meta.string(&format!("{arch}.rope.scaling.type")).as_deref() {
         None | Some("none") => Ok(RopeScaling::None),
         Some("linear") => {
-            let f = meta.num(&format!("{arch}.rope.scaling.factor")).unwrap_or(1.0);
+            let f = meta
+                .num(&format!("{arch}.rope.scaling.factor"))
+                .unwrap_or(1.0);
             Ok(RopeScaling::Linear(f))
         }
-        Some(other) => Err(meta.err(format!("unsupported rope scaling {other} (supported: none, linear, llama3)"))),
+        Some(other) => Err(meta.err(format!(
+            "unsupported rope scaling {other} (supported: none, linear, llama3)"
+        ))),
     }
 }
 
@@ -211,7 +269,9 @@ impl GgufWeights<'_> {
     fn name(&self, hf: &str, suffix: &str) -> Result<String, ModelError> {
         gguf_name(hf)
             .map(|n| format!("{n}.{suffix}"))
-            .ok_or_else(|| ModelError::load(self.path, format!("no GGUF tensor corresponds to {hf}")))
+            .ok_or_else(|| {
+                ModelError::load(self.path, format!("no GGUF tensor corresponds to {hf}"))
+            })
     }
 
     fn qtensor(&self, name: &str, shape: Option<&[usize]>) -> Result<QTensor, ModelError> {
@@ -224,7 +284,10 @@ impl GgufWeights<'_> {
             if t.shape().dims() != shape {
                 return Err(ModelError::load(
                     self.path,
-                    format!("tensor {name} has shape {:?}, expected {shape:?}", t.shape().dims()),
+                    format!(
+                        "tensor {name} has shape {:?}, expected {shape:?}",
+                        t.shape().dims()
+                    ),
                 ));
             }
         }
@@ -249,24 +312,44 @@ impl Weights for GgufWeights<'_> {
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
         let weight = self.name(name, "weight")?;
         let bias = self.name(name, "bias")?;
-        let bias = if self.content.tensor_infos.contains_key(&bias) { Some(self.dense(&bias, &[out_dim])?) } else { None };
+        let bias = if self.content.tensor_infos.contains_key(&bias) {
+            Some(self.dense(&bias, &[out_dim])?)
+        } else {
+            None
+        };
+        // `Auto` is resolved before the weights are read; counted as quantized for completeness.
         match self.mode {
-            GgufMode::Quantized => Ok(Linear::quantized(Arc::new(self.qtensor(&weight, Some(&[out_dim, in_dim]))?), bias)?),
-            GgufMode::Dequantized => Ok(Linear::dense(self.dense(&weight, &[out_dim, in_dim])?, bias)),
+            GgufMode::Quantized | GgufMode::Auto => Ok(Linear::quantized(
+                Arc::new(self.qtensor(&weight, Some(&[out_dim, in_dim]))?),
+                bias,
+            )?),
+            GgufMode::Dequantized => Ok(Linear::dense(
+                self.dense(&weight, &[out_dim, in_dim])?,
+                bias,
+            )),
         }
     }
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
         let name = self.name(name, "weight")?;
         let t = self.qtensor(&name, Some(&[vocab, hidden]))?;
-        if self.mode == GgufMode::Quantized && !is_float(t.dtype()) && hidden % t.dtype().block_size() == 0 {
+        if self.mode != GgufMode::Dequantized
+            && !is_float(t.dtype())
+            && hidden.is_multiple_of(t.dtype().block_size())
+        {
             return Ok(Embedding::Quantized(Arc::new(t)));
         }
-        Ok(Embedding::Dense(t.dequantize(self.device)?.to_dtype(self.dtype)?))
+        Ok(Embedding::Dense(
+            t.dequantize(self.device)?.to_dtype(self.dtype)?,
+        ))
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&format!("{n}.weight")))
+        gguf_name(name).is_some_and(|n| {
+            self.content
+                .tensor_infos
+                .contains_key(&format!("{n}.weight"))
+        })
     }
 }
 
@@ -300,21 +383,41 @@ pub(crate) mod tokenizer {
                 "tokenizer.ggml.model {model:?} is not supported (only gpt2-style byte-level BPE)"
             )));
         }
-        let tokens = strings(meta.array("tokenizer.ggml.tokens"))
-            .ok_or_else(|| meta.err("metadata tokenizer.ggml.tokens is missing or not a string array"))?;
-        let merges = strings(meta.array("tokenizer.ggml.merges"))
-            .ok_or_else(|| meta.err("metadata tokenizer.ggml.merges is missing or not a string array"))?;
+        let tokens = strings(meta.array("tokenizer.ggml.tokens")).ok_or_else(|| {
+            meta.err("metadata tokenizer.ggml.tokens is missing or not a string array")
+        })?;
+        let merges = strings(meta.array("tokenizer.ggml.merges")).ok_or_else(|| {
+            meta.err("metadata tokenizer.ggml.merges is missing or not a string array")
+        })?;
         let types: Vec<i64> = meta
             .array("tokenizer.ggml.token_type")
-            .map(|a| a.iter().map(|v| super::number(v).unwrap_or(1.0) as i64).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|v| super::number(v).unwrap_or(1.0) as i64)
+                    .collect()
+            })
             .unwrap_or_default();
-        let id = |key: &str| meta.usize(key).and_then(|i| u32::try_from(i).ok()).filter(|i| (*i as usize) < tokens.len());
+        let id = |key: &str| {
+            meta.usize(key)
+                .and_then(|i| u32::try_from(i).ok())
+                .filter(|i| (*i as usize) < tokens.len())
+        };
         let token_of = |i: u32| tokens.get(i as usize).cloned();
         let bos = id("tokenizer.ggml.bos_token_id");
-        let add_bos = matches!(meta.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = matches!(
+            meta.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         let pre = meta.string("tokenizer.ggml.pre").unwrap_or_default();
 
-        let json = tokenizer_json(&tokens, &merges, &types, &pre, bos.filter(|_| add_bos).and_then(|b| Some((b, token_of(b)?))));
+        let json = tokenizer_json(
+            &tokens,
+            &merges,
+            &types,
+            &pre,
+            bos.filter(|_| add_bos)
+                .and_then(|b| Some((b, token_of(b)?))),
+        );
         let tokenizer: tokenizers::Tokenizer = json
             .to_string()
             .parse()
@@ -326,7 +429,11 @@ pub(crate) mod tokenizer {
             .collect();
         if family == "gguf-glm4" {
             // GLM-4 chats also end when the model starts the next user or tool turn.
-            eos_token_ids.extend(["<|user|>", "<|observation|>"].iter().filter_map(|t| tokenizer.token_to_id(t)));
+            eos_token_ids.extend(
+                ["<|user|>", "<|observation|>"]
+                    .iter()
+                    .filter_map(|t| tokenizer.token_to_id(t)),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         eos_token_ids.retain(|i| seen.insert(*i));
@@ -384,12 +491,17 @@ pub(crate) mod tokenizer {
                 {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
             ]}),
-            None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+            None => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+            }
         };
         let post_processor = match bos {
             Some((id, tok)) => {
                 let mut specials = Map::new();
-                specials.insert(tok.clone(), json!({"id": tok, "ids": [id], "tokens": [tok]}));
+                specials.insert(
+                    tok.clone(),
+                    json!({"id": tok, "ids": [id], "tokens": [tok]}),
+                );
                 json!({
                 "type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -398,7 +510,9 @@ pub(crate) mod tokenizer {
                 "special_tokens": specials,
                 })
             }
-            None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
+            None => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true})
+            }
         };
         json!({
             "version": "1.0",
@@ -424,9 +538,18 @@ mod tests {
 
     #[test]
     fn maps_transformers_names_to_llama_cpp_names() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj").as_deref(), Some("blk.3.attn_q"));
-        assert_eq!(gguf_name("model.layers.0.mlp.gate_up_proj").as_deref(), Some("blk.0.ffn_up"));
-        assert_eq!(gguf_name("model.layers.1.post_mlp_layernorm").as_deref(), Some("blk.1.post_ffw_norm"));
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj").as_deref(),
+            Some("blk.3.attn_q")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.gate_up_proj").as_deref(),
+            Some("blk.0.ffn_up")
+        );
+        assert_eq!(
+            gguf_name("model.layers.1.post_mlp_layernorm").as_deref(),
+            Some("blk.1.post_ffw_norm")
+        );
         assert_eq!(gguf_name("lm_head").as_deref(), Some("output"));
         assert_eq!(gguf_name("model.layers.1.unknown"), None);
     }

@@ -10,14 +10,17 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::cache::SeqCache;
+use super::cache::{append_kv, SeqCache};
 
 /// A linear projection `y = x W^T + b` whose weight is either a dense tensor (safetensors,
 /// dequantized GGUF) or a quantized GGUF tensor run by ggml-style kernels.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -26,7 +29,10 @@ impl Linear {
     }
 
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Linear::Quantized { weight: QMatMul::from_arc(weight)?, bias })
+        Ok(Linear::Quantized {
+            weight: QMatMul::from_arc(weight)?,
+            bias,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -79,7 +85,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm { weight, eps: eps as f32 }
+        RmsNorm {
+            weight,
+            eps: eps as f32,
+        }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -127,12 +136,18 @@ impl Rotary {
                     RopeScaling::None => base,
                     RopeScaling::Linear(f) => base / f,
                     RopeScaling::Llama3(s) => llama3_scale(base, s),
-                    RopeScaling::FreqFactors(f) => base / f64::from(f.get(i).copied().unwrap_or(1.0)),
+                    RopeScaling::FreqFactors(f) => {
+                        base / f64::from(f.get(i).copied().unwrap_or(1.0))
+                    }
                 }
             })
             .map(|f| f as f32)
             .collect();
-        Rotary { inv_freq, rot_dim, interleaved }
+        Rotary {
+            inv_freq,
+            rot_dim,
+            interleaved,
+        }
     }
 
     pub fn rot_dim(&self) -> usize {
@@ -140,7 +155,12 @@ impl Rotary {
     }
 
     /// Cos and sin tables `[positions.len(), rot_dim / 2]` for arbitrary (per-token) positions.
-    pub fn cos_sin(&self, positions: &[usize], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[usize],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -161,7 +181,11 @@ impl Rotary {
     /// `xs`: `[heads, tokens, head_dim]`, one row of `cos`/`sin` per token.
     pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let head_dim = xs.dim(D::Minus1)?;
-        let rot = if self.rot_dim == head_dim { xs.clone() } else { xs.narrow(D::Minus1, 0, self.rot_dim)? };
+        let rot = if self.rot_dim == head_dim {
+            xs.clone()
+        } else {
+            xs.narrow(D::Minus1, 0, self.rot_dim)?
+        };
         let rot = rot.contiguous()?.unsqueeze(0)?;
         let rot = if self.interleaved {
             candle_nn::rotary_emb::rope_i(&rot, cos, sin)?
@@ -202,7 +226,12 @@ pub struct StepLayout {
 }
 
 impl StepLayout {
-    pub fn new(caches: &[(usize, usize)], rotary: &Rotary, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn new(
+        caches: &[(usize, usize)],
+        rotary: &Rotary,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut spans = Vec::with_capacity(caches.len());
         let mut positions = Vec::new();
         let mut offset = 0;
@@ -221,7 +250,10 @@ impl StepLayout {
 
     /// Row index of each sequence's last new token.
     pub fn last_rows(&self) -> Vec<u32> {
-        self.spans.iter().map(|&(off, len, _)| (off + len).saturating_sub(1) as u32).collect()
+        self.spans
+            .iter()
+            .map(|&(off, len, _)| (off + len).saturating_sub(1) as u32)
+            .collect()
     }
 }
 
@@ -259,17 +291,11 @@ impl Attention {
             let q = q.narrow(1, off, len)?;
             let k = k.narrow(1, off, len)?;
             let v = v.narrow(1, off, len)?;
-            let slot = cache
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| candle_core::Error::Msg(format!("cache has no slot for layer {layer}")))?;
-            let (k, v) = match slot.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                None => (k.contiguous()?, v.contiguous()?),
-            };
-            let out = self.attend(&q, &k, &v, past)?;
-            *slot = Some((k, v));
-            outs.push(out);
+            let slot = cache.layers.get_mut(layer).ok_or_else(|| {
+                candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
+            })?;
+            let (k, v) = append_kv(slot, past, &k, &v)?;
+            outs.push(self.attend(&q, &k, &v, past)?);
         }
         let out = Tensor::cat(&outs, 0)?;
         self.o_proj.forward(&out)
@@ -277,7 +303,9 @@ impl Attention {
 
     /// `[total, n * head_dim]` -> `[n, total, head_dim]`.
     fn heads(&self, xs: &Tensor, total: usize, n: usize) -> Result<Tensor> {
-        xs.reshape((total, n, self.head_dim))?.transpose(0, 1)?.contiguous()
+        xs.reshape((total, n, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()
     }
 
     /// One sequence: `q` `[heads, len, d]` against `k`/`v` `[kv_heads, past + len, d]`, causal
@@ -288,16 +316,17 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         // Query heads sharing a key/value head are stacked along the rows, so K and V are used
         // as they are instead of being repeated per query head.
-        let q = q.contiguous()?.reshape((self.num_kv_heads, groups * len, self.head_dim))?;
+        let q = q
+            .contiguous()?
+            .reshape((self.num_kv_heads, groups * len, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = if len > 1 {
             let mask = causal_mask(len, past, kv_len, q.device())?;
-            scores.reshape((self.num_kv_heads, groups, len, kv_len))?.broadcast_add(&mask)?.reshape((
-                self.num_kv_heads,
-                groups * len,
-                kv_len,
-            ))?
+            scores
+                .reshape((self.num_kv_heads, groups, len, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((self.num_kv_heads, groups * len, kv_len))?
         } else {
             scores
         };
@@ -312,7 +341,15 @@ impl Attention {
 /// `[len, past + len]`: new token `i` (absolute position `past + i`) sees positions `<= past + i`.
 fn causal_mask(len: usize, past: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..kv_len).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (len, kv_len), device)
 }
@@ -320,8 +357,16 @@ fn causal_mask(len: usize, past: usize, kv_len: usize, device: &Device) -> Resul
 /// SiLU-gated MLP, with separate or fused (gate first) gate/up projections.
 #[derive(Debug, Clone)]
 pub enum Mlp {
-    Split { gate: Linear, up: Linear, down: Linear },
-    Fused { gate_up: Linear, down: Linear, intermediate: usize },
+    Split {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Fused {
+        gate_up: Linear,
+        down: Linear,
+        intermediate: usize,
+    },
 }
 
 impl Mlp {
@@ -331,7 +376,11 @@ impl Mlp {
                 let h = (gate.forward(xs)?.silu()? * up.forward(xs)?)?;
                 down.forward(&h)
             }
-            Mlp::Fused { gate_up, down, intermediate } => {
+            Mlp::Fused {
+                gate_up,
+                down,
+                intermediate,
+            } => {
                 let gu = gate_up.forward(xs)?;
                 let gate = gu.narrow(D::Minus1, 0, *intermediate)?;
                 let up = gu.narrow(D::Minus1, *intermediate, *intermediate)?;
@@ -360,7 +409,10 @@ mod tests {
 
     #[test]
     fn causal_mask_sees_the_cache_and_earlier_new_tokens() {
-        let m = causal_mask(2, 3, 5, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 3, 5, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0][..4], [0.0; 4]);
         assert!(m[0][4].is_infinite());
         assert_eq!(m[1], vec![0.0; 5]);
@@ -371,10 +423,23 @@ mod tests {
         let rot = Rotary::new(4, 10_000.0, &RopeScaling::None, true);
         let x = Tensor::new(&[[[1f32, 2., 3., 4., 5., 6.]]], &Device::Cpu).unwrap();
         let (cos, sin) = rot.cos_sin(&[1], &Device::Cpu, DType::F32).unwrap();
-        let y = rot.apply(&x, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = rot
+            .apply(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let (c0, s0) = (1f32.cos(), 1f32.sin());
         let (c1, s1) = (0.01f32.cos(), 0.01f32.sin());
-        let want = [1. * c0 - 2. * s0, 2. * c0 + 1. * s0, 3. * c1 - 4. * s1, 4. * c1 + 3. * s1, 5., 6.];
+        let want = [
+            1. * c0 - 2. * s0,
+            2. * c0 + 1. * s0,
+            3. * c1 - 4. * s1,
+            4. * c1 + 3. * s1,
+            5.,
+            6.,
+        ];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
         }

@@ -18,14 +18,16 @@ use super::{Device, Family, LoadedChat, ModelError};
 /// Load a chat model folder or .gguf file of the given family.
 pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
     match family {
-        Family::Glm | Family::Glm4 | Family::Qwen2 | Family::Llama => load_dense(path, family, device),
-        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Quantized),
-        Family::DeepseekV3 | Family::ChatGlm => {
-            Err(ModelError::load(path, format!("{family:?} chat models are not built into this binary yet")))
+        Family::Glm | Family::Glm4 | Family::Qwen2 | Family::Llama => {
+            load_dense(path, family, device)
         }
-        Family::Bert | Family::XlmRoberta | Family::Ernie => {
-            Err(ModelError::load(path, format!("{family:?} is an embedding model, not a chat model")))
-        }
+        Family::ChatGlm => chatglm::load(path, device),
+        Family::DeepseekV3 => deepseek_v3::load(path, device),
+        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Auto),
+        Family::Bert | Family::XlmRoberta | Family::Ernie => Err(ModelError::load(
+            path,
+            format!("{family:?} is an embedding model, not a chat model"),
+        )),
     }
 }
 
@@ -33,8 +35,8 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, 
 fn load_dense(dir: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
     let cfg = decoder::DecoderConfig::from_hf(&cfg, family, dir)?;
     let dtype = decoder::compute_dtype(device);
     let weights = weights::SafetensorsWeights::open(dir, dtype, device)?;

@@ -23,19 +23,36 @@ pub fn load_chat_assets(dir: &Path) -> Result<ChatAssets, ModelError> {
 
 /// The same, with a tokenizer built by the caller (THUDM's GLM-4 ships `tokenizer.model` as
 /// tiktoken ranks instead of a `tokenizer.json`).
-pub fn load_chat_assets_with(dir: &Path, tokenizer: tokenizers::Tokenizer) -> Result<ChatAssets, ModelError> {
+pub fn load_chat_assets_with(
+    dir: &Path,
+    tokenizer: tokenizers::Tokenizer,
+) -> Result<ChatAssets, ModelError> {
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
     let bos_token = special_token(&tok_cfg, "bos_token");
     let eos_token = special_token(&tok_cfg, "eos_token");
     let mut eos_token_ids = ids_of(gen_cfg.get("eos_token_id"));
     if eos_token_ids.is_empty() {
+        // Snapshots without generation_config.json often list the same ids in config.json.
+        let model_cfg = read_json_opt(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        eos_token_ids = ids_of(model_cfg.get("eos_token_id"));
+    }
+    if eos_token_ids.is_empty() {
         eos_token_ids.extend(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
     }
     if eos_token_ids.is_empty() {
-        return Err(ModelError::load(dir, "no eos_token_id in generation_config.json and no eos_token in tokenizer_config.json"));
+        return Err(ModelError::load(
+            dir,
+            "no eos_token_id in generation_config.json or config.json, and no eos_token in tokenizer_config.json",
+        ));
     }
-    Ok(ChatAssets { tokenizer, chat_template: chat_template(&tok_cfg), bos_token, eos_token, eos_token_ids })
+    Ok(ChatAssets {
+        tokenizer,
+        chat_template: chat_template(&tok_cfg),
+        bos_token,
+        eos_token,
+        eos_token_ids,
+    })
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
@@ -71,8 +88,15 @@ fn chat_template(cfg: &Value) -> Option<String> {
 
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
-        Some(Value::Array(a)) => a.iter().filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok())).collect(),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .into_iter()
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -82,8 +106,9 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        let root = std::env::var("GLM_FIXTURES_DIR")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into());
+        let root = std::env::var("GLM_FIXTURES_DIR").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into()
+        });
         Path::new(&root).join("tiny").join(name)
     }
 
@@ -93,6 +118,17 @@ mod tests {
         assert_eq!(a.eos_token_ids, vec![586, 593, 595]);
         assert!(a.chat_template.unwrap().contains("[gMASK]"));
         assert_eq!(a.eos_token.as_deref(), Some("<|endoftext|>"));
+    }
+
+    #[test]
+    fn stop_ids_fall_back_to_config_json() {
+        let src = fixture("glm4-0414");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let a = load_chat_assets(dir.path()).unwrap();
+        assert_eq!(a.eos_token_ids, vec![586, 593, 595]);
     }
 
     #[test]

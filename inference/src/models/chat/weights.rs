@@ -33,13 +33,25 @@ impl SafetensorsWeights {
         // them not being truncated while the server runs.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
             .map_err(|e| ModelError::load(dir, format!("cannot read safetensors: {e}")))?;
-        Ok(SafetensorsWeights { vb, dir: dir.to_owned() })
+        Ok(SafetensorsWeights {
+            vb,
+            dir: dir.to_owned(),
+        })
     }
 
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        self.vb
-            .get(shape, name)
-            .map_err(|e| ModelError::load(&self.dir, format!("tensor {name} (expected shape {shape:?}): {e}")))
+    /// Whether the checkpoint holds a tensor of this full name (`....weight`, `....bias`).
+    pub fn has(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// The tensor of this full name, checked against `shape`, in the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.vb.get(shape, name).map_err(|e| {
+            ModelError::load(
+                &self.dir,
+                format!("tensor {name} (expected shape {shape:?}): {e}"),
+            )
+        })
     }
 }
 
@@ -51,8 +63,11 @@ impl Weights for SafetensorsWeights {
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
         let weight = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let bias_name = format!("{name}.bias");
-        let bias =
-            if self.vb.contains_tensor(&bias_name) { Some(self.get(&bias_name, &[out_dim])?) } else { None };
+        let bias = if self.vb.contains_tensor(&bias_name) {
+            Some(self.get(&bias_name, &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear::dense(weight, bias))
     }
 
@@ -65,7 +80,8 @@ impl Weights for SafetensorsWeights {
     }
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+/// `model.safetensors`, or the shards listed in `model.safetensors.index.json` (all must exist).
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
@@ -73,19 +89,29 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::load(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| ModelError::load(&index, "no weight_map object"))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-            return Err(ModelError::load(missing, "listed in model.safetensors.index.json but missing"));
+            return Err(ModelError::load(
+                missing,
+                "listed in model.safetensors.index.json but missing",
+            ));
         }
         return Ok(files);
     }
-    Err(ModelError::load(dir, "no model.safetensors or model.safetensors.index.json"))
+    Err(ModelError::load(
+        dir,
+        "no model.safetensors or model.safetensors.index.json",
+    ))
 }

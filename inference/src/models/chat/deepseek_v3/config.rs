@@ -56,6 +56,10 @@ pub struct DeepseekV3Config {
     /// Rotation on interleaved pairs `(2i, 2i+1)`, as the released checkpoints are trained.
     #[serde(default = "yes")]
     pub rope_interleave: bool,
+    /// The released DeepSeek-V3/R1 checkpoints are FP8 with block scales (`weight_scale_inv`);
+    /// reading them as plain weights would be silently wrong, so they are refused.
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,7 +97,10 @@ impl DeepseekV3Config {
     }
 
     pub fn rope_base(&self) -> f64 {
-        self.rope_scaling.as_ref().and_then(|r| r.rope_theta).unwrap_or(self.rope_theta)
+        self.rope_scaling
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
     }
 
     /// Yarn scaling, the only scaling the DeepSeek-V3 family uses; `None` for plain rope.
@@ -103,13 +110,28 @@ impl DeepseekV3Config {
 
     /// Whether decoder layer `i` has routed experts (otherwise a dense MLP).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts.is_some() && i >= self.first_k_dense_replace && i % self.moe_layer_freq.max(1) == 0
+        self.n_routed_experts.is_some()
+            && i >= self.first_k_dense_replace
+            && i.is_multiple_of(self.moe_layer_freq.max(1))
     }
 
     /// Reject settings this implementation does not compute, with a message for the operator.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(q) = &self.quantization_config {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            return Err(format!(
+                "quantization_config {method} is not supported: convert the checkpoint to bf16 \
+                 first (DeepSeek ships fp8_cast_bf16.py for this)"
+            ));
+        }
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported (only silu)",
+                self.hidden_act
+            ));
         }
         if self.n_routed_experts.is_some() {
             if self.scoring_func != "sigmoid" || self.topk_method != "noaux_tc" {
@@ -119,7 +141,10 @@ impl DeepseekV3Config {
                 ));
             }
             let experts = self.n_routed_experts.unwrap_or(0);
-            if self.n_group == 0 || experts % self.n_group != 0 || self.topk_group > self.n_group {
+            if self.n_group == 0
+                || !experts.is_multiple_of(self.n_group)
+                || self.topk_group > self.n_group
+            {
                 return Err(format!(
                     "n_routed_experts {experts} is not split evenly into n_group {} (topk_group {})",
                     self.n_group, self.topk_group
@@ -130,12 +155,18 @@ impl DeepseekV3Config {
                 return Err(format!("num_experts_per_tok {k} must be in 1..={experts}"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
-            return Err(format!("qk_rope_head_dim {} must be even", self.qk_rope_head_dim));
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "qk_rope_head_dim {} must be even",
+                self.qk_rope_head_dim
+            ));
         }
         if let Some(r) = &self.rope_scaling {
             if !r.is_yarn() && r.rope_type.as_deref().is_some_and(|t| t != "default") {
-                return Err(format!("rope scaling {:?} is not supported (only yarn)", r.rope_type));
+                return Err(format!(
+                    "rope scaling {:?} is not supported (only yarn)",
+                    r.rope_type
+                ));
             }
         }
         Ok(())

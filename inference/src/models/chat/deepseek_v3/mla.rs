@@ -2,7 +2,8 @@
 //! part of each head.
 //!
 //! Cache layout: each sequence's [`SeqCache`] layer slot holds the decompressed keys
-//! `[heads, seq, qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, seq, v_head_dim]`. That
+//! `[heads, capacity, qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, capacity,
+//! v_head_dim]` (growable buffers, see `cache::append_kv`). That
 //! keeps attention a plain batched matmul and is fine for small and distilled models. For the 671B
 //! checkpoints the memory-efficient path is to cache the compressed latent (`kv_lora_rank +
 //! qk_rope_head_dim` per token, shared by all heads: ~70x smaller) and absorb `kv_b_proj` into the
@@ -11,6 +12,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::config::DeepseekV3Config;
+use crate::models::chat::cache::append_kv;
 use crate::models::SeqCache;
 
 /// Inverse frequencies and attention factor of the rotary embedding.
@@ -35,12 +37,21 @@ impl Rope {
         let dim = cfg.qk_rope_head_dim;
         let base = cfg.rope_base();
         // Computed in f32 as transformers does, so positions round the same way.
-        let pos_freqs: Vec<f32> = (0..dim).step_by(2).map(|i| (base as f32).powf(i as f32 / dim as f32)).collect();
+        let pos_freqs: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (base as f32).powf(i as f32 / dim as f32))
+            .collect();
         let Some(yarn) = cfg.yarn() else {
-            return Rope { inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(), attention_factor: 1.0, interleaved: cfg.rope_interleave };
+            return Rope {
+                inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(),
+                attention_factor: 1.0,
+                interleaved: cfg.rope_interleave,
+            };
         };
         let factor = yarn.factor.unwrap_or(1.0);
-        let original_max = yarn.original_max_position_embeddings.unwrap_or(cfg.max_position_embeddings) as f64;
+        let original_max = yarn
+            .original_max_position_embeddings
+            .unwrap_or(cfg.max_position_embeddings) as f64;
         let beta_fast = yarn.beta_fast.unwrap_or(32.0);
         let beta_slow = yarn.beta_slow.unwrap_or(1.0);
         let attention_factor = match (yarn.attention_factor, yarn.mscale, yarn.mscale_all_dim) {
@@ -50,8 +61,10 @@ impl Rope {
             }
             _ => yarn_get_mscale(factor, 1.0),
         };
-        let correction_dim =
-            |rotations: f64| dim as f64 * (original_max / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+        let correction_dim = |rotations: f64| {
+            dim as f64 * (original_max / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
         let low = correction_dim(beta_fast).floor().max(0.0);
         let high = correction_dim(beta_slow).ceil().min(dim as f64 - 1.0);
         let high = if low == high { high + 0.001 } else { high };
@@ -65,11 +78,20 @@ impl Rope {
                 inv_inter * (1.0 - extrapolation) + inv_extra * extrapolation
             })
             .collect();
-        Rope { inv_freq, attention_factor: attention_factor as f32, interleaved: cfg.rope_interleave }
+        Rope {
+            inv_freq,
+            attention_factor: attention_factor as f32,
+            interleaved: cfg.rope_interleave,
+        }
     }
 
     /// cos and sin `[positions, dim / 2]` for the given absolute positions.
-    fn cos_sin(&self, positions: &[u32], dtype: DType, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -108,7 +130,11 @@ pub struct SeqSpan {
 
 enum QueryProj {
     /// `q_a_proj -> q_a_layernorm -> q_b_proj` (q_lora_rank set).
-    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+    LowRank {
+        a: Linear,
+        norm: RmsNorm,
+        b: Linear,
+    },
     Full(Linear),
 }
 
@@ -137,10 +163,19 @@ impl Mla {
                 norm: rms_norm(rank, cfg.rms_norm_eps, vb.pp("q_a_layernorm"))?,
                 b: linear_b(rank, heads * qk_dim, false, vb.pp("q_b_proj"))?,
             },
-            None => QueryProj::Full(linear_b(cfg.hidden_size, heads * qk_dim, false, vb.pp("q_proj"))?),
+            None => QueryProj::Full(linear_b(
+                cfg.hidden_size,
+                heads * qk_dim,
+                false,
+                vb.pp("q_proj"),
+            )?),
         };
-        let kv_a_proj_with_mqa =
-            linear_b(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias, vb.pp("kv_a_proj_with_mqa"))?;
+        let kv_a_proj_with_mqa = linear_b(
+            cfg.hidden_size,
+            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            bias,
+            vb.pp("kv_a_proj_with_mqa"),
+        )?;
         let kv_a_layernorm = rms_norm(cfg.kv_lora_rank, cfg.rms_norm_eps, vb.pp("kv_a_layernorm"))?;
         let kv_b_proj = linear_b(
             cfg.kv_lora_rank,
@@ -148,7 +183,12 @@ impl Mla {
             false,
             vb.pp("kv_b_proj"),
         )?;
-        let o_proj = linear_b(heads * cfg.v_head_dim, cfg.hidden_size, bias, vb.pp("o_proj"))?;
+        let o_proj = linear_b(
+            heads * cfg.v_head_dim,
+            cfg.hidden_size,
+            bias,
+            vb.pp("o_proj"),
+        )?;
         // Yarn stretches attention logits as well: the softmax scale takes mscale(factor, mscale_all_dim)^2.
         let mut softmax_scale = 1.0 / (qk_dim as f64).sqrt();
         if let Some(yarn) = cfg.yarn() {
@@ -197,16 +237,26 @@ impl Mla {
 
         let compressed = self.kv_a_proj_with_mqa.forward(x)?;
         let latent = compressed.narrow(D::Minus1, 0, self.kv_lora_rank)?;
-        let k_rot = compressed.narrow(D::Minus1, self.kv_lora_rank, self.rope_dim)?.reshape((1, 1, total, self.rope_dim))?;
-        let kv = self.kv_b_proj.forward(&self.kv_a_layernorm.forward(&latent.contiguous()?)?)?;
-        let kv = kv.reshape((1, total, h, self.nope_dim + self.v_dim))?.transpose(1, 2)?;
+        let k_rot = compressed
+            .narrow(D::Minus1, self.kv_lora_rank, self.rope_dim)?
+            .reshape((1, 1, total, self.rope_dim))?;
+        let kv = self
+            .kv_b_proj
+            .forward(&self.kv_a_layernorm.forward(&latent.contiguous()?)?)?;
+        let kv = kv
+            .reshape((1, total, h, self.nope_dim + self.v_dim))?
+            .transpose(1, 2)?;
         let k_nope = kv.narrow(D::Minus1, 0, self.nope_dim)?;
-        let v = kv.narrow(D::Minus1, self.nope_dim, self.v_dim)?.squeeze(0)?;
+        let v = kv
+            .narrow(D::Minus1, self.nope_dim, self.v_dim)?
+            .squeeze(0)?;
 
         let (cos, sin) = rope.cos_sin(positions, x.dtype(), x.device())?;
         let q_rot = rope.apply(&q_rot, &cos, &sin)?;
         // The rotary key part is shared by all heads (it comes from the MQA-style compressed vector).
-        let k_rot = rope.apply(&k_rot, &cos, &sin)?.broadcast_as((1, h, total, self.rope_dim))?;
+        let k_rot = rope
+            .apply(&k_rot, &cos, &sin)?
+            .broadcast_as((1, h, total, self.rope_dim))?;
         let q = Tensor::cat(&[&q_nope, &q_rot], D::Minus1)?.squeeze(0)?;
         let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?.squeeze(0)?;
 
@@ -215,16 +265,11 @@ impl Mla {
             let q_s = q.narrow(1, span.offset, span.len)?;
             let k_s = k.narrow(1, span.offset, span.len)?;
             let v_s = v.narrow(1, span.offset, span.len)?;
-            let slot = cache
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| candle_core::Error::Msg(format!("cache has no slot for layer {layer}")))?;
-            let (k_all, v_all) = match slot.take() {
-                Some((k_past, v_past)) => (Tensor::cat(&[&k_past, &k_s], 1)?, Tensor::cat(&[&v_past, &v_s], 1)?),
-                None => (k_s.contiguous()?, v_s.contiguous()?),
-            };
+            let slot = cache.layers.get_mut(layer).ok_or_else(|| {
+                candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
+            })?;
+            let (k_all, v_all) = append_kv(slot, span.past, &k_s, &v_s)?;
             let out = self.attend(&q_s, &k_all, &v_all, span.past)?;
-            *slot = Some((k_all, v_all));
             outputs.push(out.transpose(0, 1)?.reshape((span.len, h * self.v_dim))?);
         }
         let out = Tensor::cat(&outputs, 0)?;
@@ -232,21 +277,29 @@ impl Mla {
     }
 
     /// Causal attention of `q: [heads, n, qk]` (positions `past..past+n`) over `k, v: [heads, past+n, _]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        past: usize,
+    ) -> candle_core::Result<Tensor> {
         let n = q.dim(1)?;
         let kv_len = k.dim(1)?;
         let dtype = q.dtype();
         // Softmax in f32 whatever the weights' dtype, as transformers' eager attention does.
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)? * self.softmax_scale)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.softmax_scale)?;
         let scores = if n > 1 {
             let mask: Vec<f32> = (0..n)
-                .flat_map(|i| (0..kv_len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+                .flat_map(|i| {
+                    (0..kv_len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
                 .collect();
             scores.broadcast_add(&Tensor::from_vec(mask, (1, n, kv_len), q.device())?)?
         } else {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs.matmul(&v.contiguous()?)
+        probs.matmul(v)
     }
 }

@@ -41,7 +41,10 @@ pub struct RoutePolicy {
 
 impl Default for RoutePolicy {
     fn default() -> Self {
-        RoutePolicy { correction_bias: true, group_limit: true }
+        RoutePolicy {
+            correction_bias: true,
+            group_limit: true,
+        }
     }
 }
 
@@ -66,10 +69,19 @@ pub struct MoeGate {
 }
 
 impl MoeGate {
-    pub fn new(cfg: &DeepseekV3Config, experts: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        cfg: &DeepseekV3Config,
+        experts: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         // Router logits are computed in f32 whatever the weights' dtype, as the reference does.
-        let weight = vb.get((experts, cfg.hidden_size), "weight")?.to_dtype(DType::F32)?;
-        let correction_bias = vb.get(experts, "e_score_correction_bias")?.to_dtype(DType::F32)?.to_vec1()?;
+        let weight = vb
+            .get((experts, cfg.hidden_size), "weight")?
+            .to_dtype(DType::F32)?;
+        let correction_bias = vb
+            .get(experts, "e_score_correction_bias")?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         Ok(MoeGate {
             weight,
             correction_bias,
@@ -88,26 +100,40 @@ impl MoeGate {
         // The choice is a per-token sort over a few hundred experts: done on the host, where the
         // indices are needed anyway to group tokens per expert.
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-        Ok(logits.iter().map(|row| self.route_row(row, policy)).collect())
+        Ok(logits
+            .iter()
+            .map(|row| self.route_row(row, policy))
+            .collect())
     }
 
     fn route_row(&self, logits: &[f32], policy: RoutePolicy) -> TokenRoute {
         let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
         let choice: Vec<f32> = if policy.correction_bias {
-            scores.iter().zip(&self.correction_bias).map(|(s, b)| s + b).collect()
+            scores
+                .iter()
+                .zip(&self.correction_bias)
+                .map(|(s, b)| s + b)
+                .collect()
         } else {
             scores.clone()
         };
-        let allowed = if policy.group_limit { self.allowed_groups(&choice) } else { vec![true; self.n_group] };
+        let allowed = if policy.group_limit {
+            self.allowed_groups(&choice)
+        } else {
+            vec![true; self.n_group]
+        };
         let group_size = choice.len() / self.n_group;
-        let candidates = (0..choice.len()).filter(|e| allowed.get(e / group_size).copied().unwrap_or(false));
+        let candidates =
+            (0..choice.len()).filter(|e| allowed.get(e / group_size).copied().unwrap_or(false));
         let experts = top_indices(candidates, &choice, self.top_k);
         let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
         if self.norm_topk_prob {
             let sum = weights.iter().sum::<f32>() + 1e-20;
             weights.iter_mut().for_each(|w| *w /= sum);
         }
-        weights.iter_mut().for_each(|w| *w *= self.routed_scaling_factor);
+        weights
+            .iter_mut()
+            .for_each(|w| *w *= self.routed_scaling_factor);
         TokenRoute { experts, weights }
     }
 
@@ -149,15 +175,27 @@ impl Moe {
         let n = cfg.n_routed_experts.unwrap_or(0);
         let gate = MoeGate::new(cfg, n, vb.pp("gate"))?;
         let experts = (0..n)
-            .map(|e| Mlp::new(cfg.hidden_size, cfg.moe_intermediate_size, vb.pp("experts").pp(e)))
+            .map(|e| {
+                Mlp::new(
+                    cfg.hidden_size,
+                    cfg.moe_intermediate_size,
+                    vb.pp("experts").pp(e),
+                )
+            })
             .collect::<candle_core::Result<_>>()?;
         let shared = match cfg.n_shared_experts {
-            Some(s) if s > 0 => {
-                Some(Mlp::new(cfg.hidden_size, cfg.moe_intermediate_size * s, vb.pp("shared_experts"))?)
-            }
+            Some(s) if s > 0 => Some(Mlp::new(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size * s,
+                vb.pp("shared_experts"),
+            )?),
             _ => None,
         };
-        Ok(Moe { gate, experts, shared })
+        Ok(Moe {
+            gate,
+            experts,
+            shared,
+        })
     }
 
     /// `x: [tokens, hidden]`. Each expert runs once on the rows routed to it (index_select), and its
@@ -182,7 +220,9 @@ impl Moe {
             let n = r.len();
             let idx = Tensor::from_vec(r, n, x.device())?;
             let w = Tensor::from_vec(ws, (n, 1), x.device())?.to_dtype(x.dtype())?;
-            let y = expert.forward(&x.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+            let y = expert
+                .forward(&x.index_select(&idx, 0)?)?
+                .broadcast_mul(&w)?;
             out = out.index_add(&idx, &y, 0)?;
         }
         match &self.shared {
