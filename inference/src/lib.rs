@@ -1,8 +1,8 @@
 //! glm-inference: an OpenAI-compatible server for GLM-4, DeepSeek and embedding models.
 //!
 //! Where a request goes:
-//! - `http/`     axum routes, request/response types, validation, the OpenAI error envelope.
-//!               Knows nothing of tensors.
+//! - `http/`     axum routes, request/response types, validation, the OpenAI error envelope;
+//!   knows nothing of tensors.
 //! - `registry`  served model name -> loaded model (embedding or chat), built from `--model NAME=PATH`.
 //! - `batcher`   embeddings: token-budget dynamic batching, admission control, cancellation.
 //! - `engine/`   chat: queue, scheduler, sampling, stop strings, streaming detokenizer, templates.

@@ -401,26 +401,27 @@ fn template_message(i: usize, m: ChatMessage) -> Result<TemplateMessage, Invalid
             ))
         }
     };
-    let content =
-        match m.content {
-            None => None,
-            Some(MessageContent::Text(s)) => Some(s),
-            Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, part) in parts.into_iter().enumerate() {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => return Err(Invalid::new(
+    let content = match m.content {
+        None => None,
+        Some(MessageContent::Text(s)) => Some(s),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(Invalid::new(
                             &format!("messages[{i}].content[{j}]"),
                             format!(
                                 "content part of type '{kind}' is not supported; only text parts"
                             ),
-                        )),
+                        ))
                     }
                 }
-                Some(text)
             }
-        };
+            Some(text)
+        }
+    };
     if content.is_none() && m.tool_calls.is_none() {
         return Err(Invalid::new(
             &format!("messages[{i}].content"),

@@ -46,7 +46,10 @@ pub fn detect_family(path: &Path) -> Result<Family, ModelError> {
     if path.is_file() {
         return match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => Ok(Family::Gguf),
-            _ => Err(ModelError::load(path, "is a file but not a .gguf; expected a model folder or a .gguf file")),
+            _ => Err(ModelError::load(
+                path,
+                "is a file but not a .gguf; expected a model folder or a .gguf file",
+            )),
         };
     }
     if !path.is_dir() {

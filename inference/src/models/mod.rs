@@ -26,7 +26,10 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn load(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        ModelError::Load { path: path.into(), msg: msg.to_string() }
+        ModelError::Load {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
     }
 }
 
