@@ -279,17 +279,16 @@ fn load_one(
     options: &LoadOptions,
     metrics: &Metrics,
 ) -> Result<ServedModel, String> {
-    let family: Family = models::detect_family(&spec.path).map_err(|e| e.to_string())?;
+    let path = models::source::resolve(&spec.path).map_err(|e| e.to_string())?;
+    let family: Family = models::detect_family(&path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
-            let loaded =
-                models::embed::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let loaded = models::embed::load(&path, family, device).map_err(|e| e.to_string())?;
             let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
         ModelKind::Chat => {
-            let loaded =
-                models::chat::load(&spec.path, family, device).map_err(|e| e.to_string())?;
+            let loaded = models::chat::load(&path, family, device).map_err(|e| e.to_string())?;
             let engine = ChatEngine::start_with_metrics(
                 &spec.name,
                 loaded,

@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod detect;
 pub mod embed;
+pub mod source;
 
 use std::path::PathBuf;
 use std::sync::Arc;
