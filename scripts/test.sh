@@ -15,11 +15,13 @@ step "fetching models and tools"
 
 step "cargo test (workspace: unit, fixture parity, HTTP against the real binary, operator mocks)"
 cargo test --workspace --locked --all-targets
+# Built with the whole workspace's features, as the tests above were: a per-package build would
+# unify features differently and recompile many dependencies.
+cargo build --workspace --locked --bins
 
 step "CRD and manifests: drift and Kubernetes schema validation"
 ./scripts/render-manifests.sh --check
-./scripts/validate-manifests.sh
+GLM_OPERATOR_BIN="$TARGET_DIR/debug/glm-operator" ./scripts/validate-manifests.sh
 
 step "Python integration tests (official openai client against the real binary)"
-cargo build --locked -p glm-inference --bin glm-inference
 GLM_INFERENCE_BIN="$TARGET_DIR/debug/glm-inference" .venv/bin/python -m pytest -q tests
