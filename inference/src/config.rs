@@ -77,6 +77,12 @@ pub struct Args {
     #[arg(long, env = "GLM_CHAT_MAX_WAITING", default_value_t = 64)]
     pub chat_max_waiting: usize,
 
+    /// GGUF chat models: `quantized` runs ggml's quantized kernels (least memory), `dequantized`
+    /// expands the weights to floats at load (reference numerics, 4-8x the memory, faster where
+    /// candle's kernels for the type are scalar), `auto` dequantizes when that fits in 2 GiB.
+    #[arg(long, env = "GLM_GGUF_MODE", default_value = "auto")]
+    pub gguf_mode: crate::models::chat::gguf::GgufMode,
+
     /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
     /// balancers stop sending traffic first.
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -210,6 +216,29 @@ mod tests {
         assert!(
             Args::try_parse_from(["glm-inference"]).is_err(),
             "--model is required"
+        );
+    }
+
+    #[test]
+    fn gguf_mode_defaults_to_auto_and_rejects_unknown_values() {
+        use crate::models::chat::gguf::GgufMode;
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
+        assert_eq!(args.gguf_mode, GgufMode::Auto);
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--gguf-mode",
+            "quantized",
+        ])
+        .unwrap();
+        assert_eq!(args.gguf_mode, GgufMode::Quantized);
+        let err = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--gguf-mode", "q4"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not one of auto, quantized, dequantized"),
+            "{err}"
         );
     }
 

@@ -44,6 +44,7 @@ async fn serve(args: Args) -> Result<(), String> {
             max_queued_inputs: args.max_queued_inputs,
         },
         engine: args.engine_config(),
+        gguf_mode: args.gguf_mode,
     };
 
     let (specs, default_chat, m) = (

@@ -73,6 +73,7 @@ impl ServedModel {
 pub struct LoadOptions {
     pub batching: BatcherConfig,
     pub engine: EngineConfig,
+    pub gguf_mode: models::chat::gguf::GgufMode,
 }
 
 pub struct ModelEntry {
@@ -288,7 +289,8 @@ fn load_one(
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
         ModelKind::Chat => {
-            let loaded = models::chat::load(&path, family, device).map_err(|e| e.to_string())?;
+            let loaded = models::chat::load_with(&path, family, device, options.gguf_mode)
+                .map_err(|e| e.to_string())?;
             let engine = ChatEngine::start_with_metrics(
                 &spec.name,
                 loaded,

@@ -30,6 +30,21 @@ pub enum GgufMode {
     Auto,
 }
 
+impl std::str::FromStr for GgufMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(GgufMode::Auto),
+            "quantized" => Ok(GgufMode::Quantized),
+            "dequantized" => Ok(GgufMode::Dequantized),
+            other => Err(format!(
+                "`{other}` is not one of auto, quantized, dequantized"
+            )),
+        }
+    }
+}
+
 /// Largest dequantized model [`GgufMode::Auto`] dequantizes: 2 GiB.
 pub const DEQUANTIZE_BUDGET_BYTES: usize = 2 << 30;
 

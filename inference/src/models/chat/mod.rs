@@ -15,15 +15,25 @@ use std::sync::Arc;
 
 use super::{Device, Family, LoadedChat, ModelError};
 
-/// Load a chat model folder or .gguf file of the given family.
+/// Load a chat model folder or .gguf file of the given family (GGUF files in [`gguf::GgufMode::Auto`]).
 pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
+    load_with(path, family, device, gguf::GgufMode::Auto)
+}
+
+/// [`load`] with an explicit choice of how GGUF weights run (`--gguf-mode`).
+pub fn load_with(
+    path: &Path,
+    family: Family,
+    device: &Device,
+    gguf_mode: gguf::GgufMode,
+) -> Result<LoadedChat, ModelError> {
     match family {
         Family::Glm | Family::Glm4 | Family::Qwen2 | Family::Llama => {
             load_dense(path, family, device)
         }
         Family::ChatGlm => chatglm::load(path, device),
         Family::DeepseekV3 => deepseek_v3::load(path, device),
-        Family::Gguf => gguf::load(path, device, gguf::GgufMode::Auto),
+        Family::Gguf => gguf::load(path, device, gguf_mode),
         Family::Bert | Family::XlmRoberta | Family::Ernie => Err(ModelError::load(
             path,
             format!("{family:?} is an embedding model, not a chat model"),
