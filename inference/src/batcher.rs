@@ -354,6 +354,7 @@ mod tests {
                 info: EmbedderInfo {
                     family: "fake",
                     dimensions: 2,
+                    vocab_size: 1 << 20,
                     max_input_tokens: 512,
                     sparse: true,
                     colbert: true,

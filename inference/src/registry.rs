@@ -31,7 +31,8 @@ impl EmbeddingModel {
         metrics: &Metrics,
     ) -> Result<Self, String> {
         let info = loaded.embedder.info().clone();
-        let vocab_size = loaded.tokenizer.get_vocab_size(true);
+        // An id the tokenizer knows but the embedding table lacks would fail inside the model.
+        let vocab_size = loaded.tokenizer.get_vocab_size(true).min(info.vocab_size);
         let batcher = Batcher::new(name, loaded.embedder, config, metrics)
             .map_err(|e| format!("cannot start the batching thread of `{name}`: {e}"))?;
         Ok(EmbeddingModel {

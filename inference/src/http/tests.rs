@@ -52,6 +52,7 @@ fn fixtures() -> std::path::PathBuf {
 }
 
 const MAX_TOKENS: usize = 16;
+const FAKE_TABLE_ROWS: usize = 500;
 
 fn state(api_key: Option<&str>) -> AppState {
     let dir = fixtures().join("tiny/bert");
@@ -62,6 +63,8 @@ fn state(api_key: Option<&str>) -> AppState {
     let info = EmbedderInfo {
         family: "fake",
         dimensions: 4,
+        // Smaller than the fixture tokenizer's 604 entries: ids in between are refused too.
+        vocab_size: FAKE_TABLE_ROWS,
         max_input_tokens: MAX_TOKENS,
         sparse: false,
         colbert: false,
@@ -227,6 +230,22 @@ async fn base64_dimensions_and_token_inputs() {
         "reference tokenization of 北京"
     );
     assert_eq!(ids["data"][0]["embedding"], floats["data"][0]["embedding"]);
+
+    // An id the tokenizer has but the model's embedding table lacks is the client's error.
+    let (status, err) = send(
+        &app,
+        post(
+            "/v1/embeddings",
+            json!({"input": [[11, 550, 12]]}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let msg = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("550") && msg.contains(&FAKE_TABLE_ROWS.to_string()),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

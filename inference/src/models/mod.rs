@@ -45,6 +45,9 @@ pub struct EmbedderInfo {
     pub family: &'static str,
     /// Length of the dense vector.
     pub dimensions: usize,
+    /// Rows of the token embedding table: token-id inputs must be below it (and below the
+    /// tokenizer's vocabulary, which a checkpoint may pad or, when broken, exceed).
+    pub vocab_size: usize,
     /// Longest input in tokens, special tokens included (sentence-transformers' `max_seq_length`,
     /// capped by `max_position_embeddings`).
     pub max_input_tokens: usize,

@@ -41,6 +41,7 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedEmbedd
     let info = EmbedderInfo {
         family: name,
         dimensions: pooling.dimensions(cfg.hidden_size),
+        vocab_size: cfg.vocab_size,
         max_input_tokens: max_input_tokens(path, encoder.capacity())?,
         sparse: heads.as_ref().is_some_and(|h| h.sparse.is_some()),
         colbert: heads.as_ref().is_some_and(|h| h.colbert.is_some()),
