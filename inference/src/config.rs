@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use clap::Parser;
 
+use crate::models::Device;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "glm-inference",
@@ -88,6 +90,12 @@ pub struct Args {
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
     pub shutdown_delay_secs: u64,
 
+    /// Where models run: `cuda` (the first GPU that CUDA_VISIBLE_DEVICES leaves visible; fails at
+    /// start when there is none), `cpu`, or `auto` (CUDA when this build has it and a GPU opens,
+    /// else the CPU, with a warning).
+    #[arg(long, env = "GLM_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+
     /// Log as JSON lines (level via RUST_LOG, default info).
     #[arg(long, env = "GLM_JSON_LOGS", default_value_t = false)]
     pub json_logs: bool,
@@ -98,6 +106,43 @@ pub struct Args {
 pub struct ModelSpec {
     pub name: String,
     pub path: PathBuf,
+}
+
+/// The `--device` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// Open the device models load on.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda => open_cuda(),
+            DeviceChoice::Auto if cfg!(feature = "cuda") => open_cuda().or_else(|e| {
+                tracing::warn!("{e}; running on the CPU (--device cuda makes this an error)");
+                Ok(Device::Cpu)
+            }),
+            DeviceChoice::Auto => Ok(Device::Cpu),
+        }
+    }
+}
+
+/// CUDA numbers the GPUs that CUDA_VISIBLE_DEVICES leaves visible from 0 (in Kubernetes, the ones
+/// the device plugin allocated), so ordinal 0 is always the first GPU this process may use.
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<Device, String> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
+    Device::new_cuda(0)
+        .map_err(|e| format!("cannot open CUDA device 0 (CUDA_VISIBLE_DEVICES={visible}): {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda() -> Result<Device, String> {
+    Err("--device cuda needs a glm-inference built with `--features cuda`".into())
 }
 
 impl FromStr for ModelSpec {
@@ -217,6 +262,24 @@ mod tests {
             Args::try_parse_from(["glm-inference"]).is_err(),
             "--model is required"
         );
+    }
+
+    #[test]
+    fn device_choice_parses_and_cpu_builds_refuse_cuda() {
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
+        assert_eq!(args.device, DeviceChoice::Auto);
+        let args =
+            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--device", "cpu"]).unwrap();
+        assert!(matches!(args.device.open(), Ok(Device::Cpu)));
+        assert!(
+            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--device", "gpu"]).is_err()
+        );
+        #[cfg(not(feature = "cuda"))]
+        {
+            assert!(matches!(DeviceChoice::Auto.open(), Ok(Device::Cpu)));
+            let err = DeviceChoice::Cuda.open().unwrap_err();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
     }
 
     #[test]

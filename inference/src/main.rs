@@ -10,7 +10,6 @@ use glm_inference::batcher::BatcherConfig;
 use glm_inference::config::Args;
 use glm_inference::http::{self, AppState, Limits};
 use glm_inference::metrics::Metrics;
-use glm_inference::models::Device;
 use glm_inference::registry::{LoadOptions, Registry};
 
 fn main() -> ExitCode {
@@ -37,7 +36,7 @@ fn fail(msg: String) -> ExitCode {
 async fn serve(args: Args) -> Result<(), String> {
     args.validate()?;
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot create metrics: {e}"))?);
-    let device = select_device()?;
+    let device = args.device.open()?;
     let options = LoadOptions {
         batching: BatcherConfig {
             max_batch_tokens: args.max_batch_tokens,
@@ -95,19 +94,6 @@ async fn serve(args: Args) -> Result<(), String> {
 
 /// With the `cuda` feature the first visible GPU (CUDA renumbers `CUDA_VISIBLE_DEVICES` from 0),
 /// else the CPU.
-fn select_device() -> Result<Device, String> {
-    #[cfg(feature = "cuda")]
-    {
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
-        Device::new_cuda(0)
-            .map_err(|e| format!("cannot open CUDA device 0 (CUDA_VISIBLE_DEVICES={visible}): {e}"))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(Device::Cpu)
-    }
-}
-
 /// Resolve on SIGTERM or Ctrl-C: turn `/ready` to 503 at once, wait `delay` so that load balancers
 /// notice, then let axum stop accepting and drain in-flight requests.
 async fn shutdown_signal(state: AppState, delay: Duration) {
