@@ -287,6 +287,8 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
             .collect::<Vec<_>>()
             .join(",");
         env.push(self::env("CUDA_VISIBLE_DEVICES", &devices));
+        // A pod that was given GPUs must not quietly run on its CPUs when they fail to open.
+        env.push(self::env("GLM_DEVICE", "cuda"));
     }
     let env = merge_env(env, &spec.env);
 

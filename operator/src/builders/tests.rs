@@ -98,6 +98,7 @@ fn gpus_land_in_requests_and_limits_and_cuda_visible_devices() {
     assert_eq!(res.requests.as_ref().unwrap().get("nvidia.com/gpu"), gpu);
     assert_eq!(res.limits.as_ref().unwrap().get("nvidia.com/gpu"), gpu);
     assert_eq!(env_of(c, "CUDA_VISIBLE_DEVICES").as_deref(), Some("0,1"));
+    assert_eq!(env_of(c, "GLM_DEVICE").as_deref(), Some("cuda"));
 }
 
 #[test]
@@ -124,6 +125,7 @@ fn cpu_model_has_no_gpu_resources_or_cuda_env() {
     assert!(res.requests.unwrap_or_default().is_empty());
     assert!(res.limits.unwrap_or_default().is_empty());
     assert_eq!(env_of(c, "CUDA_VISIBLE_DEVICES"), None);
+    assert_eq!(env_of(c, "GLM_DEVICE"), None);
     assert_eq!(
         d.spec.as_ref().unwrap().replicas,
         Some(1),
