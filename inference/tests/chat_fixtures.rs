@@ -1,75 +1,25 @@
 //! Chat decoders against the transformers references in `shared/fixtures` (tolerances from its
 //! README): tokenization, last-position logits, greedy generation, and batched steps that mix
 //! prefill and decode of different sequences.
-use std::path::{Path, PathBuf};
+mod chat_support;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use glm_inference::engine::ChatTemplate;
 use glm_inference::models::chat::gguf::{self, GgufMode};
 use glm_inference::models::{
     chat, detect_family, CausalLM, Device, Family, LoadedChat, SeqCache, SeqStep,
 };
 use serde_json::{json, Value};
 
-/// README tolerance for the tiny chat models' logits (float32 on CPU).
-const LOGITS_TOL: f32 = 1e-4;
+use chat_support::{
+    argmax, check_step_top5, check_template, fixtures_dir, floats, greedy_from, ids, max_abs_diff,
+    models_dir, read_json, tiny_dir, LOGITS_TOL,
+};
+
 /// A sequence must get the same logits in a batch as alone, up to summation order.
 const BATCH_TOL: f32 = 1e-5;
-
-fn fixtures_dir() -> PathBuf {
-    std::env::var("GLM_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/fixtures"
-            ))
-        })
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var("GLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.models")))
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (fixtures live in shared/fixtures; set GLM_FIXTURES_DIR)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn tiny_dir(name: &str) -> PathBuf {
-    let dir = fixtures_dir().join("tiny").join(name);
-    assert!(
-        dir.join("reference.json").is_file(),
-        "fixture {} is missing: it ships in shared/fixtures (set GLM_FIXTURES_DIR)",
-        dir.display()
-    );
-    dir
-}
 
 /// Load through the server's path: family detection, then `chat::load`.
 fn load_dir(dir: &Path) -> LoadedChat {
@@ -80,36 +30,6 @@ fn load_dir(dir: &Path) -> LoadedChat {
 fn load_tiny(name: &str) -> (LoadedChat, Value) {
     let dir = tiny_dir(name);
     (load_dir(&dir), read_json(&dir.join("reference.json")))
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "vector lengths");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
-
-/// The chat template of a loaded model, rendered by the engine's minijinja setup, must give every
-/// case's `prompt_text` (transformers' `apply_chat_template(..., add_generation_prompt=True)`).
-fn check_template(name: &str, chat: &LoadedChat, reference: &Value) {
-    let source = chat
-        .chat_template
-        .as_deref()
-        .unwrap_or_else(|| panic!("{name}: no chat template"));
-    let template =
-        ChatTemplate::new(source, chat.bos_token.as_deref(), chat.eos_token.as_deref()).unwrap();
-    for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        let messages = case["messages"].as_array().unwrap();
-        let text = template
-            .render(messages, None, true)
-            .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
-        assert_eq!(
-            text,
-            case["prompt_text"].as_str().unwrap(),
-            "{name} case {i}: rendered prompt"
-        );
-    }
 }
 
 fn encode(chat: &LoadedChat, text: &str, special: bool) -> Vec<u32> {
@@ -133,16 +53,6 @@ fn prefill_logits(model: &dyn CausalLM, prompt: &[u32]) -> (Vec<f32>, SeqCache) 
     (logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap(), cache)
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Greedy decoding of one sequence, as transformers `generate(do_sample=False)`.
 fn greedy(
     model: &dyn CausalLM,
@@ -161,27 +71,8 @@ fn greedy_steps(
     max_new: usize,
     eos: &[u32],
 ) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
-    let (mut logits, mut cache) = prefill_logits(model, prompt);
-    let mut out = Vec::new();
-    let mut steps = Vec::new();
-    loop {
-        let next = argmax(&logits);
-        out.push(next);
-        steps.push(logits);
-        if eos.contains(&next) {
-            return (out, "stop", steps);
-        }
-        if out.len() == max_new {
-            return (out, "length", steps);
-        }
-        let l = model
-            .forward(&mut [SeqStep {
-                tokens: &[next],
-                cache: &mut cache,
-            }])
-            .unwrap();
-        logits = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-    }
+    let (logits, cache) = prefill_logits(model, prompt);
+    greedy_from(model, logits, cache, max_new, eos)
 }
 
 fn check_tokenization(chat: &LoadedChat, reference: &Value) {
@@ -242,24 +133,7 @@ fn check_generation(name: &str, chat: &LoadedChat, reference: &Value, vocab: usi
             case["finish_reason"].as_str().unwrap(),
             "{name} case {i}: finish reason"
         );
-        assert_eq!(
-            steps.len(),
-            case["step_top5"].as_array().unwrap().len(),
-            "step_top5 entries"
-        );
-        for (t, (logits, top)) in steps
-            .iter()
-            .zip(case["step_top5"].as_array().unwrap())
-            .enumerate()
-        {
-            for (id, w) in ids(&top["ids"]).iter().zip(floats(&top["logits"])) {
-                let got = logits[*id as usize];
-                assert!(
-                    (got - w).abs() <= LOGITS_TOL,
-                    "{name} case {i} step {t}: logit of {id} {got} vs {w}"
-                );
-            }
-        }
+        check_step_top5(&format!("{name} case {i}"), &steps, case);
         let text = chat.tokenizer.decode(&generated, false).unwrap();
         assert_eq!(
             text,
