@@ -99,6 +99,15 @@ pub struct LoadedEmbedder {
 
 pub use chat::cache::SeqCache;
 
+/// Read a JSON file of a model folder; errors name the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    file: &std::path::Path,
+) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ModelError::load(file, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::load(file, format!("invalid JSON: {e}")))
+}
+
 #[derive(Debug, Clone)]
 pub struct CausalLMInfo {
     /// Family name for logs (e.g. "glm", "glm4", "qwen2", "llama", "deepseek_v3", "gguf-llama").

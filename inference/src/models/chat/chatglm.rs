@@ -16,7 +16,7 @@ use super::layers::{Embedding, Linear, RopeScaling};
 use super::snapshot::load_chat_assets_with;
 use super::tiktoken::{self, TokenizerSpec, GLM4_PATTERN};
 use super::weights::{SafetensorsWeights, Weights};
-use crate::models::{LoadedChat, ModelError};
+use crate::models::{read_json, LoadedChat, ModelError};
 
 /// The special tokens of THUDM's `tokenization_chatglm.py`, numbered after the ranks, for folders
 /// whose `tokenizer_config.json` lacks `added_tokens_decoder`.
@@ -44,9 +44,7 @@ const GLM4_PREFIX: [&str; 2] = ["[gMASK]", "<sop>"];
 /// `tokenizer.json` when present, else the tiktoken `tokenizer.model`.
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let raw: Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
+    let raw: Value = read_json(&cfg_path)?;
     let cfg = config(&raw).map_err(|m| ModelError::load(&cfg_path, m))?;
     let dtype = compute_dtype(device);
     let weights = ChatGlmWeights {
@@ -57,14 +55,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
     let tokenizer = tokenizer(dir)?;
     let assets = load_chat_assets_with(dir, tokenizer)?;
     tracing::info!(path = %dir.display(), layers = cfg.num_layers, "loaded THUDM GLM-4 checkpoint");
-    Ok(LoadedChat {
-        model: Arc::new(model),
-        tokenizer: assets.tokenizer,
-        chat_template: assets.chat_template,
-        bos_token: assets.bos_token,
-        eos_token: assets.eos_token,
-        eos_token_ids: assets.eos_token_ids,
-    })
+    Ok(assets.with_model(Arc::new(model)))
 }
 
 /// `ChatGLMConfig` -> decoder shapes. Variants the GLM-4 release never uses (LayerNorm instead of

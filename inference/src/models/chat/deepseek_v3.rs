@@ -219,15 +219,7 @@ impl CausalLM for DeepseekV3 {
 /// release must be converted to bf16 first), tokenizer and chat template.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
     let model = load_model(path, device)?;
-    let assets = load_chat_assets(path)?;
-    Ok(LoadedChat {
-        model: Arc::new(model),
-        tokenizer: assets.tokenizer,
-        chat_template: assets.chat_template,
-        bos_token: assets.bos_token,
-        eos_token: assets.eos_token,
-        eos_token_ids: assets.eos_token_ids,
-    })
+    Ok(load_chat_assets(path)?.with_model(Arc::new(model)))
 }
 
 /// The model alone (no tokenizer), for callers that want the concrete type.

@@ -13,7 +13,7 @@ pub mod weights;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Device, Family, LoadedChat, ModelError};
+use super::{read_json, Device, Family, LoadedChat, ModelError};
 
 /// Load a chat model folder or .gguf file of the given family (GGUF files in [`gguf::GgufMode::Auto`]).
 pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
@@ -43,21 +43,10 @@ pub fn load_with(
 
 /// A transformers snapshot folder of a dense decoder family.
 fn load_dense(dir: &Path, family: Family, device: &Device) -> Result<LoadedChat, ModelError> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::load(&cfg_path, format!("invalid JSON: {e}")))?;
+    let cfg: serde_json::Value = read_json(&dir.join("config.json"))?;
     let cfg = decoder::DecoderConfig::from_hf(&cfg, family, dir)?;
     let dtype = decoder::compute_dtype(device);
     let weights = weights::SafetensorsWeights::open(dir, dtype, device)?;
     let model = decoder::Decoder::load(&cfg, &weights, dtype, device)?;
-    let assets = snapshot::load_chat_assets(dir)?;
-    Ok(LoadedChat {
-        model: Arc::new(model),
-        tokenizer: assets.tokenizer,
-        chat_template: assets.chat_template,
-        bos_token: assets.bos_token,
-        eos_token: assets.eos_token,
-        eos_token_ids: assets.eos_token_ids,
-    })
+    Ok(snapshot::load_chat_assets(dir)?.with_model(Arc::new(model)))
 }

@@ -1,10 +1,11 @@
 //! What a chat model folder carries besides weights: tokenizer, chat template, special tokens and
 //! stop ids (Hugging Face snapshot layout).
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::models::ModelError;
+use crate::models::{CausalLM, LoadedChat, ModelError};
 
 /// Tokenizer-side assets of a chat snapshot folder.
 pub struct ChatAssets {
@@ -15,6 +16,20 @@ pub struct ChatAssets {
     /// From generation_config.json (`eos_token_id`, a number or a list), falling back to the
     /// tokenizer's eos token. GLM-4 needs all three of its ids.
     pub eos_token_ids: Vec<u32>,
+}
+
+impl ChatAssets {
+    /// The served model: these assets around its decoder.
+    pub fn with_model(self, model: Arc<dyn CausalLM>) -> LoadedChat {
+        LoadedChat {
+            model,
+            tokenizer: self.tokenizer,
+            chat_template: self.chat_template,
+            bos_token: self.bos_token,
+            eos_token: self.eos_token,
+            eos_token_ids: self.eos_token_ids,
+        }
+    }
 }
 
 pub fn load_chat_assets(dir: &Path) -> Result<ChatAssets, ModelError> {

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{Embedding, Linear};
-use crate::models::ModelError;
+use crate::models::{read_json, ModelError};
 
 pub trait Weights {
     /// A dense tensor `{name}.weight` of the given shape, in the compute dtype.
@@ -88,9 +88,7 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> 
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::load(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::load(&index, format!("invalid JSON: {e}")))?;
+        let json: serde_json::Value = read_json(&index)?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::{Tensor, D};
 use serde::Deserialize;
 
-use crate::models::ModelError;
+use crate::models::{read_json, ModelError};
 
 /// One pooling mode; several may be enabled, their vectors are concatenated in this order (the
 /// order of sentence-transformers' `Pooling.forward`).
@@ -182,12 +182,6 @@ pub fn l2_normalize(xs: &Tensor) -> candle_core::Result<Tensor> {
         .sqrt()?
         .clamp(1e-12f32, f32::MAX)?;
     xs.broadcast_div(&norms)
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| ModelError::load(file, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::load(file, format!("invalid JSON: {e}")))
 }
 
 /// The parts of `sentence_bert_config.json` that matter here.
