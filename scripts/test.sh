@@ -19,6 +19,9 @@ cargo test --workspace --locked --all-targets
 # unify features differently and recompile many dependencies.
 cargo build --workspace --locked --bins
 
+step "CUDA build check (cargo check --features cuda with nvcc from PyPI; cached under ~/.cache/kubeglm/cuda)"
+./scripts/check-cuda.sh
+
 step "CRD and manifests: drift and Kubernetes schema validation"
 ./scripts/render-manifests.sh --check
 GLM_OPERATOR_BIN="$TARGET_DIR/debug/glm-operator" ./scripts/validate-manifests.sh

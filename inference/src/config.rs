@@ -85,6 +85,22 @@ pub struct Args {
     #[arg(long, env = "GLM_GGUF_MODE", default_value = "auto")]
     pub gguf_mode: crate::models::chat::gguf::GgufMode,
 
+    /// Chat: bytes of KV cache per chat model (all layers; suffixes KiB, MiB, GiB, KB, MB, GB
+    /// accepted). Default: 90% of the memory the weights leave free on each GPU, less 1 GiB kept for
+    /// activations; 2 GiB on the CPU. Requests are admitted only while their worst case (prompt plus
+    /// max_tokens) fits; the others wait.
+    #[arg(long, env = "GLM_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<ByteSize>,
+
+    /// Chat: `auto` reads the checkpoint's weights; `dummy` draws random weights shaped by
+    /// config.json alone (benchmarks of real shapes without downloading weights).
+    #[arg(long, env = "GLM_LOAD_FORMAT", default_value = "auto")]
+    pub load_format: crate::models::chat::LoadFormat,
+
+    /// Chat compute dtype: `auto` (float32 on the CPU, bfloat16 on GPUs), `f32`, `bf16`, `f16`.
+    #[arg(long, env = "GLM_DTYPE", value_enum, default_value_t = DtypeChoice::Auto)]
+    pub dtype: DtypeChoice,
+
     /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
     /// balancers stop sending traffic first.
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -108,6 +124,59 @@ pub struct ModelSpec {
     pub path: PathBuf,
 }
 
+/// A byte count from the command line: `1073741824`, `512MiB`, `8GiB`, `2GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is not a byte count"))
+    }
+}
+
+/// The `--dtype` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeChoice {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeChoice {
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            DtypeChoice::Auto => None,
+            DtypeChoice::F32 => Some(candle_core::DType::F32),
+            DtypeChoice::Bf16 => Some(candle_core::DType::BF16),
+            DtypeChoice::F16 => Some(candle_core::DType::F16),
+        }
+    }
+}
+
 /// The `--device` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -129,6 +198,26 @@ impl DeviceChoice {
             DeviceChoice::Auto => Ok(Device::Cpu),
         }
     }
+}
+
+/// Every GPU a chat model's layers are split across: `first` (from [`DeviceChoice::open`]) and, when
+/// it is a GPU, every other GPU CUDA_VISIBLE_DEVICES leaves visible.
+pub fn all_devices(first: &Device) -> Result<Vec<Device>, String> {
+    #[cfg(feature = "cuda")]
+    if first.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let count = CudaContext::device_count()
+            .map_err(|e| format!("cannot count the visible GPUs: {e}"))?;
+        let mut devices = vec![first.clone()];
+        for ordinal in 1..count.max(1) as usize {
+            devices.push(
+                Device::new_cuda(ordinal)
+                    .map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?,
+            );
+        }
+        return Ok(devices);
+    }
+    Ok(vec![first.clone()])
 }
 
 /// CUDA numbers the GPUs that CUDA_VISIBLE_DEVICES leaves visible from 0 (in Kubernetes, the ones
@@ -196,6 +285,18 @@ impl Args {
             ));
         }
         Ok(())
+    }
+
+    /// How chat models are loaded: on `devices` (layers split across them), with the KV budget,
+    /// load format, dtype and GGUF mode of the flags.
+    pub fn chat_load_options(&self, devices: Vec<Device>) -> crate::models::chat::ChatLoadOptions {
+        crate::models::chat::ChatLoadOptions {
+            devices,
+            dtype: self.dtype.dtype(),
+            gguf_mode: self.gguf_mode,
+            load_format: self.load_format,
+            kv_cache_memory: self.kv_cache_memory.map(|b| b.0),
+        }
     }
 
     /// Limits of every chat model's engine.
@@ -280,6 +381,48 @@ mod tests {
             let err = DeviceChoice::Cuda.open().unwrap_err();
             assert!(err.contains("--features cuda"), "{err}");
         }
+    }
+
+    #[test]
+    fn kv_memory_load_format_and_dtype_parse() {
+        assert_eq!("1048576".parse::<ByteSize>(), Ok(ByteSize(1 << 20)));
+        assert_eq!("8GiB".parse::<ByteSize>(), Ok(ByteSize(8 << 30)));
+        assert_eq!("2 GB".parse::<ByteSize>(), Ok(ByteSize(2_000_000_000)));
+        assert!("8 parsecs"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("unit"));
+        assert!("GiB".parse::<ByteSize>().is_err());
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--kv-cache-memory",
+            "64MiB",
+            "--load-format",
+            "dummy",
+            "--dtype",
+            "bf16",
+        ])
+        .unwrap();
+        let o = args.chat_load_options(vec![Device::Cpu]);
+        assert_eq!(o.kv_cache_memory, Some(64 << 20));
+        assert_eq!(o.load_format, crate::models::chat::LoadFormat::Dummy);
+        assert_eq!(o.dtype(), candle_core::DType::BF16);
+        let defaults = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
+        let o = defaults.chat_load_options(vec![Device::Cpu]);
+        assert_eq!(
+            (o.kv_cache_memory, o.dtype()),
+            (None, candle_core::DType::F32)
+        );
+        assert!(Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--load-format",
+            "random"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -43,7 +43,7 @@ async fn serve(args: Args) -> Result<(), String> {
             max_queued_inputs: args.max_queued_inputs,
         },
         engine: args.engine_config(),
-        gguf_mode: args.gguf_mode,
+        chat: args.chat_load_options(glm_inference::config::all_devices(&device)?),
     };
 
     let (specs, default_chat, m) = (

@@ -1,7 +1,7 @@
 //! Prometheus metrics, all named `glm_*`, in one registry rendered by `GET /metrics`.
 //! Other parts (the chat engine) register their own collectors in [`Metrics::registry`].
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -50,6 +50,10 @@ pub struct Metrics {
     pub chat_waiting: IntGaugeVec,
     /// Generations stopped because their client went away.
     pub chat_cancelled: IntCounterVec,
+    /// Share of each chat model's KV pool reserved by running sequences (their worst case).
+    pub kv_cache_usage: GaugeVec,
+    /// Positions each chat model's KV pool holds.
+    pub kv_cache_capacity: IntGaugeVec,
 }
 
 impl Metrics {
@@ -188,6 +192,20 @@ impl Metrics {
                 ),
                 &["model"],
             )?,
+            kv_cache_usage: GaugeVec::new(
+                Opts::new(
+                    "glm_kv_cache_usage_ratio",
+                    "Share of the KV cache reserved by running chat sequences (prompt plus max_tokens each)",
+                ),
+                &["model"],
+            )?,
+            kv_cache_capacity: IntGaugeVec::new(
+                Opts::new(
+                    "glm_kv_cache_capacity_tokens",
+                    "Positions the chat model's KV cache holds (--kv-cache-memory)",
+                ),
+                &["model"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -216,6 +234,8 @@ impl Metrics {
         m.registry.register(Box::new(m.chat_running.clone()))?;
         m.registry.register(Box::new(m.chat_waiting.clone()))?;
         m.registry.register(Box::new(m.chat_cancelled.clone()))?;
+        m.registry.register(Box::new(m.kv_cache_usage.clone()))?;
+        m.registry.register(Box::new(m.kv_cache_capacity.clone()))?;
         Ok(m)
     }
 
@@ -228,6 +248,8 @@ impl Metrics {
             running: self.chat_running.with_label_values(&[model]),
             waiting: self.chat_waiting.with_label_values(&[model]),
             cancelled: self.chat_cancelled.with_label_values(&[model]),
+            kv_usage: self.kv_cache_usage.with_label_values(&[model]),
+            kv_capacity: self.kv_cache_capacity.with_label_values(&[model]),
         }
     }
 

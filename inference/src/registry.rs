@@ -74,7 +74,8 @@ impl ServedModel {
 pub struct LoadOptions {
     pub batching: BatcherConfig,
     pub engine: EngineConfig,
-    pub gguf_mode: models::chat::gguf::GgufMode,
+    /// Chat models: devices (layers split across them), dtype, load format, KV budget, GGUF mode.
+    pub chat: models::chat::ChatLoadOptions,
 }
 
 pub struct ModelEntry {
@@ -290,8 +291,8 @@ fn load_one(
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
         ModelKind::Chat => {
-            let loaded = models::chat::load_with(&path, family, device, options.gguf_mode)
-                .map_err(|e| e.to_string())?;
+            let loaded =
+                models::chat::load_with(&path, family, &options.chat).map_err(|e| e.to_string())?;
             let engine = ChatEngine::start_with_metrics(
                 &spec.name,
                 loaded,

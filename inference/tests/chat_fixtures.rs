@@ -42,7 +42,7 @@ fn encode(chat: &LoadedChat, text: &str, special: bool) -> Vec<u32> {
 
 /// Logits of the last prompt position, the prompt run as one prefill.
 fn prefill_logits(model: &dyn CausalLM, prompt: &[u32]) -> (Vec<f32>, SeqCache) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let logits = model
         .forward(&mut [SeqStep {
             tokens: prompt,
@@ -160,7 +160,7 @@ fn check_mixed_forward(name: &str) {
     let split = b.len() / 2;
     let (alone_b, mut cache_b1) = prefill_logits(model, &b[..split]);
 
-    let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
+    let (mut cache_a, mut cache_b) = (model.new_cache().unwrap(), model.new_cache().unwrap());
     let rows = model
         .forward(&mut [
             SeqStep {
@@ -255,7 +255,7 @@ fn check_batched(name: &str) {
         .map(|(i, c)| Seq {
             prompt: ids(&c["prompt_ids"]),
             joins_at: i * 2,
-            cache: model.new_cache(),
+            cache: model.new_cache().unwrap(),
             out: Vec::new(),
             done: false,
         })
@@ -513,7 +513,7 @@ fn out_of_vocabulary_token_is_an_error() {
     let (chat, _) = load_tiny("qwen2");
     let model = chat.model.as_ref();
     let vocab = model.info().vocab_size as u32;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let err = model
         .forward(&mut [SeqStep {
             tokens: &[1, vocab],
@@ -571,7 +571,13 @@ fn smollm2(mode: GgufMode) -> (LoadedChat, Value) {
     let chat = match mode {
         // What the server does with a .gguf path (chat::load picks Auto).
         GgufMode::Auto => load_dir(&file),
-        _ => gguf::load(&file, &Device::Cpu, mode).unwrap(),
+        _ => {
+            let options = chat::ChatLoadOptions {
+                gguf_mode: mode,
+                ..chat::ChatLoadOptions::on(&Device::Cpu)
+            };
+            gguf::load(&file, &options).unwrap()
+        }
     };
     (chat, reference)
 }
@@ -675,7 +681,7 @@ fn check_smollm2_mixed_forward(mode: GgufMode) {
     let (a, b) = (ids(&cases[0]["prompt_ids"]), ids(&cases[2]["prompt_ids"]));
     let (alone_a, _) = prefill_logits(model, &a);
     let (alone_b, _) = prefill_logits(model, &b);
-    let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
+    let (mut cache_a, mut cache_b) = (model.new_cache().unwrap(), model.new_cache().unwrap());
     let rows = model
         .forward(&mut [
             SeqStep {

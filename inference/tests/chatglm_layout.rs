@@ -207,7 +207,7 @@ fn original_layout_reproduces_the_reference() {
     let model = loaded.model.as_ref();
     let eos = ids(&reference["eos_token_ids"]);
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let logits = forward_one(model, &ids(&case["prompt_ids"]), &mut cache);
         let diff = max_abs_diff(&logits, &floats(&case["last_logits"]));
         assert!(

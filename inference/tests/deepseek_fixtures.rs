@@ -50,7 +50,7 @@ fn greedy_steps(
     prompt: &[u32],
     eos: &[u32],
 ) -> (Vec<u32>, &'static str, Vec<Vec<f32>>) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let logits = step(model, vec![(prompt, &mut cache)]).remove(0);
     greedy_from(model, logits, cache, MAX_NEW_TOKENS, eos)
 }
@@ -105,7 +105,7 @@ fn last_logits_match_transformers() {
     let model = model();
     for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let logits = step(&model, vec![(&prompt, &mut cache)]).remove(0);
         let diff = max_abs_diff(&logits, &floats(&case["last_logits"]));
         assert!(
@@ -222,7 +222,11 @@ fn batched_sequences_match_single_sequences() {
         ids(&cases[1]["prompt_ids"]),
         ids(&cases[2]["prompt_ids"]),
     );
-    let (mut c0, mut c1, mut c2) = (model.new_cache(), model.new_cache(), model.new_cache());
+    let (mut c0, mut c1, mut c2) = (
+        model.new_cache().unwrap(),
+        model.new_cache().unwrap(),
+        model.new_cache().unwrap(),
+    );
     let split = p2.len() / 2;
 
     let first = step(
@@ -326,7 +330,7 @@ fn other_shapes_reproduce_the_reference() {
     for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let want = floats(&case["last_logits"]);
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let logits = step(model, vec![(&prompt, &mut cache)]).remove(0);
         let diff = max_abs_diff(&logits[..want.len()], &want);
         assert!(

@@ -1,5 +1,6 @@
 //! The continuous-batching engine against a mock model whose logits are a pure function of the
 //! token history: batching, chunked prefill, cancellation, admission control, stop handling, seeds.
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,15 +10,16 @@ use glm_inference::engine::{
     StopParams,
 };
 use glm_inference::models::{
-    CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor,
+    BlockAllocator, CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqStep, Tensor,
 };
 use tokenizers::Tokenizer;
 
 const EOS: u32 = 556; // qwen2 fixture's <｜end▁of▁sentence｜>
 
 /// Logits: a peak of 8.0 at `script[generated position]` over pseudo-random values in [0, 1) that
-/// depend on every token seen so far. The cache stores the token history so that the mock can
-/// check that the engine feeds each sequence its own tokens at the right positions.
+/// depend on every token seen so far. The mock keeps each cache's token history so that it can
+/// check that the engine feeds each sequence its own tokens at the right positions, and grows the
+/// cache's blocks as a real model does (failing if the engine reserved too little).
 struct Mock {
     info: CausalLMInfo,
     script: Vec<u32>,
@@ -25,21 +27,36 @@ struct Mock {
     delay: Duration,
     batch_sizes: Mutex<Vec<usize>>,
     forwards: AtomicUsize,
+    kv: Arc<BlockAllocator>,
+    histories: Mutex<HashMap<u64, Vec<u32>>>,
 }
 
 impl Mock {
     fn new(script: Vec<u32>, prompt_len: usize, vocab: usize, delay: Duration) -> Arc<Self> {
+        Self::with_kv(script, prompt_len, vocab, delay, 4096)
+    }
+
+    fn with_kv(
+        script: Vec<u32>,
+        prompt_len: usize,
+        vocab: usize,
+        delay: Duration,
+        kv_positions: usize,
+    ) -> Arc<Self> {
         Arc::new(Mock {
             info: CausalLMInfo {
                 family: "mock",
                 vocab_size: vocab,
                 max_context: 64,
+                weight_bytes: 0,
             },
             script,
             prompt_len,
             delay,
             batch_sizes: Mutex::new(Vec::new()),
             forwards: AtomicUsize::new(0),
+            kv: BlockAllocator::new(kv_positions.div_ceil(16), 16),
+            histories: Mutex::new(HashMap::new()),
         })
     }
 
@@ -54,20 +71,13 @@ impl Mock {
     }
 }
 
-fn history(cache: &SeqCache) -> Vec<u32> {
-    match cache.layers.first() {
-        Some(Some((t, _))) => t.to_vec1::<u32>().unwrap(),
-        _ => Vec::new(),
-    }
-}
-
 impl CausalLM for Mock {
     fn info(&self) -> &CausalLMInfo {
         &self.info
     }
 
-    fn new_cache(&self) -> SeqCache {
-        SeqCache::new(1)
+    fn kv_blocks(&self) -> &Arc<BlockAllocator> {
+        &self.kv
     }
 
     fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
@@ -77,12 +87,14 @@ impl CausalLM for Mock {
         let vocab = self.info.vocab_size;
         let mut rows = Vec::with_capacity(steps.len() * vocab);
         for step in steps.iter_mut() {
-            let mut h = history(step.cache);
+            let mut histories = self.histories.lock().unwrap();
+            let h = histories.entry(step.cache.id()).or_default();
             assert_eq!(h.len(), step.cache.len, "cache length and history disagree");
             h.extend_from_slice(step.tokens);
-            let t = Tensor::new(h.as_slice(), &candle_core::Device::Cpu)?;
-            step.cache.layers[0] = Some((t.clone(), t));
+            step.cache.grow(h.len())?;
             step.cache.len = h.len();
+            let h = h.clone();
+            drop(histories);
             let mut seed = h.iter().fold(1469598103934665603u64, |acc, &x| {
                 (acc ^ x as u64).wrapping_mul(1099511628211)
             });
@@ -426,5 +438,83 @@ async fn prompts_that_fill_the_context_are_refused_with_both_numbers() {
     assert!(
         msg.contains("64 tokens") && msg.contains("context of 64"),
         "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_load_beyond_the_kv_cache_queues_and_every_request_completes() {
+    let (mock, prompt, script) = setup("The answer is forty-two.", 2);
+    let worst = prompt.len() + script.len();
+    // Room for three worst cases at a time, twelve requests at once.
+    let blocks = worst.div_ceil(16);
+    let mock = Mock::with_kv(
+        script.clone(),
+        prompt.len(),
+        mock.info.vocab_size,
+        Duration::from_millis(2),
+        3 * blocks * 16,
+    );
+    let engine = start(
+        mock.clone(),
+        EngineConfig {
+            max_batch_size: 12,
+            max_batch_tokens: 512,
+            max_waiting: 12,
+        },
+    );
+    let gens: Vec<_> = (0..12)
+        .map(|_| engine.submit(request(&prompt, script.len())).unwrap())
+        .collect();
+    let outcomes = futures::future::join_all(gens.into_iter().map(|g| collect(g.events))).await;
+    for o in &outcomes {
+        assert_eq!(o.text(), "The answer is forty-two.");
+        assert_eq!(o.completion_tokens, script.len());
+    }
+    let max = mock.max_batch();
+    assert!(
+        (2..=3).contains(&max),
+        "at most 3 sequences fit the KV cache, batches were {:?}",
+        mock.batch_sizes.lock().unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while mock.kv.reserved_blocks() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        mock.kv.reserved_blocks(),
+        0,
+        "finished sequences return their blocks"
+    );
+}
+
+#[tokio::test]
+async fn a_kv_cache_smaller_than_the_context_caps_generation() {
+    let (mock, prompt, _) = setup(&"word ".repeat(80), 0);
+    let mock = Mock::with_kv(
+        mock.script.clone(),
+        prompt.len(),
+        mock.info.vocab_size,
+        Duration::ZERO,
+        32,
+    );
+    let engine = start(mock, EngineConfig::default());
+    assert_eq!(
+        engine.max_context(),
+        32,
+        "model context 64, KV cache 32 positions"
+    );
+    let out = collect(engine.submit(request(&prompt, 1000)).unwrap().events).await;
+    assert_eq!(out.reason, FinishReason::Length);
+    assert_eq!(out.completion_tokens, 32 - prompt.len());
+    let err = engine.submit(request(&[1; 40], 4)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::PromptTooLong {
+                max_context: 32,
+                ..
+            }
+        ),
+        "{err}"
     );
 }

@@ -7,7 +7,7 @@ use glm_inference::engine::{ChatEngine, EngineConfig};
 use glm_inference::http::{router, AppState, Limits};
 use glm_inference::metrics::Metrics;
 use glm_inference::models::{
-    CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep, Tensor,
+    BlockAllocator, CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqStep, Tensor,
 };
 use glm_inference::registry::{ModelEntry, Registry, ServedModel};
 use serde_json::{json, Value};
@@ -18,6 +18,7 @@ struct Failing {
     token: u32,
     fail_at: usize,
     forwards: AtomicUsize,
+    kv: Arc<BlockAllocator>,
 }
 
 impl CausalLM for Failing {
@@ -25,8 +26,8 @@ impl CausalLM for Failing {
         &self.info
     }
 
-    fn new_cache(&self) -> SeqCache {
-        SeqCache::new(1)
+    fn kv_blocks(&self) -> &Arc<BlockAllocator> {
+        &self.kv
     }
 
     fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
@@ -63,10 +64,12 @@ async fn serve(fail_at: usize) -> (String, tokio::task::JoinHandle<()>, String) 
             family: "mock",
             vocab_size,
             max_context: 256,
+            weight_bytes: 0,
         },
         token,
         fail_at,
         forwards: AtomicUsize::new(0),
+        kv: BlockAllocator::with_capacity(4096),
     };
     let loaded = LoadedChat {
         model: Arc::new(model),

@@ -17,7 +17,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -95,6 +95,10 @@ pub struct EngineMetrics {
     pub running: IntGauge,
     pub waiting: IntGauge,
     pub cancelled: IntCounter,
+    /// Share of the KV pool reserved by running sequences.
+    pub kv_usage: Gauge,
+    /// Positions the KV pool holds.
+    pub kv_capacity: IntGauge,
 }
 
 impl EngineMetrics {
@@ -108,6 +112,8 @@ impl EngineMetrics {
             running: IntGauge::new("running", "detached")?,
             waiting: IntGauge::new("waiting", "detached")?,
             cancelled: IntCounter::new("cancelled", "detached")?,
+            kv_usage: Gauge::new("kv_usage", "detached")?,
+            kv_capacity: IntGauge::new("kv_capacity", "detached")?,
         })
     }
 }
@@ -133,6 +139,8 @@ pub struct Generation {
 pub struct ChatEngine {
     name: String,
     info: CausalLMInfo,
+    /// Longest sequence served: the model's context, or what the whole KV pool holds if less.
+    max_context: usize,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     reasoning: bool,
@@ -186,9 +194,17 @@ impl ChatEngine {
         let tokenizer = Arc::new(loaded.tokenizer);
         let reasoning = tokenizer.token_to_id("</think>").is_some();
         let info = loaded.model.info().clone();
+        let kv = loaded.model.kv_blocks().clone();
+        let max_context = info.max_context.min(kv.capacity_tokens());
+        if max_context < info.max_context {
+            tracing::warn!(model = %name, context = info.max_context, kv_positions = kv.capacity_tokens(),
+                "the KV cache holds less than one full context: sequences are limited to what it holds (raise --kv-cache-memory)");
+        }
+        metrics.kv_capacity.set(kv.capacity_tokens() as i64);
         let counters = Arc::new(Counters::default());
         let (queue, rx) = std::sync::mpsc::channel();
         let scheduler = Scheduler {
+            kv,
             model: loaded.model,
             tokenizer: tokenizer.clone(),
             eos_token_ids: loaded.eos_token_ids,
@@ -202,10 +218,11 @@ impl ChatEngine {
             .name(format!("engine-{name}"))
             .spawn(move || scheduler.run())
             .map_err(|e| EngineError::Stopped(format!("{name}: cannot spawn its thread: {e}")))?;
-        tracing::info!(model = %name, family = info.family, max_context = info.max_context, ?config, "chat engine started");
+        tracing::info!(model = %name, family = info.family, max_context, ?config, "chat engine started");
         Ok(ChatEngine {
             name,
             info,
+            max_context,
             tokenizer,
             template,
             reasoning,
@@ -222,6 +239,11 @@ impl ChatEngine {
 
     pub fn info(&self) -> &CausalLMInfo {
         &self.info
+    }
+
+    /// Longest sequence (prompt + generated) served: the model's context, or the KV pool's size.
+    pub fn max_context(&self) -> usize {
+        self.max_context
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -278,10 +300,11 @@ impl ChatEngine {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Queue a request. Fails at once when the prompt does not fit or the queue is full.
+    /// Queue a request. Fails at once when the prompt does not fit or the queue is full. Generation
+    /// is capped at the context (`max_tokens` beyond it finishes with "length").
     pub fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         let prompt_tokens = request.prompt_ids.len();
-        let max_context = self.info.max_context;
+        let max_context = self.max_context;
         if prompt_tokens == 0 {
             return Err(EngineError::EmptyPrompt);
         }

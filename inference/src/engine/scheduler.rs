@@ -1,10 +1,12 @@
 //! Continuous batching on a dedicated thread.
 //!
-//! Every step: take newly submitted requests into the running batch (up to `max_batch_size`), drop
+//! Every step: take newly submitted requests into the running batch (up to `max_batch_size`, and
+//! only while the KV pool can reserve each one's worst case: prompt plus `max_tokens`), drop
 //! sequences whose client went away, then run ONE `CausalLM::forward` over a decode token for every
 //! sequence that is generating plus prompt chunks of sequences still prefilling (within
 //! `max_batch_tokens`), sample, and push text to each request's channel. Finished sequences leave the
-//! batch at once and their KV cache is dropped with them.
+//! batch at once and their KV blocks return to the pool with them. A request the pool cannot take
+//! yet waits in the queue (first come, first served) until running ones finish.
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +25,7 @@ use super::types::{
     Delta, Event, FinishReason, GenerateRequest, Timing, TokenLogprob, TopLogprob, Usage,
 };
 use super::{EngineConfig, EngineMetrics};
-use crate::models::{CausalLM, ModelError, SeqCache, SeqStep};
+use crate::models::{BlockAllocator, CausalLM, ModelError, SeqCache, SeqStep};
 
 /// A request handed from [`super::ChatEngine::submit`] to the scheduler thread.
 pub(crate) struct Pending {
@@ -43,6 +45,7 @@ pub struct Counters {
 
 pub(crate) struct Scheduler {
     pub model: Arc<dyn CausalLM>,
+    pub kv: Arc<BlockAllocator>,
     pub tokenizer: Arc<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
     pub config: EngineConfig,
@@ -109,9 +112,16 @@ impl Scheduler {
             !gone
         });
         while running.len() < self.config.max_batch_size.max(1) {
+            let Some(p) = waiting.front() else { break };
+            // `submit` capped the worst case at what the whole pool holds, so the head of the
+            // queue fits once enough running sequences have finished.
+            let worst = p.request.prompt_ids.len() + p.max_new_tokens;
+            let Some(cache) = self.kv.try_reserve(worst) else {
+                break;
+            };
             let Some(p) = waiting.pop_front() else { break };
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
-            running.push(Sequence::new(p, self.model.new_cache()));
+            running.push(Sequence::new(p, cache));
         }
     }
 
@@ -120,6 +130,7 @@ impl Scheduler {
             .running
             .store(running.len(), Ordering::Relaxed);
         self.metrics.running.set(running.len() as i64);
+        self.metrics.kv_usage.set(self.kv.usage_ratio());
         self.metrics
             .waiting
             .set(self.counters.waiting.load(Ordering::Relaxed) as i64);

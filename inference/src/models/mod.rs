@@ -97,7 +97,7 @@ pub struct LoadedEmbedder {
 // Chat (causal language models)
 // ---------------------------------------------------------------------------------------------
 
-pub use chat::cache::SeqCache;
+pub use chat::kv::{BlockAllocator, SeqCache};
 
 /// Read a JSON file of a model folder; errors name the file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
@@ -116,6 +116,8 @@ pub struct CausalLMInfo {
     pub vocab_size: usize,
     /// Longest sequence (prompt + generated) the model supports.
     pub max_context: usize,
+    /// Bytes of weights on the device(s) (what a decode step reads at least once).
+    pub weight_bytes: u64,
 }
 
 /// New tokens for one sequence in a batched forward pass. The tokens take positions
@@ -125,12 +127,25 @@ pub struct SeqStep<'a> {
     pub cache: &'a mut SeqCache,
 }
 
-/// A decoder-only language model whose KV cache is owned by the caller, one [`SeqCache`] per
-/// sequence, so that an engine can batch sequences of different lengths and positions in one pass.
+/// A decoder-only language model with a paged KV pool (`chat::kv`): each sequence holds a
+/// [`SeqCache`] (its blocks of the pool), so that an engine can batch sequences of different lengths
+/// and positions in one pass and admit only what the pool can hold.
 pub trait CausalLM: Send + Sync {
     fn info(&self) -> &CausalLMInfo;
-    /// An empty cache for a new sequence.
-    fn new_cache(&self) -> SeqCache;
+    /// The pool's block bookkeeping: caches are reserved from it.
+    fn kv_blocks(&self) -> &Arc<BlockAllocator>;
+    /// An empty cache with room for a whole context (or the whole pool, if smaller).
+    fn new_cache(&self) -> Result<SeqCache, ModelError> {
+        let blocks = self.kv_blocks();
+        let tokens = self.info().max_context.min(blocks.capacity_tokens());
+        blocks.try_reserve(tokens).ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "the KV cache is full: {} of {} blocks are reserved",
+                blocks.reserved_blocks(),
+                blocks.total_blocks()
+            ))
+        })
+    }
     /// Run one step for several sequences (prefill chunks and single decode tokens may be mixed).
     /// Returns float32 logits of each sequence's last new position, shape `[steps.len(), vocab_size]`.
     fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError>;

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::decoder::{compute_dtype, Decoder, DecoderConfig};
+use super::decoder::{Decoder, DecoderConfig};
+use super::dummy::{chat_assets_or, DummyWeights};
 use super::layers::{Embedding, Linear, RopeScaling};
 use super::snapshot::load_chat_assets_with;
 use super::tiktoken::{self, TokenizerSpec, GLM4_PATTERN};
 use super::weights::{SafetensorsWeights, Weights};
+use super::{ChatLoadOptions, LoadFormat};
 use crate::models::{read_json, LoadedChat, ModelError};
 
 /// The special tokens of THUDM's `tokenization_chatglm.py`, numbered after the ranks, for folders
@@ -42,18 +44,27 @@ const GLM4_PREFIX: [&str; 2] = ["[gMASK]", "<sop>"];
 
 /// Load a THUDM-layout GLM-4 folder: `config.json` (`ChatGLMConfig`), safetensors weights, and
 /// `tokenizer.json` when present, else the tiktoken `tokenizer.model`.
-pub fn load(dir: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
+pub fn load(dir: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelError> {
     let cfg_path = dir.join("config.json");
     let raw: Value = read_json(&cfg_path)?;
     let cfg = config(&raw).map_err(|m| ModelError::load(&cfg_path, m))?;
-    let dtype = compute_dtype(device);
+    let dtype = options.dtype();
+    let device = options.devices.first().cloned().unwrap_or(Device::Cpu);
+    let st = match options.load_format {
+        LoadFormat::Auto => SafetensorsWeights::open(dir, dtype, &device)?,
+        LoadFormat::Dummy => {
+            SafetensorsWeights::dummy(DummyWeights::for_chatglm(&raw), dtype, &device)
+        }
+    };
     let weights = ChatGlmWeights {
-        st: SafetensorsWeights::open(dir, dtype, device)?,
+        st,
         cfg: cfg.clone(),
     };
-    let model = Decoder::load(&cfg, &weights, dtype, device)?;
-    let tokenizer = tokenizer(dir)?;
-    let assets = load_chat_assets_with(dir, tokenizer)?;
+    let placement = super::plan(dir, &cfg.model_bytes(dtype), options)?;
+    let model = Decoder::load(&cfg, &weights, dtype, placement, options.kv_cache_memory)?;
+    let assets = chat_assets_or(dir, options.load_format, cfg.vocab_size, || {
+        load_chat_assets_with(dir, tokenizer(dir)?)
+    })?;
     tracing::info!(path = %dir.display(), layers = cfg.num_layers, "loaded THUDM GLM-4 checkpoint");
     Ok(assets.with_model(Arc::new(model)))
 }
@@ -251,6 +262,13 @@ impl Weights for ChatGlmWeights {
             Some(Source::QkvRows { fused, .. }) => self.st.contains(&fused),
             None => false,
         }
+    }
+
+    fn on_device(&self, device: &Device) -> Result<Box<dyn Weights + '_>, ModelError> {
+        Ok(Box::new(ChatGlmWeights {
+            st: self.st.on(device)?,
+            cfg: self.cfg.clone(),
+        }))
     }
 }
 

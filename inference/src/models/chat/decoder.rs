@@ -7,10 +7,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::cache::SeqCache;
+use super::attention::StepKv;
+use super::kv::{BlockAllocator, KvLayer, KvPool};
 use super::layers::{
     Attention, Embedding, Linear, Llama3Scaling, Mlp, RmsNorm, RopeScaling, Rotary, StepLayout,
 };
+use super::placement::{self, ModelBytes, Placement};
 use super::weights::Weights;
 use crate::models::{CausalLM, CausalLMInfo, Family, ModelError, SeqStep};
 
@@ -112,6 +114,20 @@ impl DecoderConfig {
         Ok(config)
     }
 
+    /// Weight bytes of the embeddings, each layer and the output head in `dtype` (biases and norms
+    /// are negligible and left out).
+    pub fn model_bytes(&self, dtype: DType) -> ModelBytes {
+        let (h, d, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let attention = h * d * (2 * self.num_heads + 2 * self.num_kv_heads);
+        let layer = (attention + 3 * h * i) * dtype.size_in_bytes();
+        let embed = (self.vocab_size * h * dtype.size_in_bytes()) as u64;
+        ModelBytes {
+            head: embed,
+            layers: vec![layer as u64; self.num_layers],
+            tail: if self.tie_word_embeddings { 0 } else { embed },
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err("attention heads and head_dim must be positive".into());
@@ -182,12 +198,11 @@ impl Block {
         &self,
         xs: &Tensor,
         layout: &StepLayout,
-        caches: &mut [&mut SeqCache],
-        layer: usize,
+        kv: &KvLayer,
     ) -> candle_core::Result<Tensor> {
         let h = self
             .attn
-            .forward(&self.input_norm.forward(xs)?, layout, caches, layer)?;
+            .forward(&self.input_norm.forward(xs)?, layout, kv)?;
         let h = match &self.post_self_attn_norm {
             Some(n) => n.forward(&h)?,
             None => h,
@@ -208,18 +223,23 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// Where `lm_head` lives: with the embeddings when tied, else with the last layer.
+    head_device: Device,
     rotary: Arc<Rotary>,
     dtype: DType,
-    device: Device,
+    placement: Placement,
+    kv: KvPool,
 }
 
 impl Decoder {
-    /// Build the decoder from weights named as in transformers checkpoints.
+    /// Build the decoder from weights named as in transformers checkpoints, layers on the devices
+    /// `placement` gives, with a KV pool of `kv_budget` bytes (`None`: the default).
     pub fn load(
         cfg: &DecoderConfig,
         w: &dyn Weights,
         dtype: DType,
-        device: &Device,
+        placement: Placement,
+        kv_budget: Option<u64>,
     ) -> Result<Self, ModelError> {
         let rotary = Arc::new(Rotary::new(
             cfg.rotary_dim,
@@ -227,69 +247,119 @@ impl Decoder {
             &cfg.rope_scaling,
             cfg.rope_interleaved,
         ));
-        let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
-        let blocks = (0..cfg.num_layers)
-            .map(|i| load_block(cfg, w, &format!("model.layers.{i}"), &rotary))
+        let views = placement
+            .devices
+            .iter()
+            .map(|d| w.on_device(d))
             .collect::<Result<Vec<_>, _>>()?;
-        let norm = norm(cfg, w, "model.norm")?;
-        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head") {
-            embed.as_linear()?
+        let first = views[placement.layer_device.first().copied().unwrap_or(0)].as_ref();
+        let last = views[placement.layer_device.last().copied().unwrap_or(0)].as_ref();
+        let embed = first.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let w = views[placement.layer_device[i]].as_ref();
+                load_block(cfg, w, &format!("model.layers.{i}"), &rotary)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = norm(cfg, last, "model.norm")?;
+        let tied = cfg.tie_word_embeddings || !last.contains("lm_head");
+        let (lm_head, head_device) = if tied {
+            (embed.as_linear()?, placement.first().clone())
         } else {
-            w.linear("lm_head", cfg.vocab_size, cfg.hidden_size)?
+            let head = last.linear("lm_head", cfg.vocab_size, cfg.hidden_size)?;
+            (head, placement.last().clone())
         };
+        let shapes: Vec<_> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.attn.kv_shape(), placement.layer(i).clone()))
+            .collect();
+        let tokens =
+            placement::kv_tokens(kv_budget, &shapes, dtype).map_err(ModelError::Unsupported)?;
+        let kv = KvPool::new(tokens, &shapes, dtype)?;
         let info = CausalLMInfo {
             family: cfg.family,
             vocab_size: cfg.vocab_size,
             max_context: cfg.max_context,
+            weight_bytes: placement.weight_bytes,
         };
+        tracing::info!(
+            family = cfg.family,
+            kv_positions = tokens,
+            devices = placement.devices.len(),
+            "decoder ready"
+        );
         Ok(Decoder {
             info,
             embed,
             blocks,
             norm,
             lm_head,
+            head_device,
             rotary,
             dtype,
-            device: device.clone(),
+            placement,
+            kv,
         })
     }
 
     fn step(&self, steps: &mut [SeqStep<'_>]) -> candle_core::Result<Tensor> {
-        let mut ids = Vec::new();
-        let mut shapes = Vec::with_capacity(steps.len());
-        for s in steps.iter() {
-            if s.tokens.is_empty() {
-                candle_core::bail!("a sequence in the batch has no new tokens");
-            }
-            ids.extend_from_slice(s.tokens);
-            shapes.push((s.cache.len, s.tokens.len()));
-        }
-        // Checked here: a quantized embedding lookup would index out of bounds.
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            candle_core::bail!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.info.vocab_size
-            );
-        }
-        let layout = StepLayout::new(&shapes, &self.rotary, &self.device, self.dtype)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let layout = StepLayout::new(
+            prepare_step(steps, &self.kv.blocks, self.info.vocab_size)?,
+            &self.rotary,
+            self.dtype,
+        );
+        let ids: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), self.placement.first())?;
         let mut xs = self.embed.forward(&ids, self.dtype)?;
-        let mut caches: Vec<&mut SeqCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
-        for c in caches.iter_mut() {
-            if c.layers.len() < self.blocks.len() {
-                c.layers.resize(self.blocks.len(), None);
-            }
+        for (i, (block, kv)) in self.blocks.iter().zip(&self.kv.layers).enumerate() {
+            xs = to_device(xs, self.placement.layer(i))?;
+            xs = block.forward(&xs, &layout, kv)?;
         }
-        for (i, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs, &layout, &mut caches, i)?;
-        }
-        for (c, &(_, len)) in caches.iter_mut().zip(&shapes) {
-            c.len += len;
+        for s in steps.iter_mut() {
+            s.cache.len += s.tokens.len();
         }
         // Only the last new position of each sequence needs logits.
-        let last = Tensor::new(layout.last_rows().as_slice(), &self.device)?;
+        let last = Tensor::new(layout.kv.last_rows().as_slice(), xs.device())?;
         let xs = self.norm.forward(&xs.index_select(&last, 0)?)?;
+        let xs = to_device(xs, &self.head_device)?;
         self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+    }
+}
+
+/// Check a step's inputs and grow each cache to hold its new tokens; the pool layout of the step.
+pub(crate) fn prepare_step(
+    steps: &mut [SeqStep<'_>],
+    alloc: &Arc<BlockAllocator>,
+    vocab_size: usize,
+) -> candle_core::Result<StepKv> {
+    for s in steps.iter_mut() {
+        if s.tokens.is_empty() {
+            candle_core::bail!("a sequence in the batch has no new tokens");
+        }
+        // Checked here: a quantized embedding lookup would index out of bounds.
+        if let Some(bad) = s.tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({vocab_size})");
+        }
+        if !s.cache.belongs_to(alloc) {
+            candle_core::bail!("a cache of another model was passed to this one");
+        }
+        let needed = s.cache.len + s.tokens.len();
+        s.cache.grow(needed)?;
+    }
+    let shapes: Vec<_> = steps.iter().map(|s| (&*s.cache, s.tokens.len())).collect();
+    Ok(StepKv::new(&shapes, alloc.block_size()))
+}
+
+/// Activations cross to the next GPU between layers placed on different devices.
+pub(crate) fn to_device(xs: Tensor, device: &Device) -> candle_core::Result<Tensor> {
+    if xs.device().same_device(device) {
+        Ok(xs)
+    } else {
+        xs.to_device(device)
     }
 }
 
@@ -353,8 +423,8 @@ impl CausalLM for Decoder {
         &self.info
     }
 
-    fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.blocks.len())
+    fn kv_blocks(&self) -> &Arc<BlockAllocator> {
+        &self.kv.blocks
     }
 
     /// On error the caches of this step may hold keys/values of some layers only: the caller must
@@ -364,7 +434,7 @@ impl CausalLM for Decoder {
             return Ok(Tensor::zeros(
                 (0, self.info.vocab_size),
                 DType::F32,
-                &self.device,
+                &self.head_device,
             )?);
         }
         Ok(self.step(steps)?)

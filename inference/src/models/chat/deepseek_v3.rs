@@ -14,14 +14,19 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 pub use config::DeepseekV3Config;
-use mla::{Mla, Rope, SeqSpan};
+use mla::{Mla, Rope};
 use moe::{Mlp, Moe};
 pub use moe::{MoeGate, RoutePolicy, TokenRoute};
 
-use super::decoder::compute_dtype;
+use super::decoder::{prepare_step, to_device};
+use super::dummy::{chat_assets_or, DummyBackend, DummyWeights};
+use super::kv::{BlockAllocator, KvPool};
+use super::layers::StepLayout;
+use super::placement::{self, ModelBytes, Placement};
 use super::snapshot::load_chat_assets;
 use super::weights::safetensors_files;
-use crate::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqCache, SeqStep};
+use super::{ChatLoadOptions, LoadFormat};
+use crate::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqStep};
 
 enum FeedForward {
     Dense(Mlp),
@@ -40,9 +45,12 @@ pub struct DeepseekV3 {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    head_device: Device,
     rope: Rope,
     info: CausalLMInfo,
-    device: Device,
+    dtype: DType,
+    placement: Placement,
+    kv: KvPool,
 }
 
 /// The input of one MoE layer's router, captured for inspection (see [`DeepseekV3::gate_inputs`]).
@@ -53,30 +61,57 @@ pub struct GateInput {
 }
 
 impl DeepseekV3 {
-    pub fn new(cfg: &DeepseekV3Config, vb: VarBuilder) -> candle_core::Result<Self> {
-        let m = vb.pp("model");
-        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+    /// `vbs`: one VarBuilder per device of `placement`, in its order.
+    pub fn new(
+        cfg: &DeepseekV3Config,
+        vbs: &[VarBuilder],
+        placement: Placement,
+        kv_budget: Option<u64>,
+    ) -> candle_core::Result<Self> {
+        let vb_of = |i: usize| &vbs[placement.layer_device.get(i).copied().unwrap_or(0)];
+        let first = vb_of(0).pp("model");
+        let last_vb = vb_of(cfg.num_hidden_layers.saturating_sub(1));
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, first.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, m.pp("layers").pp(i)))
-            .collect::<candle_core::Result<_>>()?;
-        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            .map(|i| DecoderLayer::new(cfg, i, vb_of(i).pp("model").pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = rms_norm(
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            last_vb.pp("model").pp("norm"),
+        )?;
+        let (lm_head, head_device) = if cfg.tie_word_embeddings {
+            let head = Linear::new(embed_tokens.embeddings().clone(), None);
+            (head, placement.first().clone())
         } else {
-            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            let head = linear_no_bias(cfg.hidden_size, cfg.vocab_size, last_vb.pp("lm_head"))?;
+            (head, placement.last().clone())
         };
+        let dtype = first.dtype();
+        let shapes: Vec<_> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.self_attn.kv_shape(), placement.layer(i).clone()))
+            .collect();
+        let tokens =
+            placement::kv_tokens(kv_budget, &shapes, dtype).map_err(candle_core::Error::Msg)?;
+        let kv = KvPool::new(tokens, &shapes, dtype)?;
         Ok(DeepseekV3 {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            head_device,
             rope: Rope::new(cfg),
             info: CausalLMInfo {
                 family: "deepseek_v3",
                 vocab_size: cfg.vocab_size,
                 max_context: cfg.max_position_embeddings,
+                weight_bytes: placement.weight_bytes,
             },
-            device: vb.device().clone(),
+            dtype,
+            placement,
+            kv,
         })
     }
 
@@ -91,7 +126,7 @@ impl DeepseekV3 {
     /// Run `tokens` as a fresh sequence and return what each MoE router sees; with [`Self::gate`] and
     /// [`MoeGate::route`] this gives the routing decisions of the forward pass.
     pub fn gate_inputs(&self, tokens: &[u32]) -> Result<Vec<GateInput>, ModelError> {
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache()?;
         let mut trace = Vec::new();
         self.run(
             &mut [SeqStep {
@@ -108,48 +143,20 @@ impl DeepseekV3 {
         steps: &mut [SeqStep<'_>],
         mut trace: Option<&mut Vec<GateInput>>,
     ) -> Result<Tensor, ModelError> {
-        let mut spans = Vec::with_capacity(steps.len());
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        for step in steps.iter() {
-            if step.tokens.is_empty() {
-                return Err(ModelError::Unsupported(
-                    "a sequence step has no new tokens".into(),
-                ));
-            }
-            if step.cache.layers.len() != self.layers.len() {
-                return Err(ModelError::Unsupported(format!(
-                    "cache has {} layers, model has {}",
-                    step.cache.layers.len(),
-                    self.layers.len()
-                )));
-            }
-            let past = step.cache.len;
-            spans.push(SeqSpan {
-                offset: ids.len(),
-                len: step.tokens.len(),
-                past,
-            });
-            ids.extend_from_slice(step.tokens);
-            positions.extend((past..past + step.tokens.len()).map(|p| p as u32));
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            return Err(ModelError::Unsupported(format!(
-                "token id {bad} is outside the vocabulary"
-            )));
-        }
-        let total = ids.len();
-        let mut caches: Vec<&mut SeqCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
-        let mut x = self
-            .embed_tokens
-            .forward(&Tensor::from_vec(ids, total, &self.device)?)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
+        let kv = prepare_step(steps, &self.kv.blocks, self.info.vocab_size)?;
+        let tables = self.rope.tables(kv.positions());
+        let layout = StepLayout::with_tables(kv, tables, self.rope.half(), self.dtype);
+        let ids: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), self.placement.first())?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, (layer, kv)) in self.layers.iter().zip(&self.kv.layers).enumerate() {
+            x = to_device(x, self.placement.layer(i))?;
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &self.rope, &positions, &spans, &mut caches, i)?;
-            let x1 = (residual + h)?;
+            let h = layer.self_attn.forward(&h, &self.rope, &layout, kv)?;
+            let x1 = (&x + h)?;
             let h = layer.post_attention_layernorm.forward(&x1)?;
             if let (Some(trace), FeedForward::Moe(_)) = (trace.as_deref_mut(), &layer.mlp) {
                 trace.push(GateInput {
@@ -163,16 +170,12 @@ impl DeepseekV3 {
             };
             x = (x1 + h)?;
         }
-        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
-            cache.len = span.past + span.len;
+        for s in steps.iter_mut() {
+            s.cache.len += s.tokens.len();
         }
-        let last: Vec<u32> = spans
-            .iter()
-            .map(|s| (s.offset + s.len - 1) as u32)
-            .collect();
-        let n = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        let last = Tensor::new(layout.kv.last_rows().as_slice(), x.device())?;
+        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        let logits = self.lm_head.forward(&to_device(x, &self.head_device)?)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 }
@@ -206,8 +209,8 @@ impl CausalLM for DeepseekV3 {
         &self.info
     }
 
-    fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.layers.len())
+    fn kv_blocks(&self) -> &Arc<BlockAllocator> {
+        &self.kv.blocks
     }
 
     fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
@@ -217,25 +220,92 @@ impl CausalLM for DeepseekV3 {
 
 /// Load a DeepSeek-V3 snapshot folder: `config.json`, safetensors weights (bf16/f32; the FP8
 /// release must be converted to bf16 first), tokenizer and chat template.
-pub fn load(path: &Path, device: &Device) -> Result<LoadedChat, ModelError> {
-    let model = load_model(path, device)?;
-    Ok(load_chat_assets(path)?.with_model(Arc::new(model)))
+pub fn load(path: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelError> {
+    let (model, vocab) = load_model_with(path, options)?;
+    let assets = chat_assets_or(path, options.load_format, vocab, || load_chat_assets(path))?;
+    Ok(assets.with_model(Arc::new(model)))
 }
 
 /// The model alone (no tokenizer), for callers that want the concrete type.
 pub fn load_model(path: &Path, device: &Device) -> Result<DeepseekV3, ModelError> {
+    load_model_with(path, &ChatLoadOptions::on(device)).map(|(m, _)| m)
+}
+
+fn load_model_with(
+    path: &Path,
+    options: &ChatLoadOptions,
+) -> Result<(DeepseekV3, usize), ModelError> {
     let cfg_path = path.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
     let cfg: DeepseekV3Config = serde_json::from_str(&text)
         .map_err(|e| ModelError::load(&cfg_path, format!("invalid config: {e}")))?;
     cfg.validate()
         .map_err(|msg| ModelError::load(&cfg_path, msg))?;
-    let files = safetensors_files(path)?;
-    let dtype = compute_dtype(device);
-    // SAFETY: the files are memory-mapped read-only; modifying them while serving is unsupported.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-        .map_err(|e| ModelError::load(path, format!("cannot map weights: {e}")))?;
+    let dtype = options.dtype();
+    let placement = super::plan(path, &model_bytes(&cfg, dtype), options)?;
+    let vbs = match options.load_format {
+        LoadFormat::Auto => {
+            let files = safetensors_files(path)?;
+            placement
+                .devices
+                .iter()
+                .map(|d| {
+                    // SAFETY: the files are memory-mapped read-only; modifying them while serving
+                    // is unsupported.
+                    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, d) }
+                        .map_err(|e| ModelError::load(path, format!("cannot map weights: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        LoadFormat::Dummy => {
+            let w = Arc::new(DummyWeights::default());
+            placement
+                .devices
+                .iter()
+                .map(|d| {
+                    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
+                        Box::new(DummyBackend(w.clone()));
+                    VarBuilder::from_backend(backend, dtype, d.clone())
+                })
+                .collect()
+        }
+    };
     tracing::info!(path = %path.display(), layers = cfg.num_hidden_layers, experts = ?cfg.n_routed_experts, "loading deepseek_v3");
-    DeepseekV3::new(&cfg, vb)
-        .map_err(|e| ModelError::load(path, format!("cannot load weights: {e}")))
+    let model = DeepseekV3::new(&cfg, &vbs, placement, options.kv_cache_memory)
+        .map_err(|e| ModelError::load(path, format!("cannot load weights: {e}")))?;
+    Ok((model, cfg.vocab_size))
+}
+
+/// Weight bytes of each part in `dtype` (norms and biases left out).
+fn model_bytes(cfg: &DeepseekV3Config, dtype: DType) -> ModelBytes {
+    let h = cfg.hidden_size;
+    let heads = cfg.num_attention_heads;
+    let q = match cfg.q_lora_rank {
+        Some(r) => h * r + r * heads * cfg.qk_head_dim(),
+        None => h * heads * cfg.qk_head_dim(),
+    };
+    let attention = q
+        + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + heads * cfg.v_head_dim * h;
+    let mlp = |i: usize| 3 * h * i;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| {
+            let ff = if cfg.is_moe_layer(i) {
+                let experts = cfg.n_routed_experts.unwrap_or(0);
+                let shared = cfg.n_shared_experts.unwrap_or(0);
+                experts * (mlp(cfg.moe_intermediate_size) + h)
+                    + mlp(cfg.moe_intermediate_size * shared)
+            } else {
+                mlp(cfg.intermediate_size)
+            };
+            ((attention + ff) * dtype.size_in_bytes()) as u64
+        })
+        .collect();
+    let embed = (cfg.vocab_size * h * dtype.size_in_bytes()) as u64;
+    ModelBytes {
+        head: embed,
+        layers,
+        tail: if cfg.tie_word_embeddings { 0 } else { embed },
+    }
 }

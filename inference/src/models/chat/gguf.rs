@@ -11,9 +11,11 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::decoder::{compute_dtype, Decoder, DecoderConfig};
+use super::decoder::{Decoder, DecoderConfig};
 use super::layers::{Embedding, Linear, RopeScaling};
+use super::placement::ModelBytes;
 use super::weights::Weights;
+use super::ChatLoadOptions;
 use crate::models::{LoadedChat, ModelError};
 
 /// How GGUF weights are run.
@@ -66,7 +68,8 @@ fn resolve_mode(mode: GgufMode, content: &Content, dtype: DType) -> GgufMode {
 }
 
 /// Load a `.gguf` chat model: weights, tokenizer (`tokenizer.ggml.*`) and chat template.
-pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, ModelError> {
+pub fn load(path: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelError> {
+    let device = &options.devices.first().cloned().unwrap_or(Device::Cpu);
     let file = File::open(path).map_err(|e| ModelError::load(path, e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
@@ -77,13 +80,14 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
     };
     let mut cfg = config(&meta)?;
     let tok = tokenizer::from_metadata(&meta, cfg.family)?;
-    let dtype = compute_dtype(device);
-    let mode = resolve_mode(mode, &content, dtype);
+    let dtype = options.dtype();
+    let mode = resolve_mode(options.gguf_mode, &content, dtype);
+    let reader = RefCell::new(reader);
     let weights = GgufWeights {
         content: &content,
-        reader: RefCell::new(reader),
+        reader: &reader,
         path,
-        device,
+        device: device.clone(),
         dtype,
         mode,
     };
@@ -96,7 +100,8 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
             .to_vec1::<f32>()?;
         cfg.rope_scaling = RopeScaling::FreqFactors(factors);
     }
-    let model = Decoder::load(&cfg, &weights, dtype, device)?;
+    let placement = super::plan(path, &model_bytes(&content, &cfg, mode, dtype), options)?;
+    let model = Decoder::load(&cfg, &weights, dtype, placement, options.kv_cache_memory)?;
     tracing::info!(path = %path.display(), family = cfg.family, ?mode, layers = cfg.num_layers, "loaded GGUF model");
     Ok(LoadedChat {
         model: Arc::new(model),
@@ -106,6 +111,36 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
         eos_token: tok.eos_token,
         eos_token_ids: tok.eos_token_ids,
     })
+}
+
+/// Bytes of each part as stored on the device: quantized blocks, or floats when dequantized.
+fn model_bytes(content: &Content, cfg: &DecoderConfig, mode: GgufMode, dtype: DType) -> ModelBytes {
+    let size = |name: &str| -> u64 {
+        content.tensor_infos.get(name).map_or(0, |t| {
+            let elements = t.shape.elem_count();
+            let bytes = if mode == GgufMode::Dequantized {
+                elements * dtype.size_in_bytes()
+            } else {
+                elements / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()
+            };
+            bytes as u64
+        })
+    };
+    let prefixed = |prefix: &str| -> u64 {
+        content
+            .tensor_infos
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| size(n))
+            .sum()
+    };
+    ModelBytes {
+        head: size("token_embd.weight"),
+        layers: (0..cfg.num_layers)
+            .map(|i| prefixed(&format!("blk.{i}.")))
+            .collect(),
+        tail: size("output.weight") + size("output_norm.weight"),
+    }
 }
 
 /// Typed access to GGUF metadata.
@@ -273,9 +308,9 @@ fn gguf_name(hf: &str) -> Option<String> {
 
 struct GgufWeights<'a> {
     content: &'a Content,
-    reader: RefCell<BufReader<File>>,
+    reader: &'a RefCell<BufReader<File>>,
     path: &'a Path,
-    device: &'a Device,
+    device: Device,
     dtype: DType,
     mode: GgufMode,
 }
@@ -293,7 +328,7 @@ impl GgufWeights<'_> {
         let mut reader = self.reader.borrow_mut();
         let t = self
             .content
-            .tensor(&mut *reader, name, self.device)
+            .tensor(&mut *reader, name, &self.device)
             .map_err(|e| ModelError::load(self.path, format!("tensor {name}: {e}")))?;
         if let Some(shape) = shape {
             if t.shape().dims() != shape {
@@ -311,7 +346,7 @@ impl GgufWeights<'_> {
 
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let t = self.qtensor(name, Some(shape))?;
-        Ok(t.dequantize(self.device)?.to_dtype(self.dtype)?)
+        Ok(t.dequantize(&self.device)?.to_dtype(self.dtype)?)
     }
 }
 
@@ -355,8 +390,15 @@ impl Weights for GgufWeights<'_> {
             return Ok(Embedding::Quantized(Arc::new(t)));
         }
         Ok(Embedding::Dense(
-            t.dequantize(self.device)?.to_dtype(self.dtype)?,
+            t.dequantize(&self.device)?.to_dtype(self.dtype)?,
         ))
+    }
+
+    fn on_device(&self, device: &Device) -> Result<Box<dyn Weights + '_>, ModelError> {
+        Ok(Box::new(GgufWeights {
+            device: device.clone(),
+            ..*self
+        }))
     }
 
     fn contains(&self, name: &str) -> bool {

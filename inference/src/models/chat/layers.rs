@@ -1,16 +1,17 @@
 //! Building blocks shared by the dense decoders (GLM-4 hf/0414, Qwen2, Llama, GGUF) and reusable by
 //! other chat families: linear layers over dense or quantized weights, RMSNorm, rotary embeddings with
-//! per-token positions, attention over caller-owned per-sequence caches, gated MLPs.
+//! per-token positions, attention over the paged KV pool, gated MLPs.
 //!
 //! Activations of one forward step are packed: the new tokens of every sequence are concatenated
-//! into one `[total_tokens, hidden]` tensor, so projections and MLPs run once per step for the whole
-//! batch; only attention is split per sequence (each against its own cache).
+//! into one `[total_tokens, hidden]` tensor, so projections, MLPs and attention (see `attention.rs`)
+//! each run once per layer and step for the whole batch.
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::cache::{append_kv, SeqCache};
+use super::attention::{paged_attention, PerDevice, StepKv};
+use super::kv::KvLayer;
 
 /// A linear projection `y = x W^T + b` whose weight is either a dense tensor (safetensors,
 /// dequantized GGUF) or a quantized GGUF tensor run by ggml-style kernels.
@@ -161,6 +162,15 @@ impl Rotary {
         device: &Device,
         dtype: DType,
     ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.tables(positions);
+        let shape = (positions.len(), self.inv_freq.len());
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Cos and sin tables as flat `[positions.len() * rot_dim / 2]` float32 vectors.
+    pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -172,27 +182,31 @@ impl Rotary {
                 sin.push(angle.sin());
             }
         }
-        let shape = (positions.len(), half);
-        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        (cos, sin)
     }
 
-    /// `xs`: `[heads, tokens, head_dim]`, one row of `cos`/`sin` per token.
+    /// `xs`: `[tokens, heads, head_dim]`, one row of `cos`/`sin` (`[tokens, rot_dim / 2]`) per token.
     pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let head_dim = xs.dim(D::Minus1)?;
+        let (tokens, heads, head_dim) = xs.dims3()?;
         let rot = if self.rot_dim == head_dim {
             xs.clone()
         } else {
             xs.narrow(D::Minus1, 0, self.rot_dim)?
         };
-        let rot = rot.contiguous()?.unsqueeze(0)?;
+        // Each token is its own "batch" row with its own cos/sin row: any positions, one kernel.
+        let rot = rot
+            .contiguous()?
+            .reshape((tokens, heads, 1, self.rot_dim))?;
+        let (cos, sin) = (
+            cos.reshape((tokens, 1, self.rot_dim / 2))?,
+            sin.reshape((tokens, 1, self.rot_dim / 2))?,
+        );
         let rot = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&rot, cos, sin)?
+            candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?
         } else {
-            candle_nn::rotary_emb::rope(&rot, cos, sin)?
+            candle_nn::rotary_emb::rope(&rot, &cos, &sin)?
         }
-        .squeeze(0)?;
+        .reshape((tokens, heads, self.rot_dim))?;
         if self.rot_dim == head_dim {
             return Ok(rot);
         }
@@ -216,44 +230,50 @@ fn llama3_scale(inv_freq: f64, s: &Llama3Scaling) -> f64 {
     }
 }
 
-/// Where each sequence's new tokens sit in the packed activations, plus the rotary tables of the
-/// step (shared by every layer).
+/// What every layer of a step shares: where each sequence's tokens sit in the packed activations
+/// and in the KV pool, and the rotary tables of their positions (built once per device).
 pub struct StepLayout {
-    /// `(offset in the packed rows, new tokens, tokens already cached)` per sequence.
-    pub spans: Vec<(usize, usize, usize)>,
-    pub cos: Tensor,
-    pub sin: Tensor,
+    pub kv: StepKv,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    dtype: DType,
+    cos_on: PerDevice,
+    sin_on: PerDevice,
 }
 
 impl StepLayout {
-    pub fn new(
-        caches: &[(usize, usize)],
-        rotary: &Rotary,
-        device: &Device,
+    pub fn new(kv: StepKv, rotary: &Rotary, dtype: DType) -> Self {
+        let (cos, sin) = rotary.tables(kv.positions());
+        Self::with_tables(kv, (cos, sin), rotary.rot_dim() / 2, dtype)
+    }
+
+    /// With cos/sin tables (`[tokens * half]` each) computed by the caller's own rotary scheme.
+    pub fn with_tables(
+        kv: StepKv,
+        tables: (Vec<f32>, Vec<f32>),
+        half: usize,
         dtype: DType,
-    ) -> Result<Self> {
-        let mut spans = Vec::with_capacity(caches.len());
-        let mut positions = Vec::new();
-        let mut offset = 0;
-        for &(past, len) in caches {
-            spans.push((offset, len, past));
-            positions.extend(past..past + len);
-            offset += len;
+    ) -> Self {
+        StepLayout {
+            kv,
+            cos: tables.0,
+            sin: tables.1,
+            half,
+            dtype,
+            cos_on: PerDevice::default(),
+            sin_on: PerDevice::default(),
         }
-        let (cos, sin) = rotary.cos_sin(&positions, device, dtype)?;
-        Ok(StepLayout { spans, cos, sin })
     }
 
-    pub fn total_tokens(&self) -> usize {
-        self.spans.iter().map(|s| s.1).sum()
-    }
-
-    /// Row index of each sequence's last new token.
-    pub fn last_rows(&self) -> Vec<u32> {
-        self.spans
-            .iter()
-            .map(|&(off, len, _)| (off + len).saturating_sub(1) as u32)
-            .collect()
+    /// Cos and sin `[tokens, rot_dim / 2]` on `device`.
+    pub fn cos_sin(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let shape = (self.kv.total_tokens(), self.half);
+        let table = |t: &[f32]| Tensor::from_slice(t, shape, device)?.to_dtype(self.dtype);
+        Ok((
+            self.cos_on.get(device, || table(&self.cos))?,
+            self.sin_on.get(device, || table(&self.sin))?,
+        ))
     }
 }
 
@@ -271,87 +291,36 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `xs`: packed `[total_tokens, hidden]`. Appends this layer's new keys/values to each cache.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        layout: &StepLayout,
-        caches: &mut [&mut SeqCache],
-        layer: usize,
-    ) -> Result<Tensor> {
+    /// `xs`: packed `[total_tokens, hidden]`. Writes this layer's new keys/values to `kv`, then
+    /// attends every token to its own sequence's cached positions.
+    pub fn forward(&self, xs: &Tensor, layout: &StepLayout, kv: &KvLayer) -> Result<Tensor> {
         let total = xs.dim(0)?;
-        let q = self.heads(&self.q_proj.forward(xs)?, total, self.num_heads)?;
-        let k = self.heads(&self.k_proj.forward(xs)?, total, self.num_kv_heads)?;
-        let v = self.heads(&self.v_proj.forward(xs)?, total, self.num_kv_heads)?;
-        let q = self.rotary.apply(&q, &layout.cos, &layout.sin)?;
-        let k = self.rotary.apply(&k, &layout.cos, &layout.sin)?;
-
-        let mut outs = Vec::with_capacity(caches.len());
-        for (cache, &(off, len, past)) in caches.iter_mut().zip(&layout.spans) {
-            let q = q.narrow(1, off, len)?;
-            let k = k.narrow(1, off, len)?;
-            let v = v.narrow(1, off, len)?;
-            let slot = cache.layers.get_mut(layer).ok_or_else(|| {
-                candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
-            })?;
-            let (k, v) = append_kv(slot, past, &k, &v)?;
-            outs.push(self.attend(&q, &k, &v, past)?);
-        }
-        let out = Tensor::cat(&outs, 0)?;
-        self.o_proj.forward(&out)
-    }
-
-    /// `[total, n * head_dim]` -> `[n, total, head_dim]`.
-    fn heads(&self, xs: &Tensor, total: usize, n: usize) -> Result<Tensor> {
-        xs.reshape((total, n, self.head_dim))?
-            .transpose(0, 1)?
-            .contiguous()
-    }
-
-    /// One sequence: `q` `[heads, len, d]` against `k`/`v` `[kv_heads, past + len, d]`, causal
-    /// within the new chunk. Returns `[len, heads * d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
-        let len = q.dim(1)?;
-        let kv_len = k.dim(1)?;
-        let groups = self.num_heads / self.num_kv_heads;
-        // Query heads sharing a key/value head are stacked along the rows, so K and V are used
-        // as they are instead of being repeated per query head.
-        let q = q
-            .contiguous()?
-            .reshape((self.num_kv_heads, groups * len, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = if len > 1 {
-            let mask = causal_mask(len, past, kv_len, q.device())?;
-            scores
-                .reshape((self.num_kv_heads, groups, len, kv_len))?
-                .broadcast_add(&mask)?
-                .reshape((self.num_kv_heads, groups * len, kv_len))?
-        } else {
-            scores
+        let (cos, sin) = layout.cos_sin(xs.device())?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            proj.forward(xs)?.reshape((total, n, self.head_dim))
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(v)?; // [kv_heads, groups * len, d]
-        out.reshape((self.num_heads, len, self.head_dim))?
-            .transpose(0, 1)?
-            .reshape((len, self.num_heads * self.head_dim))
+        let q = self
+            .rotary
+            .apply(&heads(&self.q_proj, self.num_heads)?, &cos, &sin)?;
+        let k = self
+            .rotary
+            .apply(&heads(&self.k_proj, self.num_kv_heads)?, &cos, &sin)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        layout.kv.write(kv, &k, &v)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = paged_attention(&q, kv, &layout.kv, scale)?;
+        self.o_proj
+            .forward(&out.reshape((total, self.num_heads * self.head_dim))?)
     }
-}
 
-/// `[len, past + len]`: new token `i` (absolute position `past + i`) sees positions `<= past + i`.
-fn causal_mask(len: usize, past: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (len, kv_len), device)
+    /// Keys/values this layer caches per position.
+    pub fn kv_shape(&self) -> super::kv::KvShape {
+        super::kv::KvShape {
+            kv_heads: self.num_kv_heads,
+            key_dim: self.head_dim,
+            value_dim: self.head_dim,
+        }
+    }
 }
 
 /// SiLU-gated MLP, with separate or fused (gate first) gate/up projections.
@@ -405,17 +374,6 @@ mod tests {
         assert_eq!(llama3_scale(1.0, &s), 1.0);
         let low = 2.0 * std::f64::consts::PI / 10_000.0;
         assert!((llama3_scale(low, &s) - low / 8.0).abs() < 1e-15);
-    }
-
-    #[test]
-    fn causal_mask_sees_the_cache_and_earlier_new_tokens() {
-        let m = causal_mask(2, 3, 5, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(m[0][..4], [0.0; 4]);
-        assert!(m[0][4].is_infinite());
-        assert_eq!(m[1], vec![0.0; 5]);
     }
 
     #[test]

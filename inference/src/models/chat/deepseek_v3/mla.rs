@@ -1,19 +1,19 @@
 //! Multi-head latent attention (MLA) with yarn-scaled rotary embeddings on the `qk_rope_head_dim`
 //! part of each head.
 //!
-//! Cache layout: each sequence's [`SeqCache`] layer slot holds the decompressed keys
-//! `[heads, capacity, qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, capacity,
-//! v_head_dim]` (growable buffers, see `cache::append_kv`). That
-//! keeps attention a plain batched matmul and is fine for small and distilled models. For the 671B
-//! checkpoints the memory-efficient path is to cache the compressed latent (`kv_lora_rank +
-//! qk_rope_head_dim` per token, shared by all heads: ~70x smaller) and absorb `kv_b_proj` into the
-//! query and output projections; that change stays inside this file.
-use candle_core::{DType, Device, Module, Tensor, D};
+//! Cache layout: the paged pool (`kv.rs`) holds, per position, the decompressed keys `[heads,
+//! qk_nope_head_dim + qk_rope_head_dim]` and values `[heads, v_head_dim]`, so attention is the
+//! shared paged attention with as many key/value heads as query heads. That is right for small and
+//! distilled models. For the 671B checkpoints the memory-efficient path is to cache the compressed
+//! latent (`kv_lora_rank + qk_rope_head_dim` per token, shared by all heads: ~70x smaller) and
+//! absorb `kv_b_proj` into the query and output projections; that change stays inside this file.
+use candle_core::{Module, Tensor, D};
 use candle_nn::{linear_b, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::config::DeepseekV3Config;
-use crate::models::chat::cache::append_kv;
-use crate::models::SeqCache;
+use crate::models::chat::attention::paged_attention;
+use crate::models::chat::kv::{KvLayer, KvShape};
+use crate::models::chat::layers::StepLayout;
 
 /// Inverse frequencies and attention factor of the rotary embedding.
 pub struct Rope {
@@ -85,13 +85,8 @@ impl Rope {
         }
     }
 
-    /// cos and sin `[positions, dim / 2]` for the given absolute positions.
-    fn cos_sin(
-        &self,
-        positions: &[u32],
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    /// cos and sin tables `[positions * dim / 2]` (attention factor folded in).
+    pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -102,30 +97,24 @@ impl Rope {
                 sin.push(angle.sin() * self.attention_factor);
             }
         }
-        let cos = Tensor::from_vec(cos, (positions.len(), half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (positions.len(), half), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        (cos, sin)
     }
 
-    /// Rotate `x: [1, heads, tokens, dim]`, token `t` at `positions[t]`.
+    pub fn half(&self) -> usize {
+        self.inv_freq.len()
+    }
+
+    /// Rotate `x: [tokens, heads, dim]`, token `t` with row `t` of `cos`/`sin` `[tokens, dim / 2]`.
     fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.contiguous()?;
+        let (t, h, d) = x.dims3()?;
+        let x = x.contiguous()?.reshape((t, h, 1, d))?;
+        let (cos, sin) = (cos.reshape((t, 1, d / 2))?, sin.reshape((t, 1, d / 2))?);
         if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.reshape((t, h, d))
         } else {
-            candle_nn::rotary_emb::rope(&x, cos, sin)
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?.reshape((t, h, d))
         }
     }
-}
-
-/// Where one sequence's new tokens sit in the concatenated batch and where they start in the sequence.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqSpan {
-    /// First row in the concatenated `[total_tokens, hidden]` batch.
-    pub offset: usize,
-    pub len: usize,
-    /// Positions already cached for this sequence.
-    pub past: usize,
 }
 
 enum QueryProj {
@@ -213,16 +202,23 @@ impl Mla {
         })
     }
 
-    /// Attention for the concatenated tokens `x: [total, hidden]` of several sequences; each attends
-    /// to its own cached keys/values in `caches[s].layers[layer]`, which it extends.
+    /// Keys/values this layer caches per position.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            kv_heads: self.heads,
+            key_dim: self.nope_dim + self.rope_dim,
+            value_dim: self.v_dim,
+        }
+    }
+
+    /// Attention for the packed tokens `x: [total, hidden]` of the step's sequences: writes their
+    /// keys/values to `kv`, then each token attends to its own sequence's positions.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        positions: &[u32],
-        spans: &[SeqSpan],
-        caches: &mut [&mut SeqCache],
-        layer: usize,
+        layout: &StepLayout,
+        kv: &KvLayer,
     ) -> candle_core::Result<Tensor> {
         let total = x.dim(0)?;
         let (h, qk_dim) = (self.heads, self.nope_dim + self.rope_dim);
@@ -230,8 +226,7 @@ impl Mla {
             QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
             QueryProj::Full(proj) => proj.forward(x)?,
         };
-        // [1, heads, total, qk_dim]: one "batch" row holding every sequence's tokens.
-        let q = q.reshape((1, total, h, qk_dim))?.transpose(1, 2)?;
+        let q = q.reshape((total, h, qk_dim))?;
         let q_nope = q.narrow(D::Minus1, 0, self.nope_dim)?;
         let q_rot = q.narrow(D::Minus1, self.nope_dim, self.rope_dim)?;
 
@@ -239,67 +234,24 @@ impl Mla {
         let latent = compressed.narrow(D::Minus1, 0, self.kv_lora_rank)?;
         let k_rot = compressed
             .narrow(D::Minus1, self.kv_lora_rank, self.rope_dim)?
-            .reshape((1, 1, total, self.rope_dim))?;
-        let kv = self
+            .reshape((total, 1, self.rope_dim))?;
+        let kv_up = self
             .kv_b_proj
-            .forward(&self.kv_a_layernorm.forward(&latent.contiguous()?)?)?;
-        let kv = kv
-            .reshape((1, total, h, self.nope_dim + self.v_dim))?
-            .transpose(1, 2)?;
-        let k_nope = kv.narrow(D::Minus1, 0, self.nope_dim)?;
-        let v = kv
-            .narrow(D::Minus1, self.nope_dim, self.v_dim)?
-            .squeeze(0)?;
+            .forward(&self.kv_a_layernorm.forward(&latent.contiguous()?)?)?
+            .reshape((total, h, self.nope_dim + self.v_dim))?;
+        let k_nope = kv_up.narrow(D::Minus1, 0, self.nope_dim)?;
+        let v = kv_up.narrow(D::Minus1, self.nope_dim, self.v_dim)?;
 
-        let (cos, sin) = rope.cos_sin(positions, x.dtype(), x.device())?;
+        let (cos, sin) = layout.cos_sin(x.device())?;
         let q_rot = rope.apply(&q_rot, &cos, &sin)?;
         // The rotary key part is shared by all heads (it comes from the MQA-style compressed vector).
         let k_rot = rope
             .apply(&k_rot, &cos, &sin)?
-            .broadcast_as((1, h, total, self.rope_dim))?;
-        let q = Tensor::cat(&[&q_nope, &q_rot], D::Minus1)?.squeeze(0)?;
-        let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?.squeeze(0)?;
-
-        let mut outputs = Vec::with_capacity(spans.len());
-        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
-            let q_s = q.narrow(1, span.offset, span.len)?;
-            let k_s = k.narrow(1, span.offset, span.len)?;
-            let v_s = v.narrow(1, span.offset, span.len)?;
-            let slot = cache.layers.get_mut(layer).ok_or_else(|| {
-                candle_core::Error::Msg(format!("cache has no slot for layer {layer}"))
-            })?;
-            let (k_all, v_all) = append_kv(slot, span.past, &k_s, &v_s)?;
-            let out = self.attend(&q_s, &k_all, &v_all, span.past)?;
-            outputs.push(out.transpose(0, 1)?.reshape((span.len, h * self.v_dim))?);
-        }
-        let out = Tensor::cat(&outputs, 0)?;
-        self.o_proj.forward(&out)
-    }
-
-    /// Causal attention of `q: [heads, n, qk]` (positions `past..past+n`) over `k, v: [heads, past+n, _]`.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        past: usize,
-    ) -> candle_core::Result<Tensor> {
-        let n = q.dim(1)?;
-        let kv_len = k.dim(1)?;
-        let dtype = q.dtype();
-        // Softmax in f32 whatever the weights' dtype, as transformers' eager attention does.
-        let scores = (q.contiguous()?.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.softmax_scale)?;
-        let scores = if n > 1 {
-            let mask: Vec<f32> = (0..n)
-                .flat_map(|i| {
-                    (0..kv_len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            scores.broadcast_add(&Tensor::from_vec(mask, (1, n, kv_len), q.device())?)?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs.matmul(v)
+            .broadcast_as((total, h, self.rope_dim))?;
+        let q = Tensor::cat(&[&q_nope, &q_rot], D::Minus1)?;
+        let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?;
+        layout.kv.write(kv, &k, &v)?;
+        let out = paged_attention(&q, kv, &layout.kv, self.softmax_scale)?;
+        self.o_proj.forward(&out.reshape((total, h * self.v_dim))?)
     }
 }
