@@ -9,8 +9,9 @@
 //!
 //! Per concurrency: aggregate tokens/s (all tokens / wall time), its ratio to one stream, time to
 //! first token and inter-token latency (gaps between streamed deltas, one token each where a token
-//! is a whole character) at p50/p99, and the decode rate: streams x 48 extra tokens divided by the
-//! extra wall time of a second run 48 tokens longer, which cancels prefill and start-up. With
+//! is a whole character) at p50/p99, and the decode rate: streams x `--decode-extra` (48) tokens
+//! divided by the extra wall time of a second run that much longer, which cancels prefill and
+//! start-up. With
 //! `--hbm-gbps`, the decode rate against the memory roofline (every step reads every weight once:
 //! streams x bandwidth / weight bytes). `--parity DIR...` first checks tiny fixtures' logits and
 //! greedy ids on the chosen device and dtype (see parity.rs) and exits non-zero on a mismatch.
@@ -52,6 +53,9 @@ struct Opts {
     /// Tokens per forward pass (prefill chunks plus decode tokens).
     #[arg(long, default_value_t = 2048)]
     max_batch_tokens: usize,
+    /// Tokens of the second, longer run whose extra time gives the decode rate (0: skip it).
+    #[arg(long, default_value_t = 48)]
+    decode_extra: usize,
     /// Memory bandwidth in GB/s for the roofline column (H200: 4800).
     #[arg(long)]
     hbm_gbps: Option<f64>,
@@ -112,15 +116,16 @@ fn main() -> anyhow::Result<()> {
     let mut single = None;
     for &streams in &opts.concurrency {
         let a = runtime.block_on(run(&engine, &prompt, streams, opts.max_tokens))?;
-        let longer = if opts.bench {
-            Some(runtime.block_on(run(&engine, &prompt, streams, opts.max_tokens + 48))?)
+        let extra = opts.decode_extra;
+        let longer = if opts.bench && extra > 0 {
+            Some(runtime.block_on(run(&engine, &prompt, streams, opts.max_tokens + extra))?)
         } else {
             None
         };
         let tps = a.tokens as f64 / a.wall.as_secs_f64();
         let base = *single.get_or_insert(tps);
         let decode =
-            longer.map(|b| (streams * 48) as f64 / (b.wall - a.wall).as_secs_f64().max(1e-9));
+            longer.map(|b| (streams * extra) as f64 / (b.wall - a.wall).as_secs_f64().max(1e-9));
         let weights = engine.info().weight_bytes as f64;
         print_row(streams, &a, tps, tps / base, decode, opts.hbm_gbps, weights);
     }
@@ -234,7 +239,7 @@ fn ms(d: Option<Duration>) -> String {
 
 fn print_header(engine: &ChatEngine, model: &Path, opts: &Opts) {
     println!(
-        "\nchat engine: {} ({}, {:.2} GB of weights, KV cache {} positions), prompt {} tokens, {} generated per stream, greedy, EOS ignored",
+        "\nchat engine: {} ({}, {:.2} GB of weights, sequences up to {} positions), prompt {} tokens, {} generated per stream, greedy, EOS ignored",
         model.display(),
         engine.info().family,
         engine.info().weight_bytes as f64 / 1e9,
