@@ -11,7 +11,8 @@
 //! first token and inter-token latency (gaps between streamed deltas, one token each where a token
 //! is a whole character) at p50/p99, and the decode rate: streams x `--decode-extra` (48) tokens
 //! divided by the extra wall time of a second run that much longer, which cancels prefill and
-//! start-up. With
+//! start-up. Tokens per CPU-second (all threads of the process, /proc/self/stat) show the batching
+//! gain where other processes share the cores and wall-clock figures move with their load. With
 //! `--hbm-gbps`, the decode rate against the memory roofline (every step reads every weight once:
 //! streams x bandwidth / weight bytes). `--parity DIR...` first checks tiny fixtures' logits and
 //! greedy ids on the chosen device and dtype (see parity.rs) and exits non-zero on a mismatch.
@@ -170,6 +171,19 @@ struct RunStats {
     ttft: Vec<Duration>,
     itl: Vec<Duration>,
     deltas: usize,
+    /// CPU time of the whole process (every thread) during the run: unlike wall time it hardly
+    /// moves when other processes share the cores.
+    cpu: Option<Duration>,
+}
+
+/// User plus system time of this process so far, from /proc/self/stat (Linux; USER_HZ is 100).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 async fn run(
@@ -179,6 +193,7 @@ async fn run(
     max_tokens: usize,
 ) -> anyhow::Result<RunStats> {
     let start = Instant::now();
+    let cpu_start = cpu_time();
     let mut gens = Vec::with_capacity(streams);
     for _ in 0..streams {
         gens.push(engine.submit(GenerateRequest {
@@ -205,9 +220,13 @@ async fn run(
     }))
     .await;
     let wall = start.elapsed();
+    let cpu = cpu_time()
+        .zip(cpu_start)
+        .map(|(end, start)| end.saturating_sub(start));
     let mut stats = RunStats {
         tokens: 0,
         wall,
+        cpu,
         ttft: Vec::new(),
         itl: Vec::new(),
         deltas: 0,
@@ -248,9 +267,9 @@ fn print_header(engine: &ChatEngine, model: &Path, opts: &Opts) {
         opts.max_tokens
     );
     println!(
-        "| streams | tokens/s | vs 1 stream | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | decode tokens/s | roofline |"
+        "| streams | tokens/s | vs 1 stream | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | decode tokens/s | roofline | tokens/CPU-s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
 }
 
 fn print_row(
@@ -278,8 +297,12 @@ fn print_row(
         }
         _ => "n/a".into(),
     };
+    let per_cpu = match s.cpu {
+        Some(cpu) if !cpu.is_zero() => format!("{:.1}", s.tokens as f64 / cpu.as_secs_f64()),
+        _ => "n/a".into(),
+    };
     println!(
-        "| {streams} | {tps:.1} | {ratio:.2}x | {} | {} | {} | {} | {} | {roofline} |",
+        "| {streams} | {tps:.1} | {ratio:.2}x | {} | {} | {} | {} | {} | {roofline} | {per_cpu} |",
         latency(&mut ttft, 0.5),
         latency(&mut ttft, 0.99),
         latency(&mut itl, 0.5),

@@ -228,7 +228,7 @@ pub fn kv_tokens(
             .unwrap_or(0),
     };
     for (device, bytes, free) in &gpus {
-        let need = tokens as u64 * bytes;
+        let need = tokens * bytes;
         if need + GPU_ACTIVATION_RESERVE > *free {
             return Err(format!(
                 "the KV cache needs {need} bytes on {:?} (plus {GPU_ACTIVATION_RESERVE} reserved for activations) but only {free} are free there; lower --kv-cache-memory",
