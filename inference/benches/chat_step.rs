@@ -57,7 +57,9 @@ fn decode(model: &dyn CausalLM, n: usize, steps: usize) -> anyhow::Result<f64> {
 }
 
 fn prefill(model: &dyn CausalLM, tokens: usize) -> anyhow::Result<f64> {
-    let prompt: Vec<u32> = (0..tokens as u32).map(|i| 50 + (i * 7919) % 40000).collect();
+    let prompt: Vec<u32> = (0..tokens as u32)
+        .map(|i| 50 + (i * 7919) % 40000)
+        .collect();
     let mut cache = model.new_cache();
     let start = Instant::now();
     model.forward(&mut [SeqStep {
@@ -71,10 +73,15 @@ fn main() -> anyhow::Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = std::env::var_os("GLM_MODELS_DIR").map_or(repo.join(".models"), PathBuf::from);
     let file = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    anyhow::ensure!(file.is_file(), "{} missing: run scripts/fetch-models.sh", file.display());
+    anyhow::ensure!(
+        file.is_file(),
+        "{} missing: run scripts/fetch-models.sh",
+        file.display()
+    );
     let threads = glm_inference::kernels::init_threads(env_usize("GLM_THREADS", 0));
     let bench = std::env::args().any(|a| a == "--bench");
-    let modes = std::env::var("GLM_BENCH_MODES").unwrap_or_else(|_| "auto,quantized,dequantized".into());
+    let modes =
+        std::env::var("GLM_BENCH_MODES").unwrap_or_else(|_| "auto,quantized,dequantized".into());
     let (steps, streams, prompt) = if bench {
         (
             env_usize("GLM_BENCH_TOKENS", 64),
@@ -85,7 +92,10 @@ fn main() -> anyhow::Result<()> {
         (2, 2, 8)
     };
     println!("SmolLM2-135M Q4_1, {threads} threads, {steps} decode steps, {streams} streams, {prompt}-token prefill");
-    println!("{:>12} | {:>12} | {:>16} | {:>12}", "mode", "decode tok/s", "streams tok/s", "prefill tok/s");
+    println!(
+        "{:>12} | {:>12} | {:>16} | {:>12}",
+        "mode", "decode tok/s", "streams tok/s", "prefill tok/s"
+    );
     for mode in modes.split(',') {
         let parsed: GgufMode = mode.parse().map_err(anyhow::Error::msg)?;
         let chat = gguf::load(&file, &Device::Cpu, parsed)?;

@@ -131,8 +131,19 @@ mod tests {
     fn tensor_gelu_matches_candle_and_leaves_the_input_alone() {
         let v: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 60.0).collect();
         let x = Tensor::from_vec(v.clone(), (10, 100), &candle_core::Device::Cpu).unwrap();
-        let ours: Vec<f32> = gelu_erf(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let theirs: Vec<f32> = x.gelu_erf().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<f32> = gelu_erf(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f32> = x
+            .gelu_erf()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }

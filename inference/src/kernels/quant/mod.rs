@@ -153,7 +153,12 @@ impl QWeight {
             return Ok(None);
         }
         let (rows, cols) = t.shape().dims2()?;
-        Ok(Some(QWeight::new(format, rows, cols, t.data()?.into_owned())?))
+        Ok(Some(QWeight::new(
+            format,
+            rows,
+            cols,
+            t.data()?.into_owned(),
+        )?))
     }
 
     /// The same weights run by kernels of another instruction set (tests compare them).
@@ -194,7 +199,12 @@ impl QWeight {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `row` has cols / 32 blocks, `out` cols floats, and the ISA was detected.
             Isa::Avx512 => unsafe {
-                x86::dequantize_row_avx512(self.format, row.as_ptr(), self.cols / 32, out.as_mut_ptr())
+                x86::dequantize_row_avx512(
+                    self.format,
+                    row.as_ptr(),
+                    self.cols / 32,
+                    out.as_mut_ptr(),
+                )
             },
             _ => scalar::dequantize_row(self.format, row, out),
         }
@@ -219,7 +229,9 @@ impl QWeight {
         let (n, k) = (self.rows, self.cols);
         let nb = k / QFormat::BLOCK;
         let sums: Vec<f32> = if self.format.has_sums() {
-            x.chunks_exact(QFormat::BLOCK).map(|b| b.iter().sum()).collect()
+            x.chunks_exact(QFormat::BLOCK)
+                .map(|b| b.iter().sum())
+                .collect()
         } else {
             Vec::new()
         };
@@ -247,15 +259,22 @@ impl QWeight {
                         }
                     };
                     match take {
-                        4 => self.dot([xs(0), xs(1), xs(2), xs(3)], [ss(0), ss(1), ss(2), ss(3)], w)
+                        4 => self
+                            .dot(
+                                [xs(0), xs(1), xs(2), xs(3)],
+                                [ss(0), ss(1), ss(2), ss(3)],
+                                w,
+                            )
                             .iter()
                             .enumerate()
                             .for_each(|(r, v)| put(r, *v)),
-                        3 => self.dot([xs(0), xs(1), xs(2)], [ss(0), ss(1), ss(2)], w)
+                        3 => self
+                            .dot([xs(0), xs(1), xs(2)], [ss(0), ss(1), ss(2)], w)
                             .iter()
                             .enumerate()
                             .for_each(|(r, v)| put(r, *v)),
-                        2 => self.dot([xs(0), xs(1)], [ss(0), ss(1)], w)
+                        2 => self
+                            .dot([xs(0), xs(1)], [ss(0), ss(1)], w)
                             .iter()
                             .enumerate()
                             .for_each(|(r, v)| put(r, *v)),
@@ -281,12 +300,24 @@ impl QWeight {
             // `sums[r]` nb floats when the format uses them (else it is never read), and the ISA
             // was checked when the weight was built.
             Isa::Avx512 => unsafe {
-                x86::dot_rows_avx512(self.format, row.as_ptr(), nb, xs.map(<[f32]>::as_ptr), sums.map(<[f32]>::as_ptr))
+                x86::dot_rows_avx512(
+                    self.format,
+                    row.as_ptr(),
+                    nb,
+                    xs.map(<[f32]>::as_ptr),
+                    sums.map(<[f32]>::as_ptr),
+                )
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Isa::Avx2 => unsafe {
-                x86::dot_rows_avx2(self.format, row.as_ptr(), nb, xs.map(<[f32]>::as_ptr), sums.map(<[f32]>::as_ptr))
+                x86::dot_rows_avx2(
+                    self.format,
+                    row.as_ptr(),
+                    nb,
+                    xs.map(<[f32]>::as_ptr),
+                    sums.map(<[f32]>::as_ptr),
+                )
             },
             _ => scalar::dot_rows(self.format, row, xs, sums),
         }

@@ -20,7 +20,9 @@ unsafe fn scale_min(blk: *const u8, has_min: bool) -> (__m128, f32) {
         let v = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(blk as *const i32)));
         (_mm_broadcastss_ps(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     } else {
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(blk as *const u16))));
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(
+            blk as *const u16,
+        ))));
         (_mm_broadcastss_ps(v), -8.0 * _mm_cvtss_f32(v))
     }
 }
@@ -28,7 +30,9 @@ unsafe fn scale_min(blk: *const u8, has_min: bool) -> (__m128, f32) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scale(blk: *const u8) -> __m128 {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(blk as *const u16))));
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(
+        blk as *const u16,
+    ))));
     _mm_broadcastss_ps(v)
 }
 
@@ -106,7 +110,15 @@ pub(super) unsafe fn dot_rows_avx512<const R: usize>(
             step8_512(blk.add(bytes), b + 1, &xs, &mut acc1);
         } else {
             step4_512(blk, has_min, b, &xs, &sums, &mut acc0, &mut macc);
-            step4_512(blk.add(bytes), has_min, b + 1, &xs, &sums, &mut acc1, &mut macc);
+            step4_512(
+                blk.add(bytes),
+                has_min,
+                b + 1,
+                &xs,
+                &sums,
+                &mut acc1,
+                &mut macc,
+            );
         }
         b += 2;
     }
@@ -140,7 +152,8 @@ pub(super) unsafe fn dequantize_row_avx512(
         if format == QFormat::Q8_0 {
             let d = _mm512_broadcastss_ps(scale(blk));
             for h in 0..2 {
-                let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
+                let q =
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
                 _mm512_storeu_ps(o.add(16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
             }
         } else {
@@ -249,11 +262,27 @@ pub(super) unsafe fn dot_rows_avx2<const R: usize>(
     while b + 1 < nb {
         let blk = row.add(b * bytes);
         step_256(format, blk, b, &xs, &sums, &mut acc0, &mut macc);
-        step_256(format, blk.add(bytes), b + 1, &xs, &sums, &mut acc1, &mut macc);
+        step_256(
+            format,
+            blk.add(bytes),
+            b + 1,
+            &xs,
+            &sums,
+            &mut acc1,
+            &mut macc,
+        );
         b += 2;
     }
     if b < nb {
-        step_256(format, row.add(b * bytes), b, &xs, &sums, &mut acc0, &mut macc);
+        step_256(
+            format,
+            row.add(b * bytes),
+            b,
+            &xs,
+            &sums,
+            &mut acc0,
+            &mut macc,
+        );
     }
     let mut out = [0f32; R];
     for r in 0..R {

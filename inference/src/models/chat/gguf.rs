@@ -346,7 +346,9 @@ impl GgufWeights<'_> {
         if self.fallback == GgufMode::Quantized && quantizable {
             return Ok(Held::Quantized(t));
         }
-        Ok(Held::Dense(t.dequantize(self.device)?.to_dtype(self.dtype)?))
+        Ok(Held::Dense(
+            t.dequantize(self.device)?.to_dtype(self.dtype)?,
+        ))
     }
 }
 

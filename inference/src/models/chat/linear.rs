@@ -91,7 +91,8 @@ impl Embedding {
                     }
                     w.dequantize_row(id as usize, out);
                 }
-                Tensor::from_vec(rows, (ids.len(), hidden), &candle_core::Device::Cpu)?.to_dtype(dtype)
+                Tensor::from_vec(rows, (ids.len(), hidden), &candle_core::Device::Cpu)?
+                    .to_dtype(dtype)
             }
             Embedding::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
         }

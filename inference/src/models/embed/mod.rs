@@ -290,7 +290,10 @@ mod tests {
     #[test]
     fn similar_lengths_share_a_chunk_and_outliers_get_their_own() {
         assert_eq!(length_chunks(&[5, 6, 7, 8]), vec![0..4]);
-        assert_eq!(length_chunks(&[4, 4, 4, 4, 4, 4, 4, 4, 200]), vec![0..8, 8..9]);
+        assert_eq!(
+            length_chunks(&[4, 4, 4, 4, 4, 4, 4, 4, 200]),
+            vec![0..8, 8..9]
+        );
         assert_eq!(length_chunks(&[7]), vec![0..1]);
         assert!(length_chunks(&[]).is_empty());
         // Every input lands in exactly one chunk, in order.
