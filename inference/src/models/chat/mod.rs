@@ -8,6 +8,7 @@ pub mod dummy;
 pub mod gguf;
 pub mod kv;
 pub mod layers;
+pub mod linear;
 pub mod placement;
 pub mod snapshot;
 pub mod tiktoken;
