@@ -173,6 +173,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Models whose worker thread (chat engine or embedding batcher) has stopped.
+    pub fn dead_workers(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| match &e.model {
+                ServedModel::Embedding(m) => !m.batcher.is_alive(),
+                ServedModel::Chat(engine) => !engine.is_alive(),
+            })
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     pub fn entries(&self) -> &[ModelEntry] {
         &self.entries
     }
