@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::Parser;
 use glm_inference::batcher::BatcherConfig;
 use glm_inference::config::Args;
-use glm_inference::http::{self, AppState, Limits};
+use glm_inference::http::{self, AppState};
 use glm_inference::metrics::Metrics;
 use glm_inference::registry::{LoadOptions, Registry};
+use glm_inference::server;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -59,15 +60,10 @@ async fn serve(args: Args) -> Result<(), String> {
     registry.warm_up().await?;
     let registry = Arc::new(registry);
 
-    let limits = Limits {
-        max_client_batch_size: args.max_client_batch_size,
-        max_body_bytes: args.max_body_bytes,
-        auto_truncate: args.auto_truncate,
-    };
     let state = AppState::new(
         registry.clone(),
         metrics,
-        limits,
+        args.limits(),
         args.api_key.clone(),
         args.max_concurrent_requests,
     );
@@ -84,18 +80,14 @@ async fn serve(args: Args) -> Result<(), String> {
     tracing::info!(models = ?registry.names(), "listening on http://{local}");
 
     let shutdown = shutdown_signal(state, Duration::from_secs(args.shutdown_delay_secs));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    server::serve(listener, app, args.serve_config(), shutdown).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// With the `cuda` feature the first visible GPU (CUDA renumbers `CUDA_VISIBLE_DEVICES` from 0),
-/// else the CPU.
 /// Resolve on SIGTERM or Ctrl-C: turn `/ready` to 503 at once, wait `delay` so that load balancers
-/// notice, then let axum stop accepting and drain in-flight requests.
+/// notice, then let the server stop accepting and drain in-flight requests (within
+/// `--shutdown-timeout-secs`).
 async fn shutdown_signal(state: AppState, delay: Duration) {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {

@@ -438,7 +438,7 @@ async fn smollm2_gguf_follows_the_reference_and_honours_stop_strings() {
 
 #[tokio::test]
 async fn disconnected_clients_stop_their_generation() {
-    let server = tiny_server(&[]);
+    let server = tiny_server(&["--chat-max-tokens", "30000"]);
     let long = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000,
         "ignore_eos": true, "temperature": 0, "stream": true});
     let (resp, _) = open_stream(&server, long.clone(), 3).await;
@@ -495,7 +495,14 @@ async fn disconnected_clients_stop_their_generation() {
 
 #[tokio::test]
 async fn a_full_queue_answers_429() {
-    let server = tiny_server(&["--chat-max-batch-size", "1", "--chat-max-waiting", "1"]);
+    let server = tiny_server(&[
+        "--chat-max-batch-size",
+        "1",
+        "--chat-max-waiting",
+        "1",
+        "--chat-max-tokens",
+        "30000",
+    ]);
     let long = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000,
         "ignore_eos": true, "stream": true});
     let (running, _) = open_stream(&server, long.clone(), 2).await;
