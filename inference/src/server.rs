@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
@@ -127,18 +127,19 @@ async fn accept_error(e: io::Error) {
     }
 }
 
-/// A TCP stream whose writes fail with `TimedOut` once a write has made no progress for
-/// `timeout` (the client's receive window stayed full). Reads are not timed here: hyper times
-/// request heads, the router times bodies, and a request being processed reads nothing.
-struct WriteTimeout {
-    inner: TcpStream,
+/// A stream (a TCP connection) whose writes fail with `TimedOut` once a write has made no
+/// progress for `timeout` (the client's receive window stayed full). Reads are not timed here:
+/// hyper times request heads, the router times bodies, and a request being processed reads
+/// nothing.
+struct WriteTimeout<S> {
+    inner: S,
     timeout: Duration,
     /// Armed while a write is pending; reset by every write that makes progress.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl WriteTimeout {
-    fn new(inner: TcpStream, timeout: Duration) -> Self {
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
         WriteTimeout {
             inner,
             timeout,
@@ -171,7 +172,7 @@ impl WriteTimeout {
     }
 }
 
-impl AsyncRead for WriteTimeout {
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -181,7 +182,7 @@ impl AsyncRead for WriteTimeout {
     }
 }
 
-impl AsyncWrite for WriteTimeout {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -217,59 +218,48 @@ impl AsyncWrite for WriteTimeout {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
-    /// A connected pair: the server side wrapped, the client side with a small receive buffer.
-    async fn pair(timeout: Duration) -> (WriteTimeout, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let client = socket
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (WriteTimeout::new(server, timeout), client)
-    }
+    // In-memory pipes of 64 bytes and paused time: the tests are about the deadline's logic, not
+    // about TCP buffers or a busy machine's scheduling.
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn writes_to_a_peer_that_stopped_reading_time_out() {
-        let (mut server, _client) = pair(Duration::from_millis(300)).await;
-        let chunk = vec![b'x'; 1 << 20];
-        let err = loop {
-            // Socket buffers take a few megabytes; then the write stalls and must time out.
-            match tokio::time::timeout(Duration::from_secs(60), server.write_all(&chunk)).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => break e,
-                Err(_) => panic!("a stalled write did not time out"),
-            }
-        };
+        let (server, _client) = duplex(64);
+        let mut server = WriteTimeout::new(server, Duration::from_millis(300));
+        let started = Instant::now();
+        let err = server.write_all(&[b'x'; 1024]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("--write-timeout-secs"), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_peer_that_reads_slowly_but_steadily_is_not_cut() {
-        let (mut server, mut client) = pair(Duration::from_secs(2)).await;
+        // 64 bytes every 100 ms: 16 KiB take 25 s, a hundred times the timeout, but no single
+        // write waits longer than 100 ms.
+        let (server, mut client) = duplex(64);
+        let mut server = WriteTimeout::new(server, Duration::from_millis(250));
         let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 << 10];
+            let mut buf = [0u8; 64];
             let mut total = 0;
             loop {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 match client.read(&mut buf).await {
                     Ok(0) | Err(_) => return total,
                     Ok(n) => total += n,
                 }
             }
         });
-        let data = vec![b'y'; 16 << 20];
+        let started = Instant::now();
         server
-            .write_all(&data)
+            .write_all(&[b'y'; 16 << 10])
             .await
             .expect("no timeout while the peer reads");
+        assert!(started.elapsed() > Duration::from_secs(20));
         server.shutdown().await.unwrap();
-        assert_eq!(reader.await.unwrap(), data.len());
+        assert_eq!(reader.await.unwrap(), 16 << 10);
     }
 }

@@ -150,6 +150,16 @@ async fn sse_events(base: &str, body: Value) -> Vec<String> {
         .collect()
 }
 
+/// The last event is the model's error, not `[DONE]`.
+fn assert_ends_with_the_injected_failure(events: &[String]) {
+    let text = events.join("\n");
+    let last: Value =
+        serde_json::from_str(&events[events.len() - 1]).expect("last event is JSON, not [DONE]");
+    assert_eq!(last["error"]["type"], "server_error", "{text}");
+    let msg = last["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("injected failure"), "{text}");
+}
+
 /// The text of the content deltas between the role chunk and the last event.
 fn streamed_content(events: &[String]) -> String {
     events[1..events.len() - 1]
@@ -178,16 +188,7 @@ async fn a_mid_stream_model_error_is_an_error_event_then_the_stream_closes() {
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(streamed_content(&events), two, "{text}");
-    let last: Value =
-        serde_json::from_str(&events[events.len() - 1]).expect("last event is JSON, not [DONE]");
-    assert_eq!(last["error"]["type"], "server_error", "{text}");
-    assert!(
-        last["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("injected failure"),
-        "{text}"
-    );
+    assert_ends_with_the_injected_failure(&events);
     task.abort();
 }
 
@@ -210,14 +211,7 @@ async fn bytes_held_back_for_an_incomplete_character_reach_the_client_before_the
         format!("{he_text}\u{FFFD}"),
         "{text}"
     );
-    let last: Value = serde_json::from_str(&events[events.len() - 1]).unwrap();
-    assert!(
-        last["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("injected failure"),
-        "{text}"
-    );
+    assert_ends_with_the_injected_failure(&events);
     task.abort();
 }
 

@@ -97,20 +97,13 @@ async fn slow_clients_are_cut_off_and_hold_no_permits() {
     assert_eq!(status, 200);
 }
 
-#[tokio::test]
-async fn a_stream_holds_its_permit_until_it_ends() {
+/// The tiny chat fixture served with `flags`, and a greedy stream of 100,000 tokens that has sent
+/// its first event and is left open.
+async fn server_with_open_stream(flags: &[&str]) -> (Server, reqwest::Response) {
     let tiny = tiny_arg();
-    let server = Server::start(
-        &[
-            "--model",
-            &tiny,
-            "--max-concurrent-requests",
-            "1",
-            "--chat-max-tokens",
-            "100000",
-        ],
-        &[],
-    );
+    let mut args = vec!["--model", tiny.as_str(), "--chat-max-tokens", "100000"];
+    args.extend_from_slice(flags);
+    let server = Server::start(&args, &[]);
     let long = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000,
         "ignore_eos": true, "temperature": 0, "stream": true});
     let mut open = server
@@ -122,6 +115,12 @@ async fn a_stream_holds_its_permit_until_it_ends() {
         .unwrap();
     assert_eq!(open.status().as_u16(), 200);
     assert!(open.chunk().await.unwrap().is_some(), "first event");
+    (server, open)
+}
+
+#[tokio::test]
+async fn a_stream_holds_its_permit_until_it_ends() {
+    let (server, open) = server_with_open_stream(&["--max-concurrent-requests", "1"]).await;
     let short = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     let (status, err) = server
         .post_json("/v1/chat/completions", short.clone())
@@ -147,28 +146,7 @@ async fn a_stream_holds_its_permit_until_it_ends() {
 
 #[tokio::test]
 async fn shutdown_cuts_streams_at_its_deadline() {
-    let tiny = tiny_arg();
-    let mut server = Server::start(
-        &[
-            "--model",
-            &tiny,
-            "--shutdown-timeout-secs",
-            "1",
-            "--chat-max-tokens",
-            "100000",
-        ],
-        &[],
-    );
-    let long = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000,
-        "ignore_eos": true, "temperature": 0, "stream": true});
-    let mut open = server
-        .client
-        .post(server.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
-    assert!(open.chunk().await.unwrap().is_some(), "first event");
+    let (mut server, mut open) = server_with_open_stream(&["--shutdown-timeout-secs", "1"]).await;
     // Without the deadline the server would wait for 100,000 tokens.
     let status = server.terminate(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");

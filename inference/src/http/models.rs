@@ -131,12 +131,14 @@ async fn tokenize_inner(
     let cap = state.limits.tokenize_max_tokens;
     match req.max_tokens {
         Some(0) => return Err(ApiError::invalid("max_tokens", "must be at least 1")),
-        Some(n) if n > cap => return Err(ApiError::invalid(
-            "max_tokens",
-            format!(
+        Some(n) if n > cap => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
                 "max_tokens is {n}, more than this server's limit of {cap} (--tokenize-max-tokens)"
             ),
-        )),
+            ))
+        }
         _ => {}
     }
     let prompt = match (req.prompt, req.messages) {
