@@ -23,36 +23,44 @@ const WHOLE_TEXT_BYTES: usize = 64 * 1024;
 const HEAD_MARGIN: usize = 16;
 
 /// Tokenize `text` without special tokens, but only as far as needed to know its first `n`
-/// tokens: short texts whole, longer ones through doubling prefixes until two successive
-/// prefixes agree on their first `n` tokens and both go `HEAD_MARGIN` tokens beyond. Returns the
-/// encoding and whether it covers the whole text (then it is exactly `encode(text, false)`).
-/// Work and memory are bounded by about four times what the first `n` tokens need, not by the
-/// text: a multi-megabyte body asked for 4,096 tokens costs a few tens of kilobytes.
+/// tokens: short texts whole; longer ones through doubling prefixes until one goes `HEAD_MARGIN`
+/// tokens beyond `n`, then once more with a quarter more text, and the two must agree on their
+/// first `n` tokens (else doubling goes on). Returns the encoding and whether it covers the whole
+/// text (then it is exactly `encode(text, false)`). Work and memory stay within a small multiple
+/// of what the first `n` tokens need, not of the text: a multi-megabyte body asked for 4,096
+/// tokens costs a few tens of kilobytes of tokenization.
 pub fn encode_head(
     tok: &tokenizers::Tokenizer,
     text: &str,
     n: usize,
 ) -> tokenizers::Result<(tokenizers::Encoding, bool)> {
-    let mut len = WHOLE_TEXT_BYTES.max(n.saturating_add(HEAD_MARGIN).saturating_mul(8));
-    let mut previous: Option<Vec<u32>> = None;
+    let mut len = WHOLE_TEXT_BYTES.max(n.saturating_add(HEAD_MARGIN).saturating_mul(2));
     loop {
         if len >= text.len() {
             return Ok((tok.encode(text, false)?, true));
         }
-        let mut cut = len;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let enc = tok.encode(&text[..cut], false)?;
-        if enc.len() > n + HEAD_MARGIN {
-            let head = &enc.get_ids()[..n];
-            if previous.as_deref() == Some(head) {
-                return Ok((enc, false));
+        let first = tok.encode(prefix(text, len), false)?;
+        if first.len() > n + HEAD_MARGIN {
+            let longer = len.saturating_add((len / 4).max(4096));
+            if longer >= text.len() {
+                return Ok((tok.encode(text, false)?, true));
             }
-            previous = Some(head.to_vec());
+            let second = tok.encode(prefix(text, longer), false)?;
+            if second.len() > n && second.get_ids()[..n] == first.get_ids()[..n] {
+                return Ok((second, false));
+            }
         }
         len = len.saturating_mul(2);
     }
+}
+
+/// The longest prefix of `text` of at most `len` bytes that ends on a character boundary.
+fn prefix(text: &str, len: usize) -> &str {
+    let mut cut = len.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
 }
 
 /// Whether the tokenizer is byte-level (GPT-2 style BPE: GLM-4, Qwen2, Llama 3, DeepSeek, the GGUF
