@@ -60,14 +60,18 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        // Shutdown first: once signalled, no further connection is taken.
         let slot = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
             },
-            () = &mut shutdown => break,
         };
         let stream = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -75,7 +79,6 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
         };
         // Small SSE events must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
