@@ -2,6 +2,62 @@
 //! kernels, and element-wise functions candle runs slowly.
 pub mod act;
 pub mod quant;
+pub mod rows;
+pub mod sgemm;
+
+use std::sync::OnceLock;
+
+/// Instruction sets the kernels come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best this CPU runs (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let base = is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c");
+                if base && is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if base {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// Whether this CPU can run kernels of this kind.
+    pub fn supported(self) -> bool {
+        match (self, Isa::detect()) {
+            (Isa::Portable, _) => true,
+            (Isa::Avx2, Isa::Avx2 | Isa::Avx512) => true,
+            (a, b) => a == b,
+        }
+    }
+}
+
+/// A raw output pointer shared by parallel tasks that each write their own disjoint elements
+/// (rows, columns or blocks of one output); every use says which.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes, each user guarantees that tasks never overlap.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Threads the model maths may use: `requested`, or when 0 the CPUs this process may run on
 /// (`available_parallelism` reads the affinity mask and the cgroup CPU quota, so a pod limited to
