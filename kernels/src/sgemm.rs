@@ -195,7 +195,7 @@ where
 /// `a` holds `m` rows of stride `lda` with at least `b.k` values each; `c` points to `m` rows of
 /// stride `ldc` covering the columns of `panels`; `isa` is supported by this CPU.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_raw(
+pub unsafe fn matmul_raw(
     isa: Isa,
     a: &[f32],
     lda: usize,

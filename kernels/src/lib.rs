@@ -49,12 +49,12 @@ impl Isa {
 /// A raw output pointer shared by parallel tasks that each write their own disjoint elements
 /// (rows, columns or blocks of one output); every use says which.
 #[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub(crate) *mut f32);
+pub struct SyncPtr(pub *mut f32);
 // SAFETY: only used for disjoint writes, each user guarantees that tasks never overlap.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
-    pub(crate) fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }
