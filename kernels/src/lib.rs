@@ -93,6 +93,19 @@ pub fn init_threads(requested: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    /// Deterministic pseudo-random values in [-1, 1) (xorshift) for the kernels' tests.
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
     #[test]
     fn explicit_thread_counts_win_and_auto_is_at_least_one() {
         assert_eq!(super::resolve_threads(3), 3);
