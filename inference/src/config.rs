@@ -89,6 +89,12 @@ pub struct Args {
     #[arg(long, env = "GLM_GGUF_MODE", default_value = "auto")]
     pub gguf_mode: crate::models::chat::gguf::GgufMode,
 
+    /// Embedding encoders on the CPU: `packed` runs every input's tokens end to end without
+    /// padding through our float32 kernels, `candle` runs padded batches on candle's ops (what
+    /// GPUs always use). Same numerics within float32 rounding.
+    #[arg(long, env = "GLM_EMBED_KERNELS", default_value = "packed")]
+    pub embed_kernels: crate::models::embed::EncoderKernels,
+
     /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
     /// balancers stop sending traffic first.
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -489,6 +495,23 @@ mod tests {
             let err = DeviceChoice::Cuda.open().unwrap_err();
             assert!(err.contains("--features cuda"), "{err}");
         }
+    }
+
+    #[test]
+    fn embed_kernels_default_to_packed_and_reject_unknown_values() {
+        use crate::models::embed::EncoderKernels;
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(["glm-inference", "--model", "a=/x"].iter().chain(extra))
+                .map(|a| a.embed_kernels)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(&[]), Ok(EncoderKernels::Packed));
+        assert_eq!(
+            parse(&["--embed-kernels", "candle"]),
+            Ok(EncoderKernels::Candle)
+        );
+        let err = parse(&["--embed-kernels", "onnx"]).unwrap_err();
+        assert!(err.contains("not one of packed, candle"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod kernels;
+pub use glm_kernels as kernels;
 pub mod keyword;
 pub mod liveness;
 pub mod metrics;

@@ -48,6 +48,7 @@ async fn serve(args: Args) -> Result<(), String> {
         },
         engine: args.engine_config(),
         gguf_mode: args.gguf_mode,
+        embed_kernels: args.embed_kernels,
     };
 
     let (specs, default_chat, m) = (

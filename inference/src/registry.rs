@@ -75,6 +75,7 @@ pub struct LoadOptions {
     pub batching: BatcherConfig,
     pub engine: EngineConfig,
     pub gguf_mode: models::chat::gguf::GgufMode,
+    pub embed_kernels: models::embed::EncoderKernels,
 }
 
 pub struct ModelEntry {
@@ -297,7 +298,8 @@ fn load_one(
     let family: Family = models::detect_family(&path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
-            let loaded = models::embed::load(&path, family, device).map_err(|e| e.to_string())?;
+            let loaded = models::embed::load_with(&path, family, device, options.embed_kernels)
+                .map_err(|e| e.to_string())?;
             let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
