@@ -153,7 +153,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{:>6} | {:>16} | {:>22}",
-        "batch", "candle sent/s", "sentence-transformers"
+        "batch", "glm sent/s", "sentence-transformers"
     );
     println!("{:-<6}-+-{:-<16}-+-{:-<22}", "", "", "");
     for batch in BATCH_SIZES {

@@ -14,6 +14,7 @@ use std::time::Instant;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::oneshot;
 
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::models::{EmbedOutputs, Embedder, Embedding};
 
@@ -100,6 +101,7 @@ pub struct Batcher {
     config: BatcherConfig,
     shared: Arc<Shared>,
     queue_depth: IntGauge,
+    liveness: Liveness,
 }
 
 impl Batcher {
@@ -120,14 +122,19 @@ impl Batcher {
             shared: shared.clone(),
             metrics: BatchMetrics::new(metrics, model),
         };
+        let (liveness, alive) = Liveness::new(format!("embedding batcher `{model}`"));
         std::thread::Builder::new()
             .name(format!("embed-{model}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                let _alive = alive;
+                worker.run()
+            })?;
         Ok(Batcher {
             model: model.to_string(),
             config,
             shared,
             queue_depth: metrics.queue_depth.with_label_values(&[model]),
+            liveness,
         })
     }
 
@@ -186,6 +193,11 @@ impl Batcher {
 
     pub fn config(&self) -> BatcherConfig {
         self.config
+    }
+
+    /// False once the worker thread has stopped (a panic outside the forward pass's guard).
+    pub fn is_alive(&self) -> bool {
+        self.liveness.is_alive()
     }
 }
 

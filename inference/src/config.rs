@@ -3,10 +3,14 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Parser;
 
+use crate::http::{ChatLimits, Limits};
+use crate::keyword::KeywordLimits;
 use crate::models::Device;
+use crate::server::ServeConfig;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -101,6 +105,12 @@ pub struct Args {
     #[arg(long, env = "GLM_DTYPE", value_enum, default_value_t = DtypeChoice::Auto)]
     pub dtype: DtypeChoice,
 
+    /// Embedding encoders on the CPU: `packed` runs every input's tokens end to end without
+    /// padding through our float32 kernels, `candle` runs padded batches on candle's ops (what
+    /// GPUs always use). Same numerics within float32 rounding.
+    #[arg(long, env = "GLM_EMBED_KERNELS", default_value = "packed")]
+    pub embed_kernels: crate::models::embed::EncoderKernels,
+
     /// Seconds to keep serving (with /ready at 503) after SIGTERM before draining, so that load
     /// balancers stop sending traffic first.
     #[arg(long, env = "GLM_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -120,6 +130,71 @@ pub struct Args {
     /// Log as JSON lines (level via RUST_LOG, default info).
     #[arg(long, env = "GLM_JSON_LOGS", default_value_t = false)]
     pub json_logs: bool,
+
+    /// Connections open at once; beyond, new ones wait in the kernel's backlog.
+    #[arg(long, env = "GLM_MAX_CONNECTIONS", default_value_t = ServeConfig::default().max_connections)]
+    pub max_connections: usize,
+
+    /// Seconds a client has to send a request's headers, counted from the connection's start or
+    /// the end of its previous response (so also how long an idle keep-alive connection stays).
+    #[arg(long, env = "GLM_HEADER_READ_TIMEOUT_SECS", default_value_t = ServeConfig::default().header_read_timeout.as_secs())]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a request body may take to arrive (408 beyond).
+    #[arg(long, env = "GLM_BODY_READ_TIMEOUT_SECS", default_value_t = Limits::default().body_read_timeout.as_secs())]
+    pub body_read_timeout_secs: u64,
+
+    /// Seconds a response may wait for the client to accept more bytes before the connection is
+    /// closed (a client that stopped reading a stream; its generation is cancelled).
+    #[arg(long, env = "GLM_WRITE_TIMEOUT_SECS", default_value_t = ServeConfig::default().write_timeout.as_secs())]
+    pub write_timeout_secs: u64,
+
+    /// Seconds open requests and streams get to finish after the shutdown delay; then they are cut.
+    #[arg(long, env = "GLM_SHUTDOWN_TIMEOUT_SECS", default_value_t = ServeConfig::default().shutdown_timeout.as_secs())]
+    pub shutdown_timeout_secs: u64,
+
+    /// `/keyword` requests in flight at once (429 beyond); each embeds up to
+    /// --keyword-max-candidates phrases.
+    #[arg(long, env = "GLM_MAX_CONCURRENT_KEYWORD", default_value_t = Limits::default().max_concurrent_keyword)]
+    pub max_concurrent_keyword: usize,
+
+    /// `/tokenize` and `/detokenize` requests in flight at once (429 beyond).
+    #[arg(long, env = "GLM_MAX_CONCURRENT_TOKENIZE", default_value_t = Limits::default().max_concurrent_tokenize)]
+    pub max_concurrent_tokenize: usize,
+
+    /// Most tokens one `/tokenize` answer (without `max_tokens`) or `/detokenize` request may
+    /// carry; each costs about 150 bytes of memory while the answer is built.
+    #[arg(long, env = "GLM_TOKENIZE_MAX_TOKENS", default_value_t = Limits::default().tokenize_max_tokens)]
+    pub tokenize_max_tokens: usize,
+
+    /// Largest `/keyword` document in bytes.
+    #[arg(long, env = "GLM_KEYWORD_MAX_INPUT_BYTES", default_value_t = KeywordLimits::default().max_input_bytes)]
+    pub keyword_max_input_bytes: usize,
+
+    /// Longest n-gram a `/keyword` request may ask for (`keyphrase_ngram_range` maximum).
+    #[arg(long, env = "GLM_KEYWORD_MAX_NGRAM", default_value_t = KeywordLimits::default().max_ngram)]
+    pub keyword_max_ngram: usize,
+
+    /// Most distinct candidate keywords one `/keyword` document may yield (each is embedded).
+    #[arg(long, env = "GLM_KEYWORD_MAX_CANDIDATES", default_value_t = KeywordLimits::default().max_candidates)]
+    pub keyword_max_candidates: usize,
+
+    /// Most multiply-adds a `/keyword` selection may take (similarity matrix, MMR picks, Max Sum
+    /// combinations).
+    #[arg(long, env = "GLM_KEYWORD_MAX_SELECTION_COST", default_value_t = KeywordLimits::default().max_selection_cost)]
+    pub keyword_max_selection_cost: u64,
+
+    /// Largest `max_tokens` a chat request may ask for, and the default when it sets none.
+    #[arg(long, env = "GLM_CHAT_MAX_TOKENS", default_value_t = ChatLimits::default().max_tokens)]
+    pub chat_max_tokens: usize,
+
+    /// Most stop strings per chat request.
+    #[arg(long, env = "GLM_CHAT_MAX_STOP_STRINGS", default_value_t = ChatLimits::default().max_stop_strings)]
+    pub chat_max_stop_strings: usize,
+
+    /// Longest stop string, in characters.
+    #[arg(long, env = "GLM_CHAT_MAX_STOP_CHARS", default_value_t = ChatLimits::default().max_stop_chars)]
+    pub chat_max_stop_chars: usize,
 }
 
 /// One `--model NAME=PATH`.
@@ -278,10 +353,33 @@ impl Args {
             ("--chat-max-batch-tokens", self.chat_max_batch_tokens),
             // Every request passes through the queue on its way into the batch.
             ("--chat-max-waiting", self.chat_max_waiting),
+            ("--max-connections", self.max_connections),
+            ("--max-concurrent-keyword", self.max_concurrent_keyword),
+            ("--max-concurrent-tokenize", self.max_concurrent_tokenize),
+            ("--tokenize-max-tokens", self.tokenize_max_tokens),
+            ("--keyword-max-input-bytes", self.keyword_max_input_bytes),
+            ("--keyword-max-ngram", self.keyword_max_ngram),
+            ("--keyword-max-candidates", self.keyword_max_candidates),
+            ("--chat-max-tokens", self.chat_max_tokens),
+            ("--chat-max-stop-strings", self.chat_max_stop_strings),
+            ("--chat-max-stop-chars", self.chat_max_stop_chars),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
         }
+        let positive_u64 = [
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--body-read-timeout-secs", self.body_read_timeout_secs),
+            ("--write-timeout-secs", self.write_timeout_secs),
+            (
+                "--keyword-max-selection-cost",
+                self.keyword_max_selection_cost,
+            ),
+        ];
+        if let Some((flag, _)) = positive_u64.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
+        }
+        self.check_api_key(std::env::var_os("API_KEY").is_some())?;
         // A request is queued whole or refused: a larger one could never be served.
         if self.max_client_batch_size > self.max_queued_inputs {
             return Err(format!(
@@ -301,6 +399,58 @@ impl Args {
             gguf_mode: self.gguf_mode,
             load_format: self.load_format,
             kv_cache_memory: self.kv_cache_memory.map(|b| b.0),
+        }
+    }
+
+    /// An empty key would serve without authentication while the operator believes a key is
+    /// required: refuse to start instead. `env_set`: whether the variable `API_KEY` exists (clap
+    /// treats an empty variable as absent).
+    fn check_api_key(&self, env_set: bool) -> Result<(), String> {
+        let empty = match &self.api_key {
+            Some(key) => key.trim().is_empty(),
+            None => env_set,
+        };
+        if empty {
+            return Err(
+                "--api-key / API_KEY is set but empty: give the key, or unset it to \
+                        serve without authentication"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Request limits of the HTTP layer.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_client_batch_size: self.max_client_batch_size,
+            max_body_bytes: self.max_body_bytes,
+            auto_truncate: self.auto_truncate,
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+            max_concurrent_keyword: self.max_concurrent_keyword,
+            max_concurrent_tokenize: self.max_concurrent_tokenize,
+            tokenize_max_tokens: self.tokenize_max_tokens,
+            keyword: KeywordLimits {
+                max_input_bytes: self.keyword_max_input_bytes,
+                max_ngram: self.keyword_max_ngram,
+                max_candidates: self.keyword_max_candidates,
+                max_selection_cost: self.keyword_max_selection_cost,
+            },
+            chat: ChatLimits {
+                max_tokens: self.chat_max_tokens,
+                max_stop_strings: self.chat_max_stop_strings,
+                max_stop_chars: self.chat_max_stop_chars,
+            },
+        }
+    }
+
+    /// Connection bounds of the accept loop.
+    pub fn serve_config(&self) -> ServeConfig {
+        ServeConfig {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+            max_connections: self.max_connections,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         }
     }
 
@@ -371,6 +521,66 @@ mod tests {
     }
 
     #[test]
+    fn limit_flags_default_to_the_library_defaults_and_parse() {
+        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
+        let (limits, defaults) = (args.limits(), Limits::default());
+        assert_eq!(limits.keyword, defaults.keyword);
+        assert_eq!(limits.chat, defaults.chat);
+        assert_eq!(limits.body_read_timeout, defaults.body_read_timeout);
+        assert_eq!(
+            (limits.max_client_batch_size, limits.max_body_bytes),
+            (defaults.max_client_batch_size, defaults.max_body_bytes)
+        );
+        assert_eq!(args.serve_config(), ServeConfig::default());
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--keyword-max-candidates",
+            "7",
+            "--chat-max-tokens",
+            "99",
+            "--header-read-timeout-secs",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(args.limits().keyword.max_candidates, 7);
+        assert_eq!(args.limits().chat.max_tokens, 99);
+        assert_eq!(
+            args.serve_config().header_read_timeout,
+            Duration::from_secs(3)
+        );
+        let args = Args::try_parse_from([
+            "glm-inference",
+            "--model",
+            "a=/x",
+            "--body-read-timeout-secs",
+            "0",
+        ])
+        .unwrap();
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("--body-read-timeout-secs"));
+    }
+
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["glm-inference", "--model", "a=/x"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        assert!(parse(&["--api-key", ""]).check_api_key(false).is_err());
+        assert!(parse(&["--api-key", "  "]).check_api_key(false).is_err());
+        // API_KEY= in the environment: clap reports no value, the variable exists.
+        let err = parse(&[]).check_api_key(true).unwrap_err();
+        assert!(err.contains("API_KEY"), "{err}");
+        assert!(parse(&[]).check_api_key(false).is_ok());
+        assert!(parse(&["--api-key", "k"]).check_api_key(true).is_ok());
+    }
+
+    #[test]
     fn device_choice_parses_and_cpu_builds_refuse_cuda() {
         let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
         assert_eq!(args.device, DeviceChoice::Auto);
@@ -428,6 +638,23 @@ mod tests {
             "random"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn embed_kernels_default_to_packed_and_reject_unknown_values() {
+        use crate::models::embed::EncoderKernels;
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(["glm-inference", "--model", "a=/x"].iter().chain(extra))
+                .map(|a| a.embed_kernels)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(&[]), Ok(EncoderKernels::Packed));
+        assert_eq!(
+            parse(&["--embed-kernels", "candle"]),
+            Ok(EncoderKernels::Candle)
+        );
+        let err = parse(&["--embed-kernels", "onnx"]).unwrap_err();
+        assert!(err.contains("not one of packed, candle"), "{err}");
     }
 
     #[test]

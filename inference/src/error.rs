@@ -35,11 +35,13 @@ pub enum ApiError {
     EmptyInput { param: String },
     #[error("too many inputs: {got}, the limit is {limit} per request")]
     TooManyInputs { got: usize, limit: usize },
-    #[error("{param} has {tokens} tokens, the model `{model}` accepts at most {limit} (set \"truncate\": true to cut it)")]
+    /// `exact` false: the input was tokenized only far enough to know it has more than `tokens`.
+    #[error("{param} has {}{tokens} tokens, the model `{model}` accepts at most {limit} (set \"truncate\": true to cut it)", if *.exact { "" } else { "more than " })]
     InputTooLong {
         param: String,
         model: String,
         tokens: usize,
+        exact: bool,
         limit: usize,
     },
     #[error("{param}: token id {id} is outside the vocabulary of `{model}` (0..{vocab})")]
@@ -52,8 +54,11 @@ pub enum ApiError {
     /// A chat prompt that leaves no room to generate (the message states both numbers).
     #[error("{0}")]
     ContextLengthExceeded(String),
-    #[error("request body is larger than the limit of {limit} bytes")]
+    #[error("request body is larger than the limit of {limit} bytes (--max-body-bytes)")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `--body-read-timeout-secs` (HTTP 408).
+    #[error("the request body did not arrive within {0} s (--body-read-timeout-secs)")]
+    BodyTimeout(u64),
     #[error("{0}")]
     NotFound(String),
     #[error("{method} is not allowed on {path}")]
@@ -78,7 +83,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
-            EngineError::PromptTooLong { .. } => ApiError::ContextLengthExceeded(e.to_string()),
+            EngineError::PromptTooLong { .. } | EngineError::PromptFarTooLong { .. } => {
+                ApiError::ContextLengthExceeded(e.to_string())
+            }
             EngineError::EmptyPrompt
             | EngineError::NoChatTemplate(_)
             | EngineError::Template(_) => ApiError::BadRequest(e.to_string()),
@@ -126,6 +133,7 @@ impl ApiError {
             ModelNotFound { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -173,6 +181,7 @@ impl ApiError {
             InputTooLong { .. } | ContextLengthExceeded(_) => "context_length_exceeded",
             InvalidTokenId { .. } => "invalid_token_id",
             PayloadTooLarge { .. } => "payload_too_large",
+            BodyTimeout(_) => "request_timeout",
             NotFound(_) => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             BadRequest(_) => "invalid_request",
@@ -250,6 +259,7 @@ mod tests {
                 "payload_too_large",
             ),
             (ApiError::Unauthorized, 401, "invalid_api_key"),
+            (ApiError::BodyTimeout(60), 408, "request_timeout"),
             (ApiError::Overloaded("queue full".into()), 429, "overloaded"),
             (
                 ApiError::Unavailable("shutting down".into()),
@@ -282,6 +292,7 @@ mod tests {
             param: "input[1]".into(),
             model: "m".into(),
             tokens: 300,
+            exact: true,
             limit: 256,
         })
         .await;

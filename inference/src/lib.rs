@@ -9,14 +9,18 @@
 //! - `models/`   one module per model family (candle); traits `Embedder` and `CausalLM`.
 //! - `keyword`   KeyBERT-style keyword extraction over an embedder.
 //! - `metrics`   Prometheus registry (`glm_*`).
+//! - `server`    the accept loop: connection limit, header/write timeouts, shutdown deadline.
+//! - `liveness`  whether worker threads still run (`/ready`, `/health`).
 pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod kernels;
+pub use glm_kernels as kernels;
 pub mod keyword;
+pub mod liveness;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod server;
 pub mod tokenizer;

@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::Parser;
 use glm_inference::batcher::BatcherConfig;
 use glm_inference::config::Args;
-use glm_inference::http::{self, AppState, Limits};
+use glm_inference::http::{self, AppState};
 use glm_inference::metrics::Metrics;
 use glm_inference::registry::{LoadOptions, Registry};
+use glm_inference::server;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -47,6 +48,7 @@ async fn serve(args: Args) -> Result<(), String> {
         },
         engine: args.engine_config(),
         chat: args.chat_load_options(glm_inference::config::all_devices(&device)?),
+        embed_kernels: args.embed_kernels,
     };
 
     let (specs, default_chat, m) = (
@@ -62,19 +64,15 @@ async fn serve(args: Args) -> Result<(), String> {
     registry.warm_up().await?;
     let registry = Arc::new(registry);
 
-    let limits = Limits {
-        max_client_batch_size: args.max_client_batch_size,
-        max_body_bytes: args.max_body_bytes,
-        auto_truncate: args.auto_truncate,
-    };
     let state = AppState::new(
         registry.clone(),
         metrics,
-        limits,
+        args.limits(),
         args.api_key.clone(),
         args.max_concurrent_requests,
     );
     let app = http::router(state.clone());
+    let shutdown = shutdown_signal(state.clone(), Duration::from_secs(args.shutdown_delay_secs));
 
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -86,50 +84,55 @@ async fn serve(args: Args) -> Result<(), String> {
     state.set_ready(true);
     tracing::info!(models = ?registry.names(), "listening on http://{local}");
 
-    let shutdown = shutdown_signal(state, Duration::from_secs(args.shutdown_delay_secs));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    server::serve(listener, app, args.serve_config(), shutdown).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// With the `cuda` feature the first visible GPU (CUDA renumbers `CUDA_VISIBLE_DEVICES` from 0),
-/// else the CPU.
 /// Resolve on SIGTERM or Ctrl-C: turn `/ready` to 503 at once, wait `delay` so that load balancers
-/// notice, then let axum stop accepting and drain in-flight requests.
-async fn shutdown_signal(state: AppState, delay: Duration) {
-    let ctrl_c = async {
+/// notice, then let the server stop accepting and drain in-flight requests (within
+/// `--shutdown-timeout-secs`). The handlers are installed here, before the server listens, not
+/// when the future is first polled: a SIGTERM that came first would otherwise kill the process
+/// with the default action and cut every open stream (seen on a loaded machine).
+fn shutdown_signal(state: AppState, delay: Duration) -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        [SignalKind::terminate(), SignalKind::interrupt()].map(|kind| {
+            signal(kind)
+                .map_err(|e| tracing::error!("cannot listen for signal {kind:?}: {e}"))
+                .ok()
+        })
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            let [term, interrupt] = signals;
+            tokio::select! {
+                () = recv(term) => {},
+                () = recv(interrupt) => {},
+            }
+        }
+        #[cfg(not(unix))]
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for Ctrl-C: {e}");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        state.set_ready(false);
+        tracing::info!(
+            delay_secs = delay.as_secs(),
+            "shutting down: /ready is now 503, draining requests"
+        );
+        tokio::time::sleep(delay).await;
     }
-    state.set_ready(false);
-    tracing::info!(
-        delay_secs = delay.as_secs(),
-        "shutting down: /ready is now 503, draining requests"
-    );
-    tokio::time::sleep(delay).await;
 }
 
 fn init_tracing(json: bool) {

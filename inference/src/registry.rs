@@ -76,6 +76,7 @@ pub struct LoadOptions {
     pub engine: EngineConfig,
     /// Chat models: devices (layers split across them), dtype, load format, KV budget, GGUF mode.
     pub chat: models::chat::ChatLoadOptions,
+    pub embed_kernels: models::embed::EncoderKernels,
 }
 
 pub struct ModelEntry {
@@ -172,6 +173,18 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Models whose worker thread (chat engine or embedding batcher) has stopped.
+    pub fn dead_workers(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| match &e.model {
+                ServedModel::Embedding(m) => !m.batcher.is_alive(),
+                ServedModel::Chat(engine) => !engine.is_alive(),
+            })
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     pub fn entries(&self) -> &[ModelEntry] {
@@ -286,7 +299,8 @@ fn load_one(
     let family: Family = models::detect_family(&path).map_err(|e| e.to_string())?;
     match family.kind() {
         ModelKind::Embedding => {
-            let loaded = models::embed::load(&path, family, device).map_err(|e| e.to_string())?;
+            let loaded = models::embed::load_with(&path, family, device, options.embed_kernels)
+                .map_err(|e| e.to_string())?;
             let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }

@@ -15,3 +15,217 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
         .map_err(|e| ModelError::load(&file, format!("cannot disable truncation: {e}")))?;
     Ok(tok)
 }
+
+/// Texts up to this size are always tokenized whole, so that errors state exact token counts.
+const WHOLE_TEXT_BYTES: usize = 64 * 1024;
+/// Tokens beyond the `n` asked for that a prefix must reach before it is trusted: only the end
+/// of a cut text (its last pre-token, a lookahead of the split pattern) can tokenize differently.
+const HEAD_MARGIN: usize = 16;
+
+/// Tokenize `text` without special tokens, but only as far as needed to know its first `n`
+/// tokens: short texts whole; longer ones through doubling prefixes until one goes `HEAD_MARGIN`
+/// tokens beyond `n`, then once more with a quarter more text, and the two must agree on their
+/// first `n` tokens (else doubling goes on). Returns the encoding and whether it covers the whole
+/// text (then it is exactly `encode(text, false)`). Work and memory stay within a small multiple
+/// of what the first `n` tokens need, not of the text: a multi-megabyte body asked for 4,096
+/// tokens costs a few tens of kilobytes of tokenization.
+pub fn encode_head(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    n: usize,
+) -> tokenizers::Result<(tokenizers::Encoding, bool)> {
+    let mut len = WHOLE_TEXT_BYTES.max(n.saturating_add(HEAD_MARGIN).saturating_mul(2));
+    loop {
+        if len >= text.len() {
+            return Ok((tok.encode(text, false)?, true));
+        }
+        let first = tok.encode(prefix(text, len), false)?;
+        if first.len() > n + HEAD_MARGIN {
+            let longer = len.saturating_add((len / 4).max(4096));
+            if longer >= text.len() {
+                return Ok((tok.encode(text, false)?, true));
+            }
+            let second = tok.encode(prefix(text, longer), false)?;
+            if second.len() > n && second.get_ids()[..n] == first.get_ids()[..n] {
+                return Ok((second, false));
+            }
+        }
+        len = len.saturating_mul(2);
+    }
+}
+
+/// The longest prefix of `text` of at most `len` bytes that ends on a character boundary.
+fn prefix(text: &str, len: usize) -> &str {
+    let mut cut = len.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
+/// Whether the tokenizer is byte-level (GPT-2 style BPE: GLM-4, Qwen2, Llama 3, DeepSeek, the GGUF
+/// and tiktoken tokenizers): its vocabulary spells bytes with stand-in characters (`Ġ` for a
+/// space, `ä¸Ń` for "中"), which mean nothing to a reader.
+pub fn is_byte_level(tok: &tokenizers::Tokenizer) -> bool {
+    use tokenizers::DecoderWrapper;
+    fn byte_level(d: &DecoderWrapper) -> bool {
+        match d {
+            DecoderWrapper::ByteLevel(_) => true,
+            DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(byte_level),
+            _ => false,
+        }
+    }
+    tok.get_decoder().is_some_and(byte_level)
+}
+
+/// Each token's readable text. Byte-level tokens are turned back into their bytes and decoded as
+/// UTF-8, exactly as the tokenizer's ByteLevel decoder does for a single token: bytes that do not
+/// complete a character become one U+FFFD each run (`String::from_utf8_lossy`), and a token that
+/// is not spelled in the byte alphabet (an added token such as `<｜end▁of▁sentence｜>`) is kept as
+/// written. Other tokenizers' tokens (WordPiece `##ing`, SentencePiece `▁想`) are already readable
+/// and returned as they are.
+pub fn readable_tokens(tok: &tokenizers::Tokenizer, raw: &[String]) -> Vec<String> {
+    if !is_byte_level(tok) {
+        return raw.to_vec();
+    }
+    raw.iter().map(|t| byte_level_text(t)).collect()
+}
+
+fn byte_level_text(token: &str) -> String {
+    let bytes: Option<Vec<u8>> = token.chars().map(|c| CHAR_BYTES.get(&c).copied()).collect();
+    match bytes {
+        Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        None => token.to_owned(),
+    }
+}
+
+/// GPT-2's `bytes_to_unicode`: printable Latin-1 bytes stand for themselves, the other 68 bytes
+/// are spelled with U+0100.. in byte order.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 0x100;
+    (0u32..0x100)
+        .map(|b| {
+            let code = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
+        })
+        .collect()
+}
+
+static CHAR_BYTES: std::sync::LazyLock<std::collections::HashMap<char, u8>> =
+    std::sync::LazyLock::new(|| byte_chars().into_iter().zip(0u8..=255).collect());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> tokenizers::Tokenizer {
+        let root = std::env::var("GLM_FIXTURES_DIR").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into()
+        });
+        load_tokenizer(&Path::new(&root).join("tiny").join(name))
+            .unwrap_or_else(|e| panic!("fixture tiny/{name} is needed: {e}"))
+    }
+
+    /// A byte-level BPE whose vocabulary holds a few of the seed README's words as single tokens,
+    /// the way GLM-4's and Qwen's 150k vocabularies do; every other character stays in bytes.
+    fn chinese_bpe() -> tokenizers::Tokenizer {
+        let chars = byte_chars();
+        let spell =
+            |s: &str| -> Vec<String> { s.bytes().map(|b| chars[b as usize].to_string()).collect() };
+        let mut vocab: Vec<String> = chars.iter().map(char::to_string).collect();
+        let mut merges = Vec::new();
+        for word in ["逃离", "虚拟", "世界"] {
+            let pieces = spell(word);
+            let mut joined = pieces[0].clone();
+            for piece in &pieces[1..] {
+                merges.push(serde_json::json!([joined.clone(), piece.clone()]));
+                joined.push_str(piece);
+                vocab.push(joined.clone());
+            }
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .into_iter()
+            .zip(0u32..)
+            .map(|(t, i)| (t, i.into()))
+            .collect();
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        tokenizers::Tokenizer::from_bytes(json.to_string()).expect("a valid tokenizer.json")
+    }
+
+    #[test]
+    fn byte_level_tokens_read_as_text() {
+        let tok = chinese_bpe();
+        let text = "给你一个机会，你会想逃离你所在的虚拟世界吗？";
+        let enc = tok.encode(text, false).unwrap();
+        let raw = enc.get_tokens().to_vec();
+        // What /tokenize used to return: byte symbols such as "éĢĥç¦»" for "逃离".
+        assert!(raw.iter().any(|t| t == "éĢĥç¦»"), "{raw:?}");
+        let readable = readable_tokens(&tok, &raw);
+        for word in ["逃离", "虚拟", "世界"] {
+            assert!(readable.iter().any(|t| t == word), "{readable:?}");
+        }
+        // A character outside the vocabulary is three one-byte tokens: U+FFFD each.
+        assert!(readable.iter().any(|t| t == "\u{FFFD}"), "{readable:?}");
+        assert!(
+            readable
+                .iter()
+                .all(|t| !t.contains('ç') && !t.contains('Ģ')),
+            "{readable:?}"
+        );
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+    }
+
+    #[test]
+    fn readable_tokens_agree_with_the_decoder_token_by_token() {
+        for name in ["qwen2", "glm4-0414", "llama"] {
+            let tok = fixture(name);
+            assert!(is_byte_level(&tok), "{name}");
+            let enc = tok
+                .encode("你好，世界！Hello wörld 😀 <|im_start|>", true)
+                .unwrap();
+            let readable = readable_tokens(&tok, enc.get_tokens());
+            for (id, text) in enc.get_ids().iter().zip(&readable) {
+                assert_eq!(&tok.decode(&[*id], false).unwrap(), text, "{name} id {id}");
+            }
+        }
+        let bert = fixture("bert");
+        assert!(!is_byte_level(&bert));
+        let raw = vec!["[CLS]".to_owned(), "##ing".to_owned()];
+        assert_eq!(readable_tokens(&bert, &raw), raw);
+    }
+
+    #[test]
+    fn the_head_of_a_long_text_equals_the_head_of_its_whole_encoding() {
+        for name in ["qwen2", "bert", "xlm-roberta"] {
+            let tok = fixture(name);
+            let text = "今天天气很好, the weather is fine today! 北京欢迎你。 ".repeat(8000);
+            assert!(text.len() > 4 * WHOLE_TEXT_BYTES);
+            let whole = tok.encode(text.as_str(), false).unwrap();
+            for n in [1, 100, 5000] {
+                let (head, complete) = encode_head(&tok, &text, n).unwrap();
+                assert!(!complete, "{name}: a prefix suffices");
+                assert!(head.len() > n);
+                assert_eq!(head.get_ids()[..n], whole.get_ids()[..n], "{name} n={n}");
+            }
+            let short = "a short text";
+            let (enc, complete) = encode_head(&tok, short, 1).unwrap();
+            assert!(complete);
+            assert_eq!(enc.get_ids(), tok.encode(short, false).unwrap().get_ids());
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! sentence-transformers / FlagEmbedding (`/work/shared/fixtures`, tolerances from its README).
 use std::path::{Path, PathBuf};
 
-use glm_inference::models::embed::{self, bge_m3};
+use glm_inference::models::embed::{self, bge_m3, EncoderKernels};
 use glm_inference::models::{
     detect_family, Device, EmbedOutputs, Embedding, LoadedEmbedder, ModelError,
 };
@@ -31,14 +31,21 @@ fn reference(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn load(dir: &Path) -> LoadedEmbedder {
+/// Both ways the encoder layers run on the CPU; each must match the references.
+const KERNELS: [EncoderKernels; 2] = [EncoderKernels::Packed, EncoderKernels::Candle];
+
+fn load_with(dir: &Path, kernels: EncoderKernels) -> LoadedEmbedder {
     let family = detect_family(dir).unwrap();
-    embed::load(dir, family, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+    embed::load_with(dir, family, &Device::Cpu, kernels).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn tiny(name: &str) -> (PathBuf, LoadedEmbedder, Value) {
+    tiny_with(name, EncoderKernels::default())
+}
+
+fn tiny_with(name: &str, kernels: EncoderKernels) -> (PathBuf, LoadedEmbedder, Value) {
     let dir = fixtures().join("tiny").join(name);
-    let model = load(&dir);
+    let model = load_with(&dir, kernels);
     let reference = reference(&dir.join("reference.json"));
     (dir, model, reference)
 }
@@ -131,10 +138,11 @@ fn check_tokenization(model: &LoadedEmbedder, reference: &Value) {
     }
 }
 
-fn check_last_hidden_state(dir: &Path, reference: &Value) {
+fn check_last_hidden_state(dir: &Path, reference: &Value, kernels: EncoderKernels) {
     let lhs = &reference["last_hidden_state"];
     let input = ids(&lhs["input_ids"]);
-    let encoder = embed::load_encoder(dir, detect_family(dir).unwrap(), &Device::Cpu).unwrap();
+    let family = detect_family(dir).unwrap();
+    let encoder = embed::load_encoder(dir, family, &Device::Cpu, kernels).unwrap();
     let (states, _) = encoder.forward(&[&input]).unwrap();
     let got = states.get(0).unwrap().to_vec2::<f32>().unwrap();
     let want = matrix(&lhs["values"]);
@@ -146,7 +154,7 @@ fn check_last_hidden_state(dir: &Path, reference: &Value) {
         .fold(0.0, f32::max);
     assert!(
         diff <= 1e-4,
-        "{}: last_hidden_state max abs diff {diff}",
+        "{} ({kernels:?}): last_hidden_state max abs diff {diff}",
         dir.display()
     );
 }
@@ -194,10 +202,13 @@ fn check_batch_equals_single(model: &LoadedEmbedder, inputs: &[Vec<u32>], output
 
 #[test]
 fn bert_matches_transformers_and_sentence_transformers() {
-    let (dir, model, reference) = tiny("bert");
+    for kernels in KERNELS {
+        let (dir, model, reference) = tiny_with("bert", kernels);
+        check_last_hidden_state(&dir, &reference, kernels);
+        check_embeddings(&model, &reference);
+    }
+    let (_, model, reference) = tiny("bert");
     check_tokenization(&model, &reference);
-    check_last_hidden_state(&dir, &reference);
-    check_embeddings(&model, &reference);
     let info = model.embedder.info();
     assert_eq!(
         (info.family, info.dimensions, info.max_input_tokens),
@@ -208,18 +219,23 @@ fn bert_matches_transformers_and_sentence_transformers() {
 
 #[test]
 fn ernie_adds_task_type_row_and_matches_reference() {
-    let (dir, model, reference) = tiny("ernie");
-    check_tokenization(&model, &reference);
-    check_last_hidden_state(&dir, &reference);
-    check_embeddings(&model, &reference);
+    for kernels in KERNELS {
+        let (dir, model, reference) = tiny_with("ernie", kernels);
+        check_tokenization(&model, &reference);
+        check_last_hidden_state(&dir, &reference, kernels);
+        check_embeddings(&model, &reference);
+    }
 }
 
 #[test]
 fn xlm_roberta_matches_transformers_and_sentence_transformers() {
-    let (dir, model, reference) = tiny("xlm-roberta");
+    for kernels in KERNELS {
+        let (dir, model, reference) = tiny_with("xlm-roberta", kernels);
+        check_last_hidden_state(&dir, &reference, kernels);
+        check_embeddings(&model, &reference);
+    }
+    let (_, model, reference) = tiny("xlm-roberta");
     check_tokenization(&model, &reference);
-    check_last_hidden_state(&dir, &reference);
-    check_embeddings(&model, &reference);
     let info = model.embedder.info();
     // 514 positions minus pad_token_id 1 minus one: 512, above max_seq_length 128.
     assert_eq!((info.family, info.max_input_tokens), ("xlm-roberta", 128));
@@ -313,8 +329,11 @@ fn bge_m3_dense_sparse_colbert_and_scores_match_flagembedding() {
 
 #[test]
 fn padded_batch_rows_equal_single_inputs() {
-    for name in ["bert", "ernie", "xlm-roberta"] {
-        let (_, model, reference) = tiny(name);
+    for (name, kernels) in ["bert", "ernie", "xlm-roberta"]
+        .into_iter()
+        .flat_map(|n| KERNELS.map(|k| (n, k)))
+    {
+        let (_, model, reference) = tiny_with(name, kernels);
         let inputs = tokenize(&model, &texts(&reference, "texts"));
         let outputs = EmbedOutputs {
             sparse: model.embedder.info().sparse,
@@ -357,13 +376,19 @@ fn inputs_beyond_the_position_table_are_refused() {
 
 #[test]
 fn real_minilm_matches_sentence_transformers() {
+    for kernels in KERNELS {
+        check_real_minilm(kernels);
+    }
+}
+
+fn check_real_minilm(kernels: EncoderKernels) {
     let dir = models_dir().join("all-MiniLM-L6-v2");
     assert!(
         dir.join("model.safetensors").is_file(),
         "{} missing: run scripts/fetch-models.sh (or set GLM_MODELS_DIR)",
         dir.display()
     );
-    let model = load(&dir);
+    let model = load_with(&dir, kernels);
     let reference = reference(&fixtures().join("real/minilm/reference.json"));
     assert_eq!(model.embedder.info().max_input_tokens, 256);
     assert_eq!(model.embedder.info().dimensions, 384);
@@ -490,7 +515,7 @@ fn checkpoints_with_a_model_prefix_load_the_same() {
         .map(|(k, v)| (format!("bert.{k}"), v))
         .collect();
     candle_core::safetensors::save(&prefixed, &weights).unwrap();
-    let renamed = load(tmp.path());
+    let renamed = load_with(tmp.path(), EncoderKernels::default());
     let inputs = tokenize(&model, &texts(&reference, "texts"));
     let a = embed(&model, &inputs, EmbedOutputs::default());
     let b = embed(&renamed, &inputs, EmbedOutputs::default());
@@ -522,7 +547,7 @@ fn bge_m3_heads_load_from_torch_pt_files() {
     for head in ["sparse_linear.pt", "colbert_linear.pt"] {
         std::fs::copy(pt.join(head), tmp.path().join(head)).unwrap();
     }
-    let model = load(tmp.path());
+    let model = load_with(tmp.path(), EncoderKernels::default());
     assert!(model.embedder.info().sparse && model.embedder.info().colbert);
     let reference = reference(&src.join("reference.json"));
     let inputs = tokenize(&model, &texts(&reference, "texts")[..2]);

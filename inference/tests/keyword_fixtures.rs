@@ -3,9 +3,14 @@
 //! all-MiniLM-L6-v2 embedder.
 use std::path::PathBuf;
 
-use glm_inference::keyword::{self, KeywordOptions, StopWords};
+use glm_inference::keyword::{self, KeywordError, KeywordLimits, KeywordOptions, Plan, StopWords};
 use glm_inference::models::{self, detect_family, Device, EmbedOutputs, LoadedEmbedder};
 use serde_json::Value;
+
+/// `keyword::plan` within the server's default limits, for all-MiniLM-L6-v2's 384 dimensions.
+fn plan(doc: &str, opts: &KeywordOptions) -> Result<Plan, KeywordError> {
+    keyword::plan(doc, opts, &KeywordLimits::default(), 384)
+}
 
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("GLM_FIXTURES_DIR")
@@ -111,7 +116,7 @@ fn candidates_equal_countvectorizer_features() {
         "expected Chinese and English cases, got {names:?}"
     );
     for case in cases(&reference) {
-        let plan = keyword::plan(document(&reference, case), &options(&case["params"]))
+        let plan = plan(document(&reference, case), &options(&case["params"]))
             .unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
         assert_eq!(
             plan.candidates,
@@ -126,7 +131,7 @@ fn candidates_equal_countvectorizer_features() {
 fn chinese_document_is_segmented_like_jieba() {
     let reference = reference();
     let zh = &reference["docs"]["zh"];
-    let plan = keyword::plan(
+    let plan = plan(
         zh["original"].as_str().expect("original"),
         &KeywordOptions::default(),
     )
@@ -142,9 +147,7 @@ fn english_documents_are_embedded_as_given() {
             .as_str()
             .expect("en doc");
         assert_eq!(
-            keyword::plan(doc, &KeywordOptions::default())
-                .expect("plan")
-                .doc,
+            plan(doc, &KeywordOptions::default()).expect("plan").doc,
             doc
         );
     }
@@ -200,7 +203,7 @@ fn keywords_equal_keybert_with_minilm() {
     for case in cases(&reference) {
         let name = &case["name"];
         let opts = options(&case["params"]);
-        let plan = keyword::plan(document(&reference, case), &opts).expect("plan");
+        let plan = plan(document(&reference, case), &opts).expect("plan");
         let doc = embed(&model, std::slice::from_ref(&plan.doc)).remove(0);
         let cands = embed(&model, &plan.candidates);
 

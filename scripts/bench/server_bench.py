@@ -93,12 +93,15 @@ def main():
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--secs", type=float, default=3.0)
+    ap.add_argument("--skip-chat", action="store_true", help="only the embedding rows")
     args = ap.parse_args()
-    result = {"decode_tok_s": decode(args)}
-    s = streams(args)
-    result["streams_tok_s"] = s["tok_per_s"]
-    result["streams_detail"] = s
-    result["prefill_tok_s"], result["prefill_tokens"] = prefill(args)
+    result = {}
+    if not args.skip_chat:
+        result["decode_tok_s"] = decode(args)
+        s = streams(args)
+        result["streams_tok_s"] = s["tok_per_s"]
+        result["streams_detail"] = s
+        result["prefill_tok_s"], result["prefill_tokens"] = prefill(args)
     if args.embed_model:
         result["embeddings"] = embeddings(args)
     print(json.dumps(result))

@@ -27,6 +27,7 @@ pub use scheduler::Counters;
 pub use template::{ChatTemplate, TemplateError};
 pub use types::*;
 
+use crate::liveness::Liveness;
 use crate::models::{CausalLMInfo, LoadedChat};
 use scheduler::{Pending, Scheduler};
 
@@ -66,6 +67,13 @@ pub enum EngineError {
     PromptTooLong {
         model: String,
         prompt_tokens: usize,
+        max_context: usize,
+    },
+    /// HTTP 400: a prompt so long that it was tokenized only far enough to know it does not fit.
+    #[error("the prompt has more than {at_least} tokens but model '{model}' has a context of {max_context} tokens")]
+    PromptFarTooLong {
+        model: String,
+        at_least: usize,
         max_context: usize,
     },
     /// HTTP 400.
@@ -148,6 +156,7 @@ pub struct ChatEngine {
     counters: Arc<Counters>,
     metrics: EngineMetrics,
     queue: Sender<Pending>,
+    liveness: Liveness,
 }
 
 impl std::fmt::Debug for ChatEngine {
@@ -214,9 +223,13 @@ impl ChatEngine {
             queue: rx,
             name: name.clone(),
         };
+        let (liveness, alive) = Liveness::new(format!("chat engine `{name}`"));
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
-            .spawn(move || scheduler.run())
+            .spawn(move || {
+                let _alive = alive;
+                scheduler.run()
+            })
             .map_err(|e| EngineError::Stopped(format!("{name}: cannot spawn its thread: {e}")))?;
         tracing::info!(model = %name, family = info.family, max_context, ?config, "chat engine started");
         Ok(ChatEngine {
@@ -230,7 +243,14 @@ impl ChatEngine {
             counters,
             metrics,
             queue,
+            liveness,
         })
+    }
+
+    /// False once the scheduler thread has stopped (a panic outside the per-step guards): the
+    /// model can then only fail requests.
+    pub fn is_alive(&self) -> bool {
+        self.liveness.is_alive()
     }
 
     pub fn name(&self) -> &str {
@@ -281,7 +301,7 @@ impl ChatEngine {
             .as_ref()
             .ok_or_else(|| EngineError::NoChatTemplate(self.name.clone()))?;
         let text = template.render(messages, tools, true)?;
-        let ids = self.encode(&text)?;
+        let ids = self.encode_for_context(&text)?;
         let reasoning = self
             .reasoning
             .then(|| reasoning::ReasoningParser::start_for_prompt(&text));
@@ -290,6 +310,22 @@ impl ChatEngine {
             ids,
             reasoning,
         })
+    }
+
+    /// Tokenize a prompt only as far as the context needs: a multi-megabyte prompt is refused after
+    /// tokenizing a prefix of about the context's size instead of all of it.
+    fn encode_for_context(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let max_context = self.info.max_context;
+        let (enc, whole) = crate::tokenizer::encode_head(&self.tokenizer, text, max_context)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        if !whole {
+            return Err(EngineError::PromptFarTooLong {
+                model: self.name.clone(),
+                at_least: max_context,
+                max_context,
+            });
+        }
+        Ok(enc.get_ids().to_vec())
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {

@@ -17,7 +17,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::detokenizer::{token_text, IncrementalDecoder};
+use super::detokenizer::{token_text, DecodeError, IncrementalDecoder};
 use super::reasoning::ReasoningParser;
 use super::sampler::{Sampled, Sampler};
 use super::stop::StopMatcher;
@@ -153,8 +153,7 @@ impl Scheduler {
                 let taking_part = running.iter_mut().zip(&plan).filter(|(_, &n)| n > 0);
                 for ((seq, &n), row) in taking_part.zip(rows) {
                     if seq.advance(n) {
-                        seq.on_logits(&row, &self.tokenizer, &self.eos_token_ids);
-                        self.metrics.generated_tokens.inc();
+                        self.sample(seq, &row);
                     }
                 }
             }
@@ -162,7 +161,7 @@ impl Scheduler {
                 // The caches of this step are in an unknown state: its sequences cannot go on.
                 tracing::error!(model = %self.name, error = %e, "forward pass failed; failing its sequences");
                 for (seq, _) in running.iter_mut().zip(&plan).filter(|(_, &n)| n > 0) {
-                    seq.fail(format!("model error: {e}"));
+                    seq.fail_after_output(&self.tokenizer, format!("model error: {e}"));
                 }
             }
         }
@@ -173,6 +172,23 @@ impl Scheduler {
             }
             !s.done
         });
+    }
+
+    /// Sample, detokenize and send one sequence's next token. A panic there (a sampler or
+    /// tokenizer bug, a decoder that chokes on a token) fails that sequence only, instead of
+    /// killing the engine thread and every other generation with it.
+    fn sample(&self, seq: &mut Sequence, row: &[f32]) {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            seq.on_logits(row, &self.tokenizer, &self.eos_token_ids)
+        }));
+        match outcome {
+            Ok(()) => self.metrics.generated_tokens.inc(),
+            Err(panic) => {
+                let msg = panic_message(&panic);
+                tracing::error!(model = %self.name, %msg, "sampling or detokenization panicked; failing the sequence");
+                seq.fail(format!("internal error while sampling: {msg}"));
+            }
+        }
     }
 
     /// New tokens per running sequence for this step (0: sits out): one for each decoding sequence
@@ -373,26 +389,9 @@ impl Sequence {
 
     /// Flush held-back text (unless a stop string cut it) and send the final event.
     fn finish(&mut self, tokenizer: &Tokenizer, reason: FinishReason, flush: bool) {
-        if flush {
-            match self.decoder.flush(tokenizer) {
-                Ok(rest) => {
-                    let check = self.stops.push(&rest);
-                    let tail = if check.stopped {
-                        check.emit
-                    } else {
-                        check.emit + &self.stops.flush()
-                    };
-                    self.emit(&tail);
-                }
-                Err(e) => return self.fail(e.to_string()),
-            }
+        if let Err(e) = self.drain_output(tokenizer, flush) {
+            return self.fail(e.to_string());
         }
-        let split = self
-            .reasoning
-            .as_mut()
-            .map(ReasoningParser::flush)
-            .unwrap_or_default();
-        self.send_delta(split.content, split.reasoning, true);
         let now = Instant::now();
         let timing = Timing {
             queued: self.admitted.saturating_duration_since(self.enqueued),
@@ -412,6 +411,39 @@ impl Sequence {
             timing,
         });
         self.done = true;
+    }
+
+    /// Send everything still held back: with `flush`, the detokenizer's incomplete bytes (rendered
+    /// lossily) and text kept because it could have started a stop string; then the reasoning
+    /// parser's rest and the last logprobs.
+    fn drain_output(&mut self, tokenizer: &Tokenizer, flush: bool) -> Result<(), DecodeError> {
+        if flush {
+            let rest = self.decoder.flush(tokenizer)?;
+            let check = self.stops.push(&rest);
+            let tail = if check.stopped {
+                check.emit
+            } else {
+                check.emit + &self.stops.flush()
+            };
+            self.emit(&tail);
+        }
+        let split = self
+            .reasoning
+            .as_mut()
+            .map(ReasoningParser::flush)
+            .unwrap_or_default();
+        self.send_delta(split.content, split.reasoning, true);
+        Ok(())
+    }
+
+    /// A failure after generation started (the model's forward pass): the tokens generated before
+    /// it reach the client first, including text held back for a character or a stop string to
+    /// complete, so that the error event follows everything that was generated.
+    fn fail_after_output(&mut self, tokenizer: &Tokenizer, msg: String) {
+        if let Err(e) = self.drain_output(tokenizer, true) {
+            tracing::debug!(error = %e, "cannot flush the output of a failed sequence");
+        }
+        self.fail(msg);
     }
 
     fn fail(&mut self, msg: String) {

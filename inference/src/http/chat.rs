@@ -13,6 +13,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::chat_policy::{self, ChatLimits};
 use super::{respond, AppState, JsonBody};
 use crate::engine::{
     ChatEngine, Delta, EngineError, Event, FinishReason, GenerateRequest, SamplingParams,
@@ -63,7 +64,7 @@ async fn complete(
 ) -> Result<Response, ApiError> {
     let engine = state.registry.chat(req.model.as_deref(), route)?;
     *label = Some(engine.name().to_owned());
-    let plan = req.validate()?;
+    let plan = req.validate(&state.limits.chat)?;
     let (stream, include_usage, want_logprobs) =
         (plan.stream, plan.include_usage, plan.sampling.logprobs);
     // Template rendering and tokenization are CPU work: off the async workers.
@@ -156,24 +157,7 @@ impl Drop for Recorder {
     }
 }
 
-/// Most stop strings per request (OpenAI allows 4; more are cheap here).
-const MAX_STOP_STRINGS: usize = 16;
 const MAX_TOP_LOGPROBS: u32 = 20;
-
-/// Request fields that would change the output but are not implemented: refused rather than ignored.
-const UNSUPPORTED_FIELDS: &[&str] = &[
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "parallel_tool_calls",
-    "logit_bias",
-    "prediction",
-    "audio",
-    "modalities",
-    "web_search_options",
-    "reasoning_effort",
-];
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -201,7 +185,7 @@ pub struct ChatRequest {
     pub skip_special_tokens: Option<bool>,
     pub ignore_eos: Option<bool>,
     pub response_format: Option<Value>,
-    /// Everything else; checked against [`UNSUPPORTED_FIELDS`].
+    /// Everything else; see [`chat_policy::check_other_fields`].
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -267,7 +251,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(param: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(param: &str, message: impl Into<String>) -> Self {
         Invalid {
             param: Some(param.to_owned()),
             message: message.into(),
@@ -287,9 +271,9 @@ pub struct ChatPlan {
 }
 
 impl ChatRequest {
-    /// Check every field and build the engine's parameters.
-    pub fn validate(self) -> Result<ChatPlan, Invalid> {
-        reject_unsupported(&self.other)?;
+    /// Check every field against the server's `limits` and build the engine's parameters.
+    pub fn validate(self, limits: &ChatLimits) -> Result<ChatPlan, Invalid> {
+        chat_policy::check_other_fields(&self.other)?;
         if let Some(format) = &self.response_format {
             let kind = format.get("type").and_then(Value::as_str);
             if !format.is_null() && kind != Some("text") {
@@ -324,30 +308,18 @@ impl ChatRequest {
             ),
             (self.logprobs, self.top_logprobs),
         )?;
-        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(m), _) | (None, Some(m)) => Some(m),
+        let requested = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => Some((m, "max_completion_tokens")),
+            (None, Some(m)) => Some((m, "max_tokens")),
             (None, None) => None,
         };
-        if max_tokens == Some(0) {
-            return Err(Invalid::new("max_tokens", "max_tokens must be at least 1"));
-        }
+        let max_tokens = chat_policy::max_tokens(requested, limits)?;
         let stop = match self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s],
             Some(StopField::Many(v)) => v,
         };
-        if stop.len() > MAX_STOP_STRINGS {
-            return Err(Invalid::new(
-                "stop",
-                format!(
-                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                    stop.len()
-                ),
-            ));
-        }
-        if stop.iter().any(String::is_empty) {
-            return Err(Invalid::new("stop", "stop strings must not be empty"));
-        }
+        chat_policy::check_stop(&stop, limits)?;
         Ok(ChatPlan {
             model: self.model,
             messages,
@@ -355,30 +327,13 @@ impl ChatRequest {
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             sampling,
             stop: StopParams {
-                max_tokens: max_tokens.map(|m| m as usize),
+                max_tokens: Some(max_tokens),
                 stop,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
                 skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             },
         })
     }
-}
-
-fn reject_unsupported(other: &Map<String, Value>) -> Result<(), Invalid> {
-    for field in UNSUPPORTED_FIELDS {
-        match other.get(*field) {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(Value::String(s)) if *field == "tool_choice" && s == "none" => {}
-            Some(_) => {
-                return Err(Invalid::new(
-                    field,
-                    format!("'{field}' is not supported by this server"),
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Check roles and content parts and shape messages for the chat template.
@@ -461,14 +416,7 @@ fn sampling_params(
     if top_p == Some(0.0) {
         return Err(Invalid::new("top_p", "top_p must be greater than 0"));
     }
-    if let Some(r) = repetition {
-        if !(r > 0.0 && r.is_finite()) {
-            return Err(Invalid::new(
-                "repetition_penalty",
-                format!("repetition_penalty must be greater than 0, got {r}"),
-            ));
-        }
-    }
+    chat_policy::check_repetition_penalty(repetition)?;
     let top_k = match top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,

@@ -1,18 +1,22 @@
-//! `POST /keyword`: the seed's KeyBERT endpoint. Candidates come from `keyword::plan`, the document
-//! and the candidates are embedded through the model's batcher, and `keyword::select` ranks them
-//! (plain cosine, MMR or Max Sum).
+//! `POST /keyword`: the seed's KeyBERT endpoint. Candidates come from `keyword::plan` (within the
+//! `--keyword-*` limits), the document and the candidates are embedded through the model's batcher
+//! a client batch at a time, and `keyword::select` ranks them (plain cosine, MMR or Max Sum) on the
+//! blocking pool.
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::sync::Arc;
+
 use super::embeddings::run;
 use super::tokens::{tokenize_inputs, Input};
 use super::{respond, AppState, JsonBody};
 use crate::error::ApiError;
 use crate::keyword::{self as kw, KeywordError};
-use crate::models::EmbedOutputs;
+use crate::models::{EmbedOutputs, Embedding};
+use crate::registry::EmbeddingModel;
 
 #[derive(Debug, Deserialize)]
 pub struct KeywordRequest {
@@ -83,24 +87,18 @@ async fn keyword_inner(
         });
     }
     let opts = options(&req)?;
-    let doc = req.input;
-    let plan_opts = opts.clone();
-    let plan = tokio::task::spawn_blocking(move || kw::plan(&doc, &plan_opts))
-        .await
-        .map_err(|e| ApiError::Internal(format!("keyword planning failed: {e}")))?
-        .map_err(keyword_error)?;
+    let (doc, plan_opts) = (req.input, opts.clone());
+    let (limits, dims) = (state.limits.keyword, model.info.dimensions);
+    let plan = blocking("keyword planning", move || {
+        kw::plan(&doc, &plan_opts, &limits, dims)
+    })
+    .await?
+    .map_err(keyword_error)?;
     if plan.candidates.is_empty() {
         return Ok(Json(KeywordResponse {
             model: model.name.clone(),
             keywords: Vec::new(),
         }));
-    }
-    let max_inputs = model.batcher.config().max_queued_inputs;
-    if plan.candidates.len() + 1 > max_inputs {
-        return Err(ApiError::BadRequest(format!(
-            "{} candidate keywords plus the document exceed the {max_inputs} inputs one request may queue",
-            plan.candidates.len()
-        )));
     }
     // KeyBERT embeds through sentence-transformers, which truncates at max_seq_length.
     let inputs = std::iter::once(&plan.doc)
@@ -108,7 +106,7 @@ async fn keyword_inner(
         .map(|s| Input::Text(s.clone()))
         .collect();
     let tokenized = tokenize_inputs(&model, inputs, true, "input").await?;
-    let mut vectors = run(&model, tokenized.ids, EmbedOutputs::default())
+    let mut vectors = embed_in_chunks(state, &model, tokenized.ids)
         .await?
         .into_iter()
         .map(|e| e.dense);
@@ -116,11 +114,41 @@ async fn keyword_inner(
         .next()
         .ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
     let candidate_vecs: Vec<Vec<f32>> = vectors.collect();
-    let keywords = kw::select(&plan, &doc_vec, &candidate_vecs, &opts);
+    // MMR and Max Sum are CPU work bounded by --keyword-max-selection-cost: off the async workers.
+    let keywords = blocking("keyword selection", move || {
+        kw::select(&plan, &doc_vec, &candidate_vecs, &opts)
+    })
+    .await?;
     Ok(Json(KeywordResponse {
         model: model.name.clone(),
         keywords,
     }))
+}
+
+/// Embed through the model's queue a client batch at a time, so that one keyword request never
+/// holds more than `--max-client-batch-size` places of the queue that other requests share.
+async fn embed_in_chunks(
+    state: &AppState,
+    model: &Arc<EmbeddingModel>,
+    ids: Vec<Vec<u32>>,
+) -> Result<Vec<Embedding>, ApiError> {
+    let chunk = state.limits.max_client_batch_size.max(1);
+    let mut out = Vec::with_capacity(ids.len());
+    let mut ids = ids.into_iter().peekable();
+    while ids.peek().is_some() {
+        let part: Vec<Vec<u32>> = ids.by_ref().take(chunk).collect();
+        out.extend(run(model, part, EmbedOutputs::default()).await?);
+    }
+    Ok(out)
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{what} failed: {e}")))
 }
 
 /// The request's fields as KeyBERT's options. The option rules (ranges, Max Sum's cost cap) live
@@ -141,11 +169,10 @@ fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
 
 /// Name the request field (the seed's names, not KeyBERT's) that a keyword error is about.
 fn keyword_error(err: KeywordError) -> ApiError {
-    let param = match err {
-        KeywordError::TopN => "top",
-        KeywordError::NgramRange { .. } => "keyphrase_ngram_range",
-        KeywordError::Diversity(_) => "diversity",
-        KeywordError::NrCandidates { .. } | KeywordError::MaxSumTooLarge { .. } => "nr_candidates",
+    let param = match err.option() {
+        "top_n" => "top",
+        "docs" => "input",
+        other => other,
     };
     ApiError::invalid(param, err.to_string())
 }

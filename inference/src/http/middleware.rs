@@ -1,4 +1,4 @@
-//! Cross-cutting request handling: API key, admission control, request metrics.
+//! Cross-cutting request handling: API key and request metrics (admission: `super::admission`).
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -22,37 +22,24 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_token);
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), key.as_bytes()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
     }
 }
 
+/// The credentials of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 section 11.1).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// Compare without an early exit, so that response timing does not reveal a key prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Refuse at once (429) rather than queue without bound when too many inference requests are in
-/// flight; refuse with 503 while shutting down.
-pub async fn admission(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if !state.is_ready() {
-        return ApiError::Unavailable("the server is not ready (starting or shutting down)".into())
-            .into_response();
-    }
-    let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
-        return ApiError::Overloaded(format!(
-            "too many concurrent requests (limit {}); retry later",
-            state.max_concurrent_requests
-        ))
-        .into_response();
-    };
-    next.run(req).await
 }
 
 /// Count and time every request by route template, resolved model and status.
@@ -82,6 +69,22 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "BeArEr   k1 ",
+            "Bearer\tk1",
+        ] {
+            assert_eq!(super::bearer_token(header), Some("k1"), "{header:?}");
+        }
+        for header in ["Basic k1", "Bearerk1", "k1", ""] {
+            assert_eq!(super::bearer_token(header), None, "{header:?}");
+        }
+    }
+
     #[test]
     fn constant_time_eq_compares_fully() {
         assert!(super::constant_time_eq(b"secret", b"secret"));

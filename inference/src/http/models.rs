@@ -1,6 +1,8 @@
 //! `GET /models`, `GET /v1/models[/{id}]` (the seed's list shape, which is OpenAI's plus nulls), and
 //! `POST /tokenize` / `POST /detokenize` over any served model's tokenizer.
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
+use axum::http::Uri;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -11,6 +13,7 @@ use super::{respond, AppState, JsonBody};
 use crate::error::ApiError;
 use crate::models::ModelKind;
 use crate::registry::{ModelEntry, ServedModel};
+use crate::tokenizer::{encode_head, readable_tokens};
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -52,10 +55,23 @@ pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// `GET /v1/models/{id}`: `id` is the rest of the path, so served names with `/` (which the
+/// GLMModel CRD allows) are found; a path that does not decode to UTF-8 names no model.
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
+    uri: Uri,
 ) -> Result<Json<ModelCard>, ApiError> {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(_) => {
+            let raw = uri.path().trim_start_matches("/v1/models/");
+            return Err(ApiError::ModelNotFound {
+                model: raw.to_owned(),
+                available: state.registry.names(),
+            });
+        }
+    };
     state.registry.get(&id).map(|e| Json(card(e)))
 }
 
@@ -83,7 +99,12 @@ fn yes() -> bool {
 pub struct TokenizeResponse {
     #[serde(rename = "tokenIds")]
     token_ids: Vec<u32>,
+    /// Each token's readable text (byte-level vocabularies decoded, see
+    /// `tokenizer::readable_tokens`).
     tokens: Vec<String>,
+    /// The vocabulary's own symbols (`Ġ`, `ä½ł`, `##ing`, `▁想`).
+    #[serde(rename = "rawTokens")]
+    raw_tokens: Vec<String>,
     model: String,
     object: &'static str,
     /// The rendered chat prompt (requests with `messages`).
@@ -107,8 +128,18 @@ async fn tokenize_inner(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let entry = state.registry.tokenizer_model(req.model.as_deref())?;
     *label = Some(entry.name.clone());
-    if req.max_tokens == Some(0) {
-        return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+    let cap = state.limits.tokenize_max_tokens;
+    match req.max_tokens {
+        Some(0) => return Err(ApiError::invalid("max_tokens", "must be at least 1")),
+        Some(n) if n > cap => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                "max_tokens is {n}, more than this server's limit of {cap} (--tokenize-max-tokens)"
+            ),
+            ))
+        }
+        _ => {}
     }
     let prompt = match (req.prompt, req.messages) {
         (Some(_), Some(_)) => {
@@ -126,11 +157,28 @@ async fn tokenize_inner(
     };
     let tok = entry.model.tokenizer().clone();
     let (max, specials) = (req.max_tokens, req.add_special_tokens);
-    let enc = tokio::task::spawn_blocking(move || match (specials, max) {
-        (true, Some(max)) => encode_bounded(&tok, &prompt, max, true),
-        _ => tok
-            .encode(prompt.as_str(), specials)
-            .map_err(|e| EncodeError::Tokenizer(e.to_string())),
+    // Only as much of the text as `max_tokens` (or the server's cap) needs is tokenized: a
+    // multi-megabyte prompt cut to 4,096 tokens costs what 4,096 tokens cost.
+    let (ids, raw_tokens, tokens) = tokio::task::spawn_blocking(move || {
+        let limit = max.unwrap_or(cap);
+        let enc = if specials {
+            encode_bounded(&tok, &prompt, limit, max.is_some())
+        } else {
+            encode_head(&tok, &prompt, limit)
+                .map_err(|e| EncodeError::Tokenizer(e.to_string()))
+                .and_then(|(enc, whole)| match enc.len() {
+                    n if max.is_none() && (!whole || n > limit) => Err(EncodeError::TooLong {
+                        tokens: if whole { n } else { limit },
+                        exact: whole,
+                    }),
+                    _ => Ok(enc),
+                })
+        }?;
+        let keep = limit;
+        let ids: Vec<u32> = enc.get_ids().iter().copied().take(keep).collect();
+        let raw: Vec<String> = enc.get_tokens().iter().take(keep).cloned().collect();
+        let readable = readable_tokens(&tok, &raw);
+        Ok((ids, raw, readable))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))?
@@ -138,12 +186,19 @@ async fn tokenize_inner(
         EncodeError::Tokenizer(msg) => {
             ApiError::invalid("prompt", format!("cannot be tokenized: {msg}"))
         }
-        EncodeError::TooLong(_) => ApiError::Internal("truncation was requested".into()),
+        EncodeError::TooLong { tokens, exact } => ApiError::invalid(
+            "prompt",
+            format!(
+                "the prompt has {}{tokens} tokens, more than this server's limit of {cap} \
+                 (--tokenize-max-tokens); pass max_tokens to get its first tokens",
+                if exact { "" } else { "more than " }
+            ),
+        ),
     })?;
-    let keep = req.max_tokens.unwrap_or(usize::MAX);
     Ok(Json(TokenizeResponse {
-        token_ids: enc.get_ids().iter().copied().take(keep).collect(),
-        tokens: enc.get_tokens().iter().take(keep).cloned().collect(),
+        token_ids: ids,
+        tokens,
+        raw_tokens,
         model: entry.name.clone(),
         object: "tokenizer",
         prompt: None,
@@ -176,13 +231,14 @@ async fn tokenize_messages(
     let tok = entry.model.tokenizer();
     let keep = max_tokens.unwrap_or(usize::MAX);
     let ids: Vec<u32> = prompt.ids.into_iter().take(keep).collect();
-    let tokens = ids
+    let raw_tokens: Vec<String> = ids
         .iter()
         .map(|&id| tok.id_to_token(id).unwrap_or_default())
         .collect();
     Ok(Json(TokenizeResponse {
         token_ids: ids,
-        tokens,
+        tokens: readable_tokens(tok, &raw_tokens),
+        raw_tokens,
         model: entry.name.clone(),
         object: "tokenizer",
         prompt: Some(prompt.text),
@@ -223,6 +279,16 @@ async fn detokenize_inner(
     *label = Some(entry.name.clone());
     let tok = entry.model.tokenizer().clone();
     let vocab = tok.get_vocab_size(true);
+    let cap = state.limits.tokenize_max_tokens;
+    if req.tokens.len() > cap {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "{} token ids, more than this server's limit of {cap} (--tokenize-max-tokens)",
+                req.tokens.len()
+            ),
+        ));
+    }
     let mut ids = Vec::with_capacity(req.tokens.len());
     for (i, &id) in req.tokens.iter().enumerate() {
         match u32::try_from(id) {

@@ -45,7 +45,7 @@ impl Embedder for Fake {
     }
 }
 
-fn fixtures() -> std::path::PathBuf {
+pub(super) fn fixtures() -> std::path::PathBuf {
     std::env::var_os("GLM_FIXTURES_DIR")
         .map(Into::into)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
@@ -55,6 +55,22 @@ const MAX_TOKENS: usize = 16;
 const FAKE_TABLE_ROWS: usize = 500;
 
 fn state(api_key: Option<&str>) -> AppState {
+    let limits = Limits {
+        max_client_batch_size: 4,
+        max_body_bytes: 4096,
+        auto_truncate: false,
+        ..Limits::default()
+    };
+    state_with("fake", limits, api_key, 8)
+}
+
+/// The fake embedding model served as `name` behind the real router state.
+pub(super) fn state_with(
+    name: &str,
+    limits: Limits,
+    api_key: Option<&str>,
+    max_concurrent_requests: usize,
+) -> AppState {
     let dir = fixtures().join("tiny/bert");
     let tokenizer = crate::tokenizer::load_tokenizer(&dir).unwrap_or_else(|e| {
         panic!("fixture tokenizer missing ({e}); the fixtures live in /work/shared/fixtures")
@@ -77,25 +93,26 @@ fn state(api_key: Option<&str>) -> AppState {
         max_batch_tokens: 256,
         max_queued_inputs: 64,
     };
-    let model = EmbeddingModel::new("fake", loaded, cfg, &metrics).unwrap();
+    let model = EmbeddingModel::new(name, loaded, cfg, &metrics).unwrap();
     let entry = ModelEntry {
-        name: "fake".into(),
+        name: name.into(),
         path: dir,
         created: 1_700_000_000,
         model: ServedModel::Embedding(Arc::new(model)),
     };
     let registry = Arc::new(Registry::new(vec![entry], None).unwrap());
-    let limits = Limits {
-        max_client_batch_size: 4,
-        max_body_bytes: 4096,
-        auto_truncate: false,
-    };
-    let state = AppState::new(registry, metrics, limits, api_key.map(String::from), 8);
+    let state = AppState::new(
+        registry,
+        metrics,
+        limits,
+        api_key.map(String::from),
+        max_concurrent_requests,
+    );
     state.set_ready(true);
     state
 }
 
-async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+pub(super) async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
@@ -106,18 +123,18 @@ async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
     (status, body)
 }
 
-fn post(uri: &str, body: impl Into<Body>) -> Request<Body> {
+pub(super) fn post(uri: &str, body: impl Into<Body>) -> Request<Body> {
     Request::post(uri)
         .header("content-type", "application/json")
         .body(body.into())
         .unwrap()
 }
 
-fn get(uri: &str) -> Request<Body> {
+pub(super) fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
 }
 
-fn assert_envelope(status: StatusCode, body: &Value, want: u16, what: &str) {
+pub(super) fn assert_envelope(status: StatusCode, body: &Value, want: u16, what: &str) {
     assert_eq!(status.as_u16(), want, "{what}: {body}");
     let e = &body["error"];
     assert!(

@@ -7,6 +7,7 @@ use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
 use crate::error::ApiError;
 use crate::registry::EmbeddingModel;
+use crate::tokenizer::encode_head;
 
 /// One embedding input: text, or token ids used as given (no special tokens added).
 #[derive(Debug, Clone, PartialEq)]
@@ -105,29 +106,37 @@ pub struct Tokenized {
 
 /// Why one text could not be encoded within a limit.
 pub enum EncodeError {
-    TooLong(usize),
+    /// `tokens` with special tokens; `exact` false when only a prefix was tokenized (then the
+    /// text has more than that).
+    TooLong {
+        tokens: usize,
+        exact: bool,
+    },
     Tokenizer(String),
 }
 
 /// Encode `text` with the tokenizer's special tokens. Beyond `max_len` tokens (specials included)
-/// fail with the full length, or with `truncate` keep the first tokens and still add the specials
-/// (what sentence-transformers does at `max_seq_length`).
+/// fail with the length, or with `truncate` keep the first tokens and still add the specials
+/// (what sentence-transformers does at `max_seq_length`). Only as much of the text is tokenized
+/// as that needs (see [`encode_head`]), so a huge input costs no more than a long one.
 pub fn encode_bounded(
     tok: &Tokenizer,
     text: &str,
     max_len: usize,
     truncate: bool,
 ) -> Result<Encoding, EncodeError> {
-    let mut enc = tok
-        .encode(text, false)
-        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
     let added = tok
         .get_post_processor()
         .map_or(0, |p| p.added_tokens(false));
+    let (mut enc, exact) = encode_head(tok, text, max_len.saturating_sub(added))
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
     let total = enc.len() + added;
     if total > max_len {
         if !truncate {
-            return Err(EncodeError::TooLong(total));
+            return Err(EncodeError::TooLong {
+                tokens: if exact { total } else { max_len },
+                exact,
+            });
         }
         enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
         enc.take_overflowing();
@@ -169,11 +178,12 @@ fn tokenize_blocking(
         let ids = match input {
             Input::Text(text) => match encode_bounded(&model.tokenizer, &text, max_len, truncate) {
                 Ok(enc) => enc.get_ids().to_vec(),
-                Err(EncodeError::TooLong(tokens)) => {
+                Err(EncodeError::TooLong { tokens, exact }) => {
                     return Err(ApiError::InputTooLong {
                         param: name(i),
                         model: model.name.clone(),
                         tokens,
+                        exact,
                         limit: max_len,
                     })
                 }
@@ -192,6 +202,7 @@ fn tokenize_blocking(
                             param: name(i),
                             model: model.name.clone(),
                             tokens: ids.len(),
+                            exact: true,
                             limit: max_len,
                         });
                     }
@@ -319,7 +330,7 @@ mod tests {
             "within the limit: identical to encode(text, true)"
         );
         assert!(
-            matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong(t)) if t == n)
+            matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong { tokens, exact: true }) if tokens == n)
         );
         let cut = encode_bounded(&tok, text, 5, true).ok().unwrap();
         let ids = cut.get_ids();

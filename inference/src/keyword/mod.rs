@@ -9,6 +9,7 @@
 //!
 //! An empty candidate list means "no keywords" (KeyBERT returns `[]`); the caller can skip the
 //! embedding then.
+mod cost;
 mod select;
 mod stop_words;
 mod vectorizer;
@@ -18,15 +19,33 @@ use std::sync::LazyLock;
 use jieba_rs::Jieba;
 use serde::Serialize;
 
-/// Longest n-gram accepted in `ngram_range`. KeyBERT has no limit, but every extra length adds a
-/// copy of the document's tokens to the candidates, and each candidate must be embedded.
-pub const MAX_NGRAM: usize = 16;
+/// Bounds of one extraction (the server's `--keyword-*` flags): every one caps memory or CPU that
+/// a single request could otherwise take without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeywordLimits {
+    /// Largest document, in bytes (UTF-8).
+    pub max_input_bytes: usize,
+    /// Longest n-gram in `ngram_range`. KeyBERT has no limit, but every extra length adds a copy
+    /// of the document's tokens to the candidates, and each candidate must be embedded.
+    pub max_ngram: usize,
+    /// Most distinct candidates one document may yield (each is embedded).
+    pub max_candidates: usize,
+    /// Most multiply-adds the selection may take: the candidates' unit vectors, the similarity
+    /// matrix MMR or Max Sum reads (each entry a dot product of `dimensions` values), and Max
+    /// Sum's combinations (`C(pool, top_n) * top_n * (top_n - 1)` additions).
+    pub max_selection_cost: u64,
+}
 
-/// Most pair similarities Max Sum may add up: `C(pool, top_n) * top_n * (top_n - 1)`, where pool is
-/// `min(nr_candidates, candidates found)`. KeyBERT enumerates every combination, which grows
-/// factorially; 50 million additions take tens of milliseconds and cover the defaults
-/// (`C(20, 5)` = 15,504 combinations) up to `top_n` 10 with 20 candidates (`C(20, 10)` = 184,756).
-pub const MAX_SUM_PAIR_LIMIT: u64 = 50_000_000;
+impl Default for KeywordLimits {
+    fn default() -> Self {
+        KeywordLimits {
+            max_input_bytes: 1 << 20,
+            max_ngram: 16,
+            max_candidates: 4096,
+            max_selection_cost: 100_000_000,
+        }
+    }
+}
 
 /// Options of one extraction; field names follow KeyBERT's `extract_keywords` arguments.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,23 +116,73 @@ pub struct Plan {
 pub enum KeywordError {
     #[error("top_n must be at least 1")]
     TopN,
-    #[error("ngram_range must satisfy 1 <= min <= max <= {MAX_NGRAM}, got ({min}, {max})")]
-    NgramRange { min: usize, max: usize },
+    #[error("the document has {bytes} bytes, more than the limit of {limit} (--keyword-max-input-bytes)")]
+    DocumentTooLong { bytes: usize, limit: usize },
+    #[error("ngram_range must satisfy 1 <= min <= max <= {limit} (--keyword-max-ngram), got ({min}, {max})")]
+    NgramRange {
+        min: usize,
+        max: usize,
+        limit: usize,
+    },
     #[error("diversity must be within [0, 1], got {0}")]
     Diversity(f32),
     #[error("nr_candidates ({nr_candidates}) must be at least top_n ({top_n}) for Max Sum")]
     NrCandidates { nr_candidates: usize, top_n: usize },
     #[error(
-        "Max Sum would sum more than {MAX_SUM_PAIR_LIMIT} pair similarities (every combination of \
-         top_n {top_n} among {pool} candidates, top_n * (top_n - 1) pairs each): lower \
-         nr_candidates or top_n"
+        "the document yields more than {limit} candidate keywords (--keyword-max-candidates): \
+         shorten it, narrow keyphrase_ngram_range or pass vocab"
     )]
-    MaxSumTooLarge { pool: usize, top_n: usize },
+    TooManyCandidates { limit: usize },
+    #[error(
+        "{method} over {candidates} candidates would take about {cost} multiply-adds (similarity \
+         matrix of {dimensions}-dimension embeddings{combinations}), more than the limit of {limit} \
+         (--keyword-max-selection-cost): lower {lower}"
+    )]
+    SelectionTooCostly {
+        method: &'static str,
+        candidates: usize,
+        dimensions: usize,
+        cost: u64,
+        limit: u64,
+        combinations: &'static str,
+        lower: &'static str,
+    },
 }
 
-/// Validate `opts`, segment Chinese text and list the candidate keywords of `doc`.
-pub fn plan(doc: &str, opts: &KeywordOptions) -> Result<Plan, KeywordError> {
-    validate(opts)?;
+impl KeywordError {
+    /// The request option to change, for error reports (KeyBERT's argument names).
+    pub fn option(&self) -> &'static str {
+        match self {
+            KeywordError::TopN => "top_n",
+            KeywordError::DocumentTooLong { .. } | KeywordError::TooManyCandidates { .. } => "docs",
+            KeywordError::NgramRange { .. } => "keyphrase_ngram_range",
+            KeywordError::Diversity(_) => "diversity",
+            KeywordError::NrCandidates { .. } => "nr_candidates",
+            KeywordError::SelectionTooCostly { method, .. } => match *method {
+                "MMR" => "top_n",
+                "Max Sum" => "nr_candidates",
+                _ => "docs",
+            },
+        }
+    }
+}
+
+/// Validate `opts` against `limits`, segment Chinese text and list the candidate keywords of
+/// `doc`. `dimensions` is the embedding size of the model that will embed them: the selection's
+/// cost grows with it and is checked here, before anything is embedded.
+pub fn plan(
+    doc: &str,
+    opts: &KeywordOptions,
+    limits: &KeywordLimits,
+    dimensions: usize,
+) -> Result<Plan, KeywordError> {
+    validate(opts, limits)?;
+    if doc.len() > limits.max_input_bytes {
+        return Err(KeywordError::DocumentTooLong {
+            bytes: doc.len(),
+            limit: limits.max_input_bytes,
+        });
+    }
     let doc = if has_han(doc) {
         segment(doc)
     } else {
@@ -124,10 +193,17 @@ pub fn plan(doc: &str, opts: &KeywordOptions) -> Result<Plan, KeywordError> {
         opts.ngram_range,
         &opts.stop_words,
         opts.vocab.as_deref(),
-    );
-    if max_sum_applies(opts) {
-        check_max_sum_cost(candidates.len(), opts)?;
-    }
+        limits.max_candidates,
+    )
+    .map_err(|vectorizer::TooMany| KeywordError::TooManyCandidates {
+        limit: limits.max_candidates,
+    })?;
+    cost::check(
+        candidates.len(),
+        dimensions,
+        opts,
+        limits.max_selection_cost,
+    )?;
     Ok(Plan { doc, candidates })
 }
 
@@ -162,8 +238,8 @@ pub fn select(
         keywords.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
         keywords
     } else if opts.use_maxsum {
-        // `plan` refused oversized requests; options changed since then get nothing.
-        if check_max_sum_cost(n, opts).is_err() || opts.nr_candidates < opts.top_n {
+        // `plan` refused these (KeyBERT raises); options changed since then get nothing.
+        if opts.nr_candidates < opts.top_n {
             tracing::warn!("Max Sum options not validated by plan; no keywords");
             return Vec::new();
         }
@@ -179,66 +255,30 @@ pub fn select(
     }
 }
 
-fn validate(opts: &KeywordOptions) -> Result<(), KeywordError> {
+fn validate(opts: &KeywordOptions, limits: &KeywordLimits) -> Result<(), KeywordError> {
     if opts.top_n == 0 {
         return Err(KeywordError::TopN);
     }
     let (min, max) = opts.ngram_range;
-    if min == 0 || min > max || max > MAX_NGRAM {
-        return Err(KeywordError::NgramRange { min, max });
+    if min == 0 || min > max || max > limits.max_ngram {
+        return Err(KeywordError::NgramRange {
+            min,
+            max,
+            limit: limits.max_ngram,
+        });
     }
     // KeyBERT reads diversity only for MMR, so only then can it be wrong.
     if opts.use_mmr && !(0.0..=1.0).contains(&opts.diversity) {
         return Err(KeywordError::Diversity(opts.diversity));
     }
     // KeyBERT raises here (a plain `Exception`, the seed's request fails) even with no candidates.
-    if max_sum_applies(opts) && opts.nr_candidates < opts.top_n {
+    if cost::max_sum_applies(opts) && opts.nr_candidates < opts.top_n {
         return Err(KeywordError::NrCandidates {
             nr_candidates: opts.nr_candidates,
             top_n: opts.top_n,
         });
     }
     Ok(())
-}
-
-fn max_sum_applies(opts: &KeywordOptions) -> bool {
-    opts.use_maxsum && !opts.use_mmr
-}
-
-fn check_max_sum_cost(found: usize, opts: &KeywordOptions) -> Result<(), KeywordError> {
-    let top_n = opts.top_n;
-    if top_n > found {
-        return Ok(()); // KeyBERT returns [] without combining anything.
-    }
-    let pool = opts.nr_candidates.min(found);
-    let per_combination = (top_n as u64)
-        .saturating_mul(top_n.saturating_sub(1) as u64)
-        .max(1);
-    match binomial_up_to(
-        pool as u64,
-        top_n as u64,
-        MAX_SUM_PAIR_LIMIT / per_combination,
-    ) {
-        Some(_) => Ok(()),
-        None => Err(KeywordError::MaxSumTooLarge { pool, top_n }),
-    }
-}
-
-/// `C(n, k)` when it is at most `limit`, else `None`. The running values `C(n - k + i, i)` only
-/// grow with `i`, so the first one above `limit` decides and nothing overflows.
-fn binomial_up_to(n: u64, k: u64, limit: u64) -> Option<u64> {
-    if k > n {
-        return Some(0);
-    }
-    let k = k.min(n - k);
-    let mut c: u128 = 1;
-    for i in 1..=k {
-        c = c * u128::from(n - k + i) / u128::from(i);
-        if c > u128::from(limit) {
-            return None;
-        }
-    }
-    u64::try_from(c).ok()
 }
 
 /// Whether jieba would treat part of the text as Chinese (its `re_han_default` ideograph range).

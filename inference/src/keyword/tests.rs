@@ -6,6 +6,11 @@ fn opts() -> KeywordOptions {
     KeywordOptions::default()
 }
 
+/// `plan` within the default limits, for all-MiniLM-L6-v2's 384 dimensions.
+fn plan(doc: &str, o: &KeywordOptions) -> Result<Plan, KeywordError> {
+    super::plan(doc, o, &KeywordLimits::default(), 384)
+}
+
 #[test]
 fn defaults_are_keybert_0_9_0() {
     let o = opts();
@@ -24,7 +29,8 @@ fn invalid_options_are_refused_with_their_limits() {
         err(KeywordOptions { top_n: 0, ..opts() }),
         KeywordError::TopN
     );
-    for range in [(0, 1), (2, 1), (1, MAX_NGRAM + 1)] {
+    let max_ngram = KeywordLimits::default().max_ngram;
+    for range in [(0, 1), (2, 1), (1, max_ngram + 1)] {
         let e = err(KeywordOptions {
             ngram_range: range,
             ..opts()
@@ -33,7 +39,8 @@ fn invalid_options_are_refused_with_their_limits() {
             e,
             KeywordError::NgramRange {
                 min: range.0,
-                max: range.1
+                max: range.1,
+                limit: max_ngram,
             }
         );
         assert!(e.to_string().contains("1 <= min <= max <= 16"), "{e}");
@@ -91,13 +98,19 @@ fn max_sum_cost_is_bounded_by_the_candidates_actually_found() {
         nr_candidates: 40,
         ..opts()
     };
-    assert_eq!(
-        plan(&doc, &big).unwrap_err(),
-        KeywordError::MaxSumTooLarge {
-            pool: 40,
-            top_n: 10
-        }
+    let e = plan(&doc, &big).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KeywordError::SelectionTooCostly {
+                method: "Max Sum",
+                candidates: 40,
+                ..
+            }
+        ),
+        "{e:?}"
     );
+    assert_eq!(e.option(), "nr_candidates");
     let ok = KeywordOptions {
         nr_candidates: 20,
         ..big.clone()
@@ -109,12 +122,45 @@ fn max_sum_cost_is_bounded_by_the_candidates_actually_found() {
 }
 
 #[test]
-fn binomials() {
-    assert_eq!(binomial_up_to(20, 5, u64::MAX), Some(15_504));
-    assert_eq!(binomial_up_to(20, 10, u64::MAX), Some(184_756));
-    assert_eq!(binomial_up_to(5, 5, 1), Some(1));
-    assert_eq!(binomial_up_to(3, 4, 1), Some(0));
-    assert_eq!(binomial_up_to(1000, 500, 1_000_000), None);
+fn documents_and_candidates_beyond_the_limits_are_refused() {
+    let limits = KeywordLimits {
+        max_input_bytes: 100,
+        max_candidates: 10,
+        ..KeywordLimits::default()
+    };
+    let long = "word ".repeat(30);
+    let e = super::plan(&long, &opts(), &limits, 384).unwrap_err();
+    assert_eq!(
+        e,
+        KeywordError::DocumentTooLong {
+            bytes: 150,
+            limit: 100
+        }
+    );
+    assert!(e.to_string().contains("--keyword-max-input-bytes"), "{e}");
+    // 11 distinct words: one more than allowed.
+    let many: String = (0..11).map(|i| format!("w{i:02}x ")).collect();
+    let e = super::plan(&many, &opts(), &limits, 384).unwrap_err();
+    assert_eq!(e, KeywordError::TooManyCandidates { limit: 10 });
+    assert!(e.to_string().contains("--keyword-max-candidates"), "{e}");
+    let ten: String = (0..10).map(|i| format!("w{i:02}x w{i:02}x ")).collect();
+    assert_eq!(
+        super::plan(&ten, &opts(), &limits, 384).map(|p| p.candidates.len()),
+        Ok(10)
+    );
+    // With a vocabulary, only the entries found count.
+    let vocab = KeywordOptions {
+        vocab: Some((0..11).map(|i| format!("w{i:02}x")).collect()),
+        ..opts()
+    };
+    assert_eq!(
+        super::plan(&many, &vocab, &limits, 384).unwrap_err(),
+        KeywordError::TooManyCandidates { limit: 10 }
+    );
+    assert_eq!(
+        super::plan(&ten, &vocab, &limits, 384).map(|p| p.candidates.len()),
+        Ok(10)
+    );
 }
 
 #[test]

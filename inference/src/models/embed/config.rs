@@ -37,6 +37,21 @@ impl Activation {
             Self::Silu => xs.silu(),
         }
     }
+
+    /// The same on float32 values in place (the CPU encoder's fused epilogue).
+    pub fn apply_slice(self, xs: &mut [f32]) {
+        match self {
+            Self::GeluErf => crate::kernels::act::gelu_slice(xs),
+            Self::GeluTanh => xs.iter_mut().for_each(|x| {
+                // candle's / transformers' `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                let v = *x;
+                let inner = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
+                *x = 0.5 * v * (1.0 + inner.tanh());
+            }),
+            Self::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+            Self::Silu => xs.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,12 +1,14 @@
 //! The post-LayerNorm transformer encoder that BERT, ERNIE 3.0 and XLM-RoBERTa share. The families
 //! differ only in their embeddings layer: how positions are numbered and which constant per-token
 //! rows (token type, ERNIE task type) are added; [`Flavour`] carries that difference.
-use candle_core::{Device, Module, Tensor};
+use candle_core::{CpuStorage, Device, Module, Storage, Tensor};
 use candle_nn::ops::{layer_norm, softmax_last_dim};
 use candle_nn::Linear;
 
 use super::config::{Activation, EncoderConfig};
+use super::fast;
 use super::weights::Weights;
+use super::EncoderKernels;
 use crate::models::ModelError;
 
 /// How position ids are numbered.
@@ -44,16 +46,10 @@ struct Norm {
 
 impl Norm {
     fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
-        // Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
-        let (wn, bn) =
-            if w.contains(&format!("{prefix}.weight")) || !w.contains(&format!("{prefix}.gamma")) {
-                ("weight", "bias")
-            } else {
-                ("gamma", "beta")
-            };
+        let (weight, bias) = w.norm_names(prefix);
         Ok(Self {
-            weight: w.get(&format!("{prefix}.{wn}"), size)?,
-            bias: w.get(&format!("{prefix}.{bn}"), size)?,
+            weight: w.get(&weight, size)?,
+            bias: w.get(&bias, size)?,
             eps: eps as f32,
         })
     }
@@ -150,6 +146,14 @@ impl Layer {
     }
 }
 
+/// How the transformer layers run.
+enum Layers {
+    /// candle tensor ops (GPUs).
+    Candle(Vec<Layer>),
+    /// Packed tokens and our float32 kernels (CPU).
+    Cpu(fast::Layers),
+}
+
 /// Embeddings layer plus the stack of transformer layers.
 pub struct Encoder {
     word: Tensor,
@@ -158,7 +162,7 @@ pub struct Encoder {
     /// type 0.
     constant_rows: Tensor,
     embed_norm: Norm,
-    layers: Vec<Layer>,
+    layers: Layers,
     positions: Positions,
     pad_id: u32,
     vocab_size: usize,
@@ -166,7 +170,13 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn load(cfg: &EncoderConfig, w: &Weights, flavour: Flavour) -> Result<Self, ModelError> {
+    /// With [`EncoderKernels::Packed`] on the CPU the layers run on [`fast`]; else on candle's ops.
+    pub fn load(
+        cfg: &EncoderConfig,
+        w: &Weights,
+        flavour: Flavour,
+        kernels: EncoderKernels,
+    ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let word = w.get("embeddings.word_embeddings.weight", (cfg.vocab_size, h))?;
         let position = w.get(
@@ -186,9 +196,15 @@ impl Encoder {
             )?;
             constant_rows = (constant_rows + tasks.get(0).map_err(bad)?).map_err(bad)?;
         }
-        let layers = (0..cfg.num_layers)
-            .map(|i| Layer::load(w, i, cfg))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layers = if kernels == EncoderKernels::Packed && word.device().is_cpu() {
+            Layers::Cpu(fast::Layers::load(w, cfg)?)
+        } else {
+            Layers::Candle(
+                (0..cfg.num_layers)
+                    .map(|i| Layer::load(w, i, cfg))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
         if flavour.positions == Positions::AfterPadding
             && cfg.max_position_embeddings <= cfg.pad_token_id as usize + 1
         {
@@ -224,6 +240,10 @@ impl Encoder {
     /// and the batch shape.
     pub fn forward(&self, inputs: &[&[u32]]) -> Result<(Tensor, Batch), ModelError> {
         let batch = self.check(inputs)?;
+        let layers = match &self.layers {
+            Layers::Cpu(fast) => return self.forward_cpu(fast, inputs, batch),
+            Layers::Candle(layers) => layers,
+        };
         let (ids, positions) = self.layout(inputs, &batch);
         let n = inputs.len();
         let ids = Tensor::from_vec(ids, n * batch.width, &self.device)?;
@@ -234,10 +254,61 @@ impl Encoder {
         .reshape((n, batch.width, ()))?;
         let mut xs = self.embed_norm.forward(&embedded)?;
         let mask = self.mask(&batch)?;
-        for layer in &self.layers {
+        for layer in layers {
             xs = layer.forward(&xs, mask.as_ref())?;
         }
         Ok((xs, batch))
+    }
+
+    /// Whether padding costs compute (candle's padded batches) or not (packed CPU tokens).
+    pub fn pads(&self) -> bool {
+        matches!(self.layers, Layers::Candle(_))
+    }
+
+    /// The CPU path: tokens packed end to end, embeddings summed and normalised in place, the
+    /// layers in one rayon scope (so their parallel loops are joins inside the pool, not hand-offs
+    /// from this thread), then the states spread back into the padded batch layout.
+    fn forward_cpu(
+        &self,
+        fast: &fast::Layers,
+        inputs: &[&[u32]],
+        batch: Batch,
+    ) -> Result<(Tensor, Batch), ModelError> {
+        let (mut ids, mut positions) = (Vec::new(), Vec::new());
+        for row in inputs {
+            self.row_layout(row, row.len(), &mut ids, &mut positions);
+        }
+        let h = self.constant_rows.dims1()?;
+        let mut x = vec![0f32; ids.len() * h];
+        with_f32(&self.word, |word| {
+            with_f32(&self.position, |position| {
+                with_f32(&self.constant_rows, |constant| {
+                    for ((out, &id), &pos) in x.chunks_exact_mut(h).zip(&ids).zip(&positions) {
+                        let (id, pos) = (id as usize, pos as usize);
+                        let w = &word[id * h..(id + 1) * h];
+                        let p = &position[pos * h..(pos + 1) * h];
+                        for (((o, w), p), c) in out.iter_mut().zip(w).zip(p).zip(constant) {
+                            *o = w + p + c;
+                        }
+                    }
+                })
+            })
+        })???;
+        let norm = &self.embed_norm;
+        with_f32(&norm.weight, |w| {
+            with_f32(&norm.bias, |b| {
+                crate::kernels::rows::add_layer_norm(&mut x, &[], w, b, norm.eps)
+            })
+        })??;
+        let x = rayon::scope(|_| fast.forward(x, &batch.lens));
+        let mut padded = vec![0f32; inputs.len() * batch.width * h];
+        let mut at = 0;
+        for (row, &len) in padded.chunks_exact_mut(batch.width * h).zip(&batch.lens) {
+            row[..len * h].copy_from_slice(&x[at..at + len * h]);
+            at += len * h;
+        }
+        let states = Tensor::from_vec(padded, (inputs.len(), batch.width, h), &self.device)?;
+        Ok((states, batch))
     }
 
     fn check(&self, inputs: &[&[u32]]) -> Result<Batch, ModelError> {
@@ -269,26 +340,31 @@ impl Encoder {
         let total = inputs.len() * batch.width;
         let (mut ids, mut positions) = (Vec::with_capacity(total), Vec::with_capacity(total));
         for row in inputs {
-            let padded = row
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(self.pad_id))
-                .take(batch.width);
-            let mut seen = 0u32;
-            for (slot, id) in padded.enumerate() {
-                ids.push(id);
-                positions.push(match self.positions {
-                    Positions::FromZero => slot as u32,
-                    // transformers' create_position_ids_from_input_ids: a pad id never advances the count.
-                    Positions::AfterPadding if id == self.pad_id => self.pad_id,
-                    Positions::AfterPadding => {
-                        seen += 1;
-                        self.pad_id + seen
-                    }
-                });
-            }
+            self.row_layout(row, batch.width, &mut ids, &mut positions);
         }
         (ids, positions)
+    }
+
+    /// One input's ids padded to `width`, and their position ids, appended.
+    fn row_layout(&self, row: &[u32], width: usize, ids: &mut Vec<u32>, positions: &mut Vec<u32>) {
+        let padded = row
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(self.pad_id))
+            .take(width);
+        let mut seen = 0u32;
+        for (slot, id) in padded.enumerate() {
+            ids.push(id);
+            positions.push(match self.positions {
+                Positions::FromZero => slot as u32,
+                // transformers' create_position_ids_from_input_ids: a pad id never advances the count.
+                Positions::AfterPadding if id == self.pad_id => self.pad_id,
+                Positions::AfterPadding => {
+                    seen += 1;
+                    self.pad_id + seen
+                }
+            });
+        }
     }
 
     /// Additive attention mask hiding padded keys, [batch, 1, 1, width]; none when nothing is padded.
@@ -305,4 +381,17 @@ impl Encoder {
             .collect();
         Tensor::from_vec(values, (batch.lens.len(), 1, 1, batch.width), &self.device).map(Some)
     }
+}
+
+/// `f` over the values of a contiguous float32 CPU tensor, without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(ModelError::Unsupported(
+            "the CPU encoder needs contiguous float32 CPU weights".into(),
+        ));
+    };
+    Ok(f(&v[start..end]))
 }

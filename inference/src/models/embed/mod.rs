@@ -4,6 +4,7 @@
 pub mod bge_m3;
 mod config;
 pub mod encoder;
+mod fast;
 pub mod pooling;
 mod weights;
 
@@ -22,12 +23,45 @@ use super::{
 };
 use crate::tokenizer::load_tokenizer;
 
+/// How an encoder's transformer layers run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EncoderKernels {
+    /// On the CPU, tokens packed without padding through our float32 kernels ([`fast`]); on
+    /// GPUs, candle's ops.
+    #[default]
+    Packed,
+    /// candle's tensor ops on padded batches everywhere (the path GPUs take).
+    Candle,
+}
+
+impl std::str::FromStr for EncoderKernels {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "packed" => Ok(EncoderKernels::Packed),
+            "candle" => Ok(EncoderKernels::Candle),
+            other => Err(format!("`{other}` is not one of packed, candle")),
+        }
+    }
+}
+
 /// Load an embedding model folder (Hugging Face snapshot) of the given family.
 pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedEmbedder, ModelError> {
+    load_with(path, family, device, EncoderKernels::default())
+}
+
+/// [`load`] with the encoder layers on the given kernels.
+pub fn load_with(
+    path: &Path,
+    family: Family,
+    device: &Device,
+    kernels: EncoderKernels,
+) -> Result<LoadedEmbedder, ModelError> {
     let (name, flavour) = family_flavour(path, family)?;
     let cfg = EncoderConfig::from_dir(path)?;
     let tokenizer = load_tokenizer(path)?;
-    let encoder = load_encoder_with(path, &cfg, flavour, device)?;
+    let encoder = open_encoder(path, &cfg, flavour, device, kernels)?;
     let pooling = Pooling::from_dir(path, cfg.hidden_size)?;
     let heads = match family {
         Family::XlmRoberta => Some(M3Heads::load(
@@ -62,9 +96,20 @@ pub fn load(path: &Path, family: Family, device: &Device) -> Result<LoadedEmbedd
 
 /// Load only the encoder of a folder (its last hidden states, without pooling or heads): for
 /// parity checks against transformers' `last_hidden_state`.
-pub fn load_encoder(path: &Path, family: Family, device: &Device) -> Result<Encoder, ModelError> {
+pub fn load_encoder(
+    path: &Path,
+    family: Family,
+    device: &Device,
+    kernels: EncoderKernels,
+) -> Result<Encoder, ModelError> {
     let (_, flavour) = family_flavour(path, family)?;
-    load_encoder_with(path, &EncoderConfig::from_dir(path)?, flavour, device)
+    open_encoder(
+        path,
+        &EncoderConfig::from_dir(path)?,
+        flavour,
+        device,
+        kernels,
+    )
 }
 
 fn family_flavour(path: &Path, family: Family) -> Result<(&'static str, Flavour), ModelError> {
@@ -99,11 +144,12 @@ fn family_flavour(path: &Path, family: Family) -> Result<(&'static str, Flavour)
     })
 }
 
-fn load_encoder_with(
+fn open_encoder(
     path: &Path,
     cfg: &EncoderConfig,
     flavour: Flavour,
     device: &Device,
+    kernels: EncoderKernels,
 ) -> Result<Encoder, ModelError> {
     // ERNIE checkpoints without `use_task_id` have no task-type table.
     let flavour = Flavour {
@@ -112,7 +158,7 @@ fn load_encoder_with(
     };
     let mut weights = Weights::open_model(path, DType::F32, device)?;
     weights.detect_prefix("embeddings.word_embeddings.weight")?;
-    Encoder::load(cfg, &weights, flavour)
+    Encoder::load(cfg, &weights, flavour, kernels)
 }
 
 /// sentence-transformers' `max_seq_length`, else the tokenizer's `model_max_length`, never more
@@ -197,7 +243,13 @@ impl Embedder for EncoderEmbedder {
         let sorted: Vec<&[u32]> = order.iter().map(|&i| batch[i]).collect();
         let lens: Vec<usize> = sorted.iter().map(|ids| ids.len()).collect();
         let mut out: Vec<Option<Embedding>> = vec![None; batch.len()];
-        for range in length_chunks(&lens) {
+        // Packed CPU layers compute no padding: one pass over everything.
+        let chunks = if self.encoder.pads() {
+            length_chunks(&lens)
+        } else {
+            std::iter::once(0..lens.len()).collect()
+        };
+        for range in chunks {
             let embedded = self.embed_sorted(&sorted[range.clone()], outputs)?;
             for (slot, emb) in order[range].iter().zip(embedded) {
                 out[*slot] = Some(emb);

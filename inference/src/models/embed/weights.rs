@@ -118,6 +118,19 @@ impl Weights {
         }
     }
 
+    /// Names of the LayerNorm at `prefix`: `(weight, bias)`, or `(gamma, beta)` as old
+    /// TF-converted checkpoints call them.
+    pub fn norm_names(&self, prefix: &str) -> (String, String) {
+        let old = !self.contains(&format!("{prefix}.weight"))
+            && self.contains(&format!("{prefix}.gamma"));
+        let (w, b) = if old {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        (format!("{prefix}.{w}"), format!("{prefix}.{b}"))
+    }
+
     /// The tensor `name`, checked against `shape`.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor, ModelError> {
         let shape = shape.into();

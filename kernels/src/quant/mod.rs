@@ -19,11 +19,13 @@ mod scalar;
 mod x86;
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
+
+pub use super::Isa;
+use super::SyncPtr;
 
 /// Block formats the kernels cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,45 +65,6 @@ impl QFormat {
 
     fn has_sums(self) -> bool {
         self != QFormat::Q8_0
-    }
-}
-
-/// Instruction sets the kernels come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Isa {
-    /// The best this CPU runs (detected once).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let base = is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c");
-                if base && is_x86_feature_detected!("avx512f") {
-                    return Isa::Avx512;
-                }
-                if base {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Portable
-        })
-    }
-
-    /// Whether this CPU can run kernels of this kind.
-    pub fn supported(self) -> bool {
-        match (self, Isa::detect()) {
-            (Isa::Portable, _) => true,
-            (Isa::Avx2, Isa::Avx2 | Isa::Avx512) => true,
-            (a, b) => a == b,
-        }
     }
 }
 
@@ -377,18 +340,6 @@ impl QWeight {
                 p0 += rows;
             }
         })
-    }
-}
-
-/// A raw output pointer shared by workers that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: only used for disjoint writes (see `QWeight::gemv`).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -13,20 +13,9 @@ use super::*;
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), with a few larger outliers so that
 /// blocks get different scales.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-            if i % 97 == 0 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
-        .collect()
+    let mut v = crate::tests::values(n, seed);
+    v.iter_mut().step_by(97).for_each(|x| *x *= 8.0);
+    v
 }
 
 fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QTensor {
