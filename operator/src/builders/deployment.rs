@@ -7,9 +7,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -169,34 +170,63 @@ fn join(base: &str, rel: &str) -> String {
     }
 }
 
+/// Version of `huggingface_hub` the downloader installs: pinned, so a new release cannot change
+/// (or break) what a restart downloads.
+pub const HUB_PACKAGE: &str = "huggingface_hub==2.4.0";
+
 /// Downloads an HF snapshot with `huggingface_hub.snapshot_download`, installed at start into
-/// /tmp so any python image works. A marker file makes restarts with a cache skip the work;
-/// snapshot_download itself resumes partial downloads. Arguments are positional (`$1`..), never
+/// /tmp so any python image works. A marker file per downloaded selection (the whole snapshot,
+/// or one GGUF file) makes restarts with a cache skip the work, while asking for another GGUF
+/// file of the same revision downloads it; snapshot_download itself resumes partial downloads.
+/// pip and the Hub calls have timeouts and bounded retries, so a broken network fails the init
+/// container (visible in status) instead of hanging it. Arguments are positional (`$1`..), never
 /// spliced into the script, so spec values cannot inject shell.
 const DOWNLOAD_SCRIPT: &str = r#"set -eu
-dest="$1"; repo="$2"; rev="$3"; gguf="$4"
-if [ -f "$dest/.glm-complete" ]; then echo "weights for $repo@$rev already in $dest"; exit 0; fi
+dest="$1"; repo="$2"; rev="$3"; gguf="$4"; marker="$5"; package="$6"
+if [ -f "$dest/$marker" ]; then echo "weights for $repo@$rev ${gguf:+($gguf) }already in $dest"; exit 0; fi
 mkdir -p "$dest"
-python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --target /tmp/pip 'huggingface_hub>=0.24'
+python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --timeout 60 --retries 5 --target /tmp/pip "$package"
 PYTHONPATH=/tmp/pip python3 - "$repo" "$rev" "$dest" "$gguf" <<'PY'
-import sys
+import sys, time
 from huggingface_hub import snapshot_download
 repo, rev, dest, gguf = sys.argv[1:5]
 # With a GGUF file only that file and the small metadata files are needed, not every quantization.
 patterns = [gguf, "*.json", "*.txt", "*.model", "*.jinja"] if gguf else None
-snapshot_download(repo_id=repo, revision=rev, local_dir=dest, allow_patterns=patterns)
+for attempt in range(1, 6):
+    try:
+        snapshot_download(repo_id=repo, revision=rev, local_dir=dest, allow_patterns=patterns)
+        break
+    except Exception as err:  # network errors of every kind; a retry resumes the download
+        if attempt == 5:
+            raise
+        print(f"download attempt {attempt} failed: {err}; retrying", file=sys.stderr)
+        time.sleep(10 * attempt)
 PY
-touch "$dest/.glm-complete"
+touch "$dest/$marker"
 "#;
+
+/// Name of the marker written once `gguf` (or the whole snapshot) is in the cache. GGUF paths may
+/// hold `/`, which a file name cannot.
+pub fn download_marker(gguf: Option<&str>) -> String {
+    match gguf {
+        None => ".glm-complete".to_owned(),
+        Some(file) => format!(".glm-complete-gguf-{}", file.replace('/', "__")),
+    }
+}
 
 fn downloader(model: &GLMModel, repo: &str, revision: &str, dest: &str) -> Container {
     let mut env = vec![
         env("HOME", "/tmp"),
         env("HF_HOME", "/tmp/hf-home"),
         env("HF_HUB_DISABLE_TELEMETRY", "1"),
+        // Seconds per Hub request (metadata / file chunks) before it counts as failed.
+        env("HF_HUB_ETAG_TIMEOUT", "30"),
+        env("HF_HUB_DOWNLOAD_TIMEOUT", "60"),
     ];
-    // The user's env (e.g. HF_TOKEN from a Secret, HF_ENDPOINT for a mirror) applies here too.
+    // The user's env (e.g. HF_TOKEN from a Secret, HF_ENDPOINT for a mirror, PIP_INDEX_URL)
+    // applies here too.
     env = merge_env(env, &model.spec.env);
+    let gguf = model.spec.gguf.as_deref();
     Container {
         name: "download".into(),
         image: None, // filled by pod_spec from the operator config
@@ -206,7 +236,9 @@ fn downloader(model: &GLMModel, repo: &str, revision: &str, dest: &str) -> Conta
             dest.into(),
             repo.into(),
             revision.into(),
-            model.spec.gguf.clone().unwrap_or_default(),
+            gguf.unwrap_or_default().into(),
+            download_marker(gguf),
+            HUB_PACKAGE.into(),
         ]),
         env: Some(env),
         volume_mounts: Some(vec![
@@ -237,7 +269,7 @@ fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
         volumes: Some(volumes),
         node_selector: non_empty_map(&spec.node_selector),
         tolerations: non_empty(&spec.tolerations),
-        affinity: spec.affinity.clone(),
+        affinity: affinity(model),
         runtime_class_name: spec.runtime_class_name.clone(),
         priority_class_name: spec.priority_class_name.clone(),
         security_context: Some(PodSecurityContext {
@@ -246,6 +278,9 @@ fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
             run_as_group: Some(cfg.run_as_user),
             // Makes the weights PVC writable by the non-root downloader.
             fs_group: Some(cfg.run_as_user),
+            // Without it the kubelet re-chowns every file of the weights cache at each start,
+            // minutes for a large model on network storage.
+            fs_group_change_policy: Some("OnRootMismatch".into()),
             seccomp_profile: Some(runtime_default()),
             ..PodSecurityContext::default()
         }),
@@ -302,11 +337,7 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
 
     Container {
         name: CONTAINER.into(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| cfg.default_image.clone()),
-        ),
+        image: Some(image(model, cfg)),
         command: Some(vec!["glm-inference".into()]),
         args: Some(args),
         env: Some(env),
@@ -332,6 +363,54 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
         security_context: Some(container_security()),
         ..Container::default()
     }
+}
+
+/// `spec.image`, else the operator's CUDA image for GPU models (they run with `GLM_DEVICE=cuda`,
+/// which a CPU build refuses) and its CPU image for the rest.
+pub fn image(model: &GLMModel, cfg: &BuildConfig) -> String {
+    match &model.spec.image {
+        Some(image) => image.clone(),
+        None if model.spec.gpus > 0 => cfg.default_cuda_image.clone(),
+        None => cfg.default_image.clone(),
+    }
+}
+
+/// The user's affinity, plus, when the weights cache can be mounted on one node only
+/// (ReadWriteOnce), a required affinity to the model's own pods on the same node: replicas and
+/// rollouts then never wait on a volume attached elsewhere (Multi-Attach), and a node without
+/// room makes them Unschedulable, which status reports with the scheduler's message.
+fn affinity(model: &GLMModel) -> Option<Affinity> {
+    let mut affinity = model.spec.affinity.clone();
+    let name = model.metadata.name.as_deref()?;
+    let single_node = model
+        .spec
+        .cache
+        .as_ref()
+        .is_some_and(glm_crds::CacheSpec::single_node);
+    if !single_node
+        || !matches!(
+            Source::parse(&model.spec.source),
+            Ok(Source::HuggingFace { .. })
+        )
+    {
+        return affinity;
+    }
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(name)),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..PodAffinityTerm::default()
+    };
+    affinity
+        .get_or_insert_with(Affinity::default)
+        .pod_affinity
+        .get_or_insert_with(PodAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new)
+        .push(term);
+    affinity
 }
 
 /// The user's requests/limits plus `gpus` of the GPU resource in both (extended resources

@@ -23,7 +23,7 @@ use super::{
     metrics::GatewayMetrics,
     proxy::{router, GatewayState, ModelList},
     routing::{ModelRecord, RoutingTable},
-    GatewayConfig,
+    GatewayConfig, Readiness,
 };
 
 /// `tokio-stream` is not a dependency of this crate: a minimal receiver stream is enough here.
@@ -177,6 +177,7 @@ async fn harness(max_body_bytes: usize) -> Harness {
         upstream,
         metrics,
         max_body_bytes,
+        Readiness::synced(),
     )))
     .await;
     let client = reqwest::Client::builder()
@@ -488,3 +489,5 @@ async fn health_and_metrics() {
         "{text}"
     );
 }
+
+mod drain;
