@@ -96,6 +96,11 @@ pub struct Args {
     #[arg(long, env = "GLM_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
+    /// Threads for model maths (matmuls, kernels); 0: the CPUs this process may use (affinity
+    /// mask and cgroup CPU quota, e.g. a pod's CPU limit).
+    #[arg(long, env = "GLM_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Log as JSON lines (level via RUST_LOG, default info).
     #[arg(long, env = "GLM_JSON_LOGS", default_value_t = false)]
     pub json_logs: bool,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod kernels;
 pub mod keyword;
 pub mod metrics;
 pub mod models;

@@ -15,6 +15,9 @@ use glm_inference::registry::{LoadOptions, Registry};
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(args.json_logs);
+    // Before the async runtime starts any thread: it sets RAYON_NUM_THREADS.
+    let threads = glm_inference::kernels::init_threads(args.threads);
+    tracing::info!(threads, "model maths threads");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

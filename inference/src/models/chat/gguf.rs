@@ -14,19 +14,21 @@ use candle_core::{DType, Device, Tensor};
 use super::decoder::{compute_dtype, Decoder, DecoderConfig};
 use super::layers::{Embedding, Linear, RopeScaling};
 use super::weights::Weights;
+use crate::kernels::quant::QWeight;
 use crate::models::{LoadedChat, ModelError};
 
 /// How GGUF weights are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
-    /// ggml quantized matmul kernels (activations quantized to Q8 on CPU): small, and fast for the
-    /// types candle has SIMD kernels for (Q4_0, Q8_0, K-quants).
+    /// Weights kept in their blocks (memory of the file). Q4_0, Q4_1 and Q8_0 run on our CPU
+    /// kernels with float32 activations; other types on candle's ggml-style kernels, which
+    /// quantize activations to 8 bits.
     Quantized,
-    /// Weights dequantized to the compute dtype at load: the reference numerics, 4-8x the memory.
+    /// Weights dequantized to the compute dtype at load: the reference path, 4-8x the memory.
     Dequantized,
-    /// `Dequantized` when the dequantized weights fit in [`DEQUANTIZE_BUDGET_BYTES`], else
-    /// `Quantized`: small models (the default SmolLM2-135M) then give transformers' exact numbers
-    /// and run faster (candle's CPU Q4_1 kernels are scalar), large ones stay small.
+    /// On the CPU, Q4_0/Q4_1/Q8_0 weights stay in their blocks and run on our kernels (float32
+    /// numerics, memory of the file); other types are dequantized when the dequantized model fits
+    /// in [`DEQUANTIZE_BUDGET_BYTES`], else run quantized.
     Auto,
 }
 
@@ -48,8 +50,9 @@ impl std::str::FromStr for GgufMode {
 /// Largest dequantized model [`GgufMode::Auto`] dequantizes: 2 GiB.
 pub const DEQUANTIZE_BUDGET_BYTES: usize = 2 << 30;
 
-/// What [`GgufMode::Auto`] means for this file: compare the weights' size in `dtype` to the budget.
-fn resolve_mode(mode: GgufMode, content: &Content, dtype: DType) -> GgufMode {
+/// How tensors our kernels do not cover run under `mode`: for [`GgufMode::Auto`], compare the
+/// weights' size in `dtype` to the budget.
+fn fallback_mode(mode: GgufMode, content: &Content, dtype: DType) -> GgufMode {
     if mode != GgufMode::Auto {
         return mode;
     }
@@ -78,14 +81,14 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
     let mut cfg = config(&meta)?;
     let tok = tokenizer::from_metadata(&meta, cfg.family)?;
     let dtype = compute_dtype(device);
-    let mode = resolve_mode(mode, &content, dtype);
     let weights = GgufWeights {
         content: &content,
         reader: RefCell::new(reader),
         path,
         device,
         dtype,
-        mode,
+        blocks: mode != GgufMode::Dequantized && device.is_cpu(),
+        fallback: fallback_mode(mode, &content, dtype),
     };
     if meta.has_tensor("rope_freqs.weight") {
         // llama.cpp's form of llama3 rope scaling: one divisor per rotary frequency.
@@ -97,7 +100,8 @@ pub fn load(path: &Path, device: &Device, mode: GgufMode) -> Result<LoadedChat, 
         cfg.rope_scaling = RopeScaling::FreqFactors(factors);
     }
     let model = Decoder::load(&cfg, &weights, dtype, device)?;
-    tracing::info!(path = %path.display(), family = cfg.family, ?mode, layers = cfg.num_layers, "loaded GGUF model");
+    tracing::info!(path = %path.display(), family = cfg.family, ?mode, layers = cfg.num_layers,
+        kernels = weights.blocks, "loaded GGUF model");
     Ok(LoadedChat {
         model: Arc::new(model),
         tokenizer: tok.tokenizer,
@@ -277,7 +281,17 @@ struct GgufWeights<'a> {
     path: &'a Path,
     device: &'a Device,
     dtype: DType,
-    mode: GgufMode,
+    /// Run covered block types on our kernels.
+    blocks: bool,
+    /// `Quantized` or `Dequantized`: how the other tensors run.
+    fallback: GgufMode,
+}
+
+/// How one weight matrix is held.
+enum Held {
+    Blocks(QWeight),
+    Quantized(QTensor),
+    Dense(Tensor),
 }
 
 impl GgufWeights<'_> {
@@ -319,6 +333,25 @@ fn is_float(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
+impl GgufWeights<'_> {
+    /// A 2-D weight as our kernels' blocks, candle's quantized tensor, or a dense tensor.
+    fn held(&self, name: &str, shape: &[usize]) -> Result<Held, ModelError> {
+        let t = self.qtensor(name, Some(shape))?;
+        if self.blocks {
+            if let Some(w) = QWeight::from_qtensor(&t)? {
+                return Ok(Held::Blocks(w));
+            }
+        }
+        let quantizable = !is_float(t.dtype()) && shape[1].is_multiple_of(t.dtype().block_size());
+        if self.fallback == GgufMode::Quantized && quantizable {
+            return Ok(Held::Quantized(t));
+        }
+        Ok(Held::Dense(
+            t.dequantize(self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+}
+
 impl Weights for GgufWeights<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         self.dense(&self.name(name, "weight")?, shape)
@@ -332,31 +365,20 @@ impl Weights for GgufWeights<'_> {
         } else {
             None
         };
-        // `Auto` is resolved before the weights are read; counted as quantized for completeness.
-        match self.mode {
-            GgufMode::Quantized | GgufMode::Auto => Ok(Linear::quantized(
-                Arc::new(self.qtensor(&weight, Some(&[out_dim, in_dim]))?),
-                bias,
-            )?),
-            GgufMode::Dequantized => Ok(Linear::dense(
-                self.dense(&weight, &[out_dim, in_dim])?,
-                bias,
-            )),
-        }
+        Ok(match self.held(&weight, &[out_dim, in_dim])? {
+            Held::Blocks(w) => Linear::blocks(Arc::new(w), bias),
+            Held::Quantized(t) => Linear::quantized(Arc::new(t), bias)?,
+            Held::Dense(t) => Linear::dense(t, bias),
+        })
     }
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
         let name = self.name(name, "weight")?;
-        let t = self.qtensor(&name, Some(&[vocab, hidden]))?;
-        if self.mode != GgufMode::Dequantized
-            && !is_float(t.dtype())
-            && hidden.is_multiple_of(t.dtype().block_size())
-        {
-            return Ok(Embedding::Quantized(Arc::new(t)));
-        }
-        Ok(Embedding::Dense(
-            t.dequantize(self.device)?.to_dtype(self.dtype)?,
-        ))
+        Ok(match self.held(&name, &[vocab, hidden])? {
+            Held::Blocks(w) => Embedding::Blocks(Arc::new(w)),
+            Held::Quantized(t) => Embedding::Quantized(Arc::new(t)),
+            Held::Dense(t) => Embedding::Dense(t),
+        })
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -7,75 +7,10 @@
 //! batch; only attention is split per sequence (each against its own cache).
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::cache::{append_kv, SeqCache};
-
-/// A linear projection `y = x W^T + b` whose weight is either a dense tensor (safetensors,
-/// dequantized GGUF) or a quantized GGUF tensor run by ggml-style kernels.
-#[derive(Debug, Clone)]
-pub enum Linear {
-    Dense(candle_nn::Linear),
-    Quantized {
-        weight: QMatMul,
-        bias: Option<Tensor>,
-    },
-}
-
-impl Linear {
-    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear::Dense(candle_nn::Linear::new(weight, bias))
-    }
-
-    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Linear::Quantized {
-            weight: QMatMul::from_arc(weight)?,
-            bias,
-        })
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Dense(l) => l.forward(xs),
-            Linear::Quantized { weight, bias } => {
-                // Quantized kernels take and give float32 activations.
-                let dtype = xs.dtype();
-                let ys = weight.forward(&xs.to_dtype(DType::F32)?)?;
-                let ys = match bias {
-                    Some(b) => ys.broadcast_add(&b.to_dtype(DType::F32)?)?,
-                    None => ys,
-                };
-                ys.to_dtype(dtype)
-            }
-        }
-    }
-}
-
-/// Token embeddings, dense or kept quantized (GGUF: rows are dequantized on lookup).
-#[derive(Debug, Clone)]
-pub enum Embedding {
-    Dense(Tensor),
-    Quantized(Arc<QTensor>),
-}
-
-impl Embedding {
-    /// `ids` `[n]` u32 -> `[n, hidden]` in `dtype`.
-    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
-        match self {
-            Embedding::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
-            Embedding::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
-        }
-    }
-
-    /// The same matrix as an output projection (tied word embeddings).
-    pub fn as_linear(&self) -> Result<Linear> {
-        match self {
-            Embedding::Dense(w) => Ok(Linear::dense(w.clone(), None)),
-            Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
-        }
-    }
-}
+pub use super::linear::{Embedding, Linear};
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {

@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod deepseek_v3;
 pub mod gguf;
 pub mod layers;
+pub mod linear;
 pub mod snapshot;
 pub mod tiktoken;
 pub mod weights;

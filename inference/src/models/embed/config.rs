@@ -31,7 +31,7 @@ impl Activation {
 
     pub fn apply(self, xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
         match self {
-            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluErf => crate::kernels::act::gelu_erf(xs),
             Self::GeluTanh => xs.gelu(),
             Self::Relu => xs.relu(),
             Self::Silu => xs.silu(),

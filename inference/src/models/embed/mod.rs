@@ -190,6 +190,58 @@ impl Embedder for EncoderEmbedder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        // Inputs sorted by length and run in chunks of similar lengths, so that few padding slots
+        // are computed (sentence-transformers sorts by length too); results go back in input order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].len());
+        let sorted: Vec<&[u32]> = order.iter().map(|&i| batch[i]).collect();
+        let lens: Vec<usize> = sorted.iter().map(|ids| ids.len()).collect();
+        let mut out: Vec<Option<Embedding>> = vec![None; batch.len()];
+        for range in length_chunks(&lens) {
+            let embedded = self.embed_sorted(&sorted[range.clone()], outputs)?;
+            for (slot, emb) in order[range].iter().zip(embedded) {
+                out[*slot] = Some(emb);
+            }
+        }
+        out.into_iter()
+            .map(|e| e.ok_or_else(|| ModelError::Unsupported("an input was not embedded".into())))
+            .collect()
+    }
+}
+
+/// Padding allowed in a chunk: padded tokens may exceed real tokens by this fraction, plus
+/// [`PAD_SLACK`] tokens (a chunk's fixed cost is worth a little padding).
+const PAD_FRACTION: f64 = 0.15;
+const PAD_SLACK: usize = 32;
+
+/// Split lengths sorted ascending into consecutive chunks whose padded size stays within
+/// [`PAD_FRACTION`] + [`PAD_SLACK`] of their real size.
+fn length_chunks(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut real) = (0, 0usize);
+    for (i, &len) in lens.iter().enumerate() {
+        let padded = (i - start + 1) * len;
+        let budget = ((real + len) as f64 * (1.0 + PAD_FRACTION)) as usize + PAD_SLACK;
+        if i > start && padded > budget {
+            chunks.push(start..i);
+            start = i;
+            real = 0;
+        }
+        real += len;
+    }
+    if start < lens.len() {
+        chunks.push(start..lens.len());
+    }
+    chunks
+}
+
+impl EncoderEmbedder {
+    /// One forward pass over inputs of similar lengths.
+    fn embed_sorted(
+        &self,
+        batch: &[&[u32]],
+        outputs: EmbedOutputs,
+    ) -> Result<Vec<Embedding>, ModelError> {
         let (states, shape) = self.encoder.forward(batch)?;
         let dense = self
             .pooling
@@ -228,5 +280,27 @@ impl Embedder for EncoderEmbedder {
                 colbert,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_chunks;
+
+    #[test]
+    fn similar_lengths_share_a_chunk_and_outliers_get_their_own() {
+        assert_eq!(length_chunks(&[5, 6, 7, 8]), vec![0..4]);
+        assert_eq!(
+            length_chunks(&[4, 4, 4, 4, 4, 4, 4, 4, 200]),
+            vec![0..8, 8..9]
+        );
+        assert_eq!(length_chunks(&[7]), vec![0..1]);
+        assert!(length_chunks(&[]).is_empty());
+        // Every input lands in exactly one chunk, in order.
+        let lens: Vec<usize> = (1..300).map(|i| i / 3 + 1).collect();
+        let chunks = length_chunks(&lens);
+        assert_eq!(chunks.first().unwrap().start, 0);
+        assert_eq!(chunks.last().unwrap().end, lens.len());
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
     }
 }

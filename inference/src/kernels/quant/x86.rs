@@ -1,0 +1,292 @@
+//! AVX-512 and AVX2 kernels, chosen at run time ([`super::Isa`]). Each weight block is unpacked
+//! once into float32 lanes and multiplied with up to four activation rows; block scales are
+//! applied per block (`acc += d * (x . q)`), the 4-bit formats' `m * sum(x)` term from the
+//! precomputed block sums. Two accumulator sets alternate between blocks so that consecutive
+//! blocks do not wait on one FMA chain.
+//!
+//! Safety contract of every `unsafe fn` here (checked by the safe caller in `super`): `row` holds
+//! `nb` blocks of the format, each `xs[r]` holds `nb * 32` floats and each `sums[r]` `nb` floats,
+//! and the CPU has the features named in `target_feature`.
+use std::arch::x86_64::*;
+use std::ptr::read_unaligned;
+
+use super::QFormat;
+
+/// `(d, m)` of the 4-bit block at `blk` as a broadcast `d` and a scalar `m`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_min(blk: *const u8, has_min: bool) -> (__m128, f32) {
+    if has_min {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(blk as *const i32)));
+        (_mm_broadcastss_ps(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    } else {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(
+            blk as *const u16,
+        ))));
+        (_mm_broadcastss_ps(v), -8.0 * _mm_cvtss_f32(v))
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale(blk: *const u8) -> __m128 {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(
+        blk as *const u16,
+    ))));
+    _mm_broadcastss_ps(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+// ---------------------------------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn step4_512<const R: usize>(
+    blk: *const u8,
+    has_min: bool,
+    b: usize,
+    xs: &[*const f32; R],
+    sums: &[*const f32; R],
+    acc: &mut [__m512; R],
+    macc: &mut [f32; R],
+) {
+    let (d, m) = scale_min(blk, has_min);
+    let d = _mm512_broadcastss_ps(d);
+    let qoff = if has_min { 4 } else { 2 };
+    let qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
+    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(0x0F)));
+    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qi));
+    for r in 0..R {
+        let x = xs[r].add(b * 32);
+        let t = _mm512_mul_ps(_mm512_loadu_ps(x), lo);
+        let t = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), hi, t);
+        acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+        macc[r] = m.mul_add(*sums[r].add(b), macc[r]);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn step8_512<const R: usize>(
+    blk: *const u8,
+    b: usize,
+    xs: &[*const f32; R],
+    acc: &mut [__m512; R],
+) {
+    let d = _mm512_broadcastss_ps(scale(blk));
+    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+        blk.add(2) as *const __m128i
+    )));
+    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+        blk.add(18) as *const __m128i
+    )));
+    for r in 0..R {
+        let x = xs[r].add(b * 32);
+        let t = _mm512_mul_ps(_mm512_loadu_ps(x), q0);
+        let t = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), q1, t);
+        acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn dot_rows_avx512<const R: usize>(
+    format: QFormat,
+    row: *const u8,
+    nb: usize,
+    xs: [*const f32; R],
+    sums: [*const f32; R],
+) -> [f32; R] {
+    let bytes = format.block_bytes();
+    let mut acc0 = [_mm512_setzero_ps(); R];
+    let mut acc1 = [_mm512_setzero_ps(); R];
+    let mut macc = [0f32; R];
+    let has_min = format == QFormat::Q4_1;
+    let mut b = 0;
+    while b + 1 < nb {
+        let blk = row.add(b * bytes);
+        if format == QFormat::Q8_0 {
+            step8_512(blk, b, &xs, &mut acc0);
+            step8_512(blk.add(bytes), b + 1, &xs, &mut acc1);
+        } else {
+            step4_512(blk, has_min, b, &xs, &sums, &mut acc0, &mut macc);
+            step4_512(
+                blk.add(bytes),
+                has_min,
+                b + 1,
+                &xs,
+                &sums,
+                &mut acc1,
+                &mut macc,
+            );
+        }
+        b += 2;
+    }
+    if b < nb {
+        let blk = row.add(b * bytes);
+        if format == QFormat::Q8_0 {
+            step8_512(blk, b, &xs, &mut acc0);
+        } else {
+            step4_512(blk, has_min, b, &xs, &sums, &mut acc0, &mut macc);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + macc[r];
+    }
+    out
+}
+
+/// One row of `nb` blocks to float32, bit-identical to candle's `to_float` (`q * d` is exact).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn dequantize_row_avx512(
+    format: QFormat,
+    row: *const u8,
+    nb: usize,
+    out: *mut f32,
+) {
+    let bytes = format.block_bytes();
+    for b in 0..nb {
+        let blk = row.add(b * bytes);
+        let o = out.add(b * 32);
+        if format == QFormat::Q8_0 {
+            let d = _mm512_broadcastss_ps(scale(blk));
+            for h in 0..2 {
+                let q =
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
+                _mm512_storeu_ps(o.add(16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+            }
+        } else {
+            let has_min = format == QFormat::Q4_1;
+            let (d, m) = scale_min(blk, has_min);
+            let (d, m) = (_mm512_broadcastss_ps(d), _mm512_set1_ps(m));
+            let qoff = if has_min { 4 } else { 2 };
+            let qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(0x0F)));
+            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qi));
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(lo, d, m));
+            _mm512_storeu_ps(o.add(16), _mm512_fmadd_ps(hi, d, m));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA
+// ---------------------------------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen8_signed(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn step_256<const R: usize>(
+    format: QFormat,
+    blk: *const u8,
+    b: usize,
+    xs: &[*const f32; R],
+    sums: &[*const f32; R],
+    acc: &mut [__m256; R],
+    macc: &mut [f32; R],
+) {
+    // The block's 32 weights as four float32 vectors of eight, in x order.
+    let (q, d, m) = if format == QFormat::Q8_0 {
+        let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
+        let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
+        let q = [
+            widen8_signed(lo),
+            widen8_signed(_mm_srli_si128::<8>(lo)),
+            widen8_signed(hi),
+            widen8_signed(_mm_srli_si128::<8>(hi)),
+        ];
+        (q, scale(blk), 0.0)
+    } else {
+        let has_min = format == QFormat::Q4_1;
+        let (d, m) = scale_min(blk, has_min);
+        let raw = _mm_loadu_si128(blk.add(if has_min { 4 } else { 2 }) as *const __m128i);
+        let nib = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(raw, nib);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), nib);
+        let q = [
+            widen8(lo),
+            widen8(_mm_srli_si128::<8>(lo)),
+            widen8(hi),
+            widen8(_mm_srli_si128::<8>(hi)),
+        ];
+        (q, d, m)
+    };
+    let d = _mm256_broadcastss_ps(d);
+    for r in 0..R {
+        let x = xs[r].add(b * 32);
+        let mut t = _mm256_mul_ps(_mm256_loadu_ps(x), q[0]);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), q[1], t);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), q[2], t);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(24)), q[3], t);
+        acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+        if format != QFormat::Q8_0 {
+            macc[r] = m.mul_add(*sums[r].add(b), macc[r]);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_rows_avx2<const R: usize>(
+    format: QFormat,
+    row: *const u8,
+    nb: usize,
+    xs: [*const f32; R],
+    sums: [*const f32; R],
+) -> [f32; R] {
+    let bytes = format.block_bytes();
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let mut macc = [0f32; R];
+    let mut b = 0;
+    while b + 1 < nb {
+        let blk = row.add(b * bytes);
+        step_256(format, blk, b, &xs, &sums, &mut acc0, &mut macc);
+        step_256(
+            format,
+            blk.add(bytes),
+            b + 1,
+            &xs,
+            &sums,
+            &mut acc1,
+            &mut macc,
+        );
+        b += 2;
+    }
+    if b < nb {
+        step_256(
+            format,
+            row.add(b * bytes),
+            b,
+            &xs,
+            &sums,
+            &mut acc0,
+            &mut macc,
+        );
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + macc[r];
+    }
+    out
+}
