@@ -89,7 +89,7 @@ build() {
   mkdir -p "$tmp"
   local start=$SECONDS
   # -trimpath and -s -w: smaller binaries and reproducible build cache keys; nothing is debugged.
-  (cd "$MODULE" && GOFLAGS="-mod=readonly -trimpath" CGO_ENABLED=0 \
+  (cd "$MODULE" && GOFLAGS="-mod=readonly -trimpath -buildvcs=false" CGO_ENABLED=0 \
     go build -p "$GO_BUILD_JOBS" -ldflags="$(ldflags)" -o "$tmp/" "${PACKAGES[@]}") \
     || { rm -rf "$tmp"; die "go build failed"; }
   # A main package at a /vN module path is named after the element before it.

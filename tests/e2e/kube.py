@@ -57,7 +57,8 @@ def readme_commands() -> list[str]:
     assert README_MARKER in text, f"README.md lost its {README_MARKER} block"
     block = re.search(r"```sh\n(.*?)```", text[text.index(README_MARKER):], re.S)
     assert block, "no ```sh block after the marker"
-    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+    joined = block.group(1).replace("\\\n", " ")  # shell line continuations
+    return [line for line in joined.splitlines() if line and not line.startswith("#")]
 
 
 class Timeout(AssertionError):
@@ -147,15 +148,7 @@ class Api:
         req = urllib.request.Request(self.server + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": content_type,
             "Accept": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30, context=self.ssl) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as err:
-            raw = err.read()
-            try:
-                return err.code, json.loads(raw)
-            except ValueError:
-                return err.code, raw.decode(errors="replace")
+        return send(req, 30, self.ssl)
 
     def get(self, path: str) -> dict | None:
         code, body = self.request("GET", path)
@@ -282,11 +275,10 @@ class Proc:
             self.wait(30)
 
 
-def http_json(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def send(req: urllib.request.Request, timeout: float, context: ssl.SSLContext | None = None) -> tuple[int, Any]:
+    """Status and JSON body (text when not JSON) of a request, error statuses included."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as err:
         raw = err.read()
@@ -294,6 +286,11 @@ def http_json(url: str, body: dict | None = None, timeout: float = 60) -> tuple[
             return err.code, json.loads(raw)
         except ValueError:
             return err.code, raw.decode(errors="replace")
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    return send(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}), timeout)
 
 
 def http_text(url: str, timeout: float = 10) -> str:

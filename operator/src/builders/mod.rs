@@ -4,11 +4,13 @@
 //! what the controller would apply.
 
 mod deployment;
+mod download;
 mod pvc;
 mod service;
 mod source;
 
-pub use deployment::{deployment, download_marker, image, HUB_PACKAGE};
+pub use deployment::{deployment, image};
+pub use download::{download_marker, HUB_PACKAGE};
 pub use pvc::{pvc, pvc_name};
 pub use service::{service, service_monitor, service_monitor_resource};
 pub use source::Source;

@@ -12,17 +12,7 @@ struct Stoppable {
 }
 
 async fn stoppable(drain: crate::gateway::Drain) -> Stoppable {
-    let (chunks_tx, chunks_rx) = mpsc::channel(16);
-    let (seen_tx, _seen_rx) = mpsc::unbounded_channel();
-    let chat = serve(
-        Router::new()
-            .route("/v1/chat/completions", post(chat_completions))
-            .with_state(ChatUpstream {
-                chunks: Arc::new(Mutex::new(Some(chunks_rx))),
-                seen: seen_tx,
-            }),
-    )
-    .await;
+    let (chat, chunks_tx, _seen) = chat_upstream().await;
     let table = RoutingTable::build(&[record(
         "glm4",
         "glm-4-9b-chat",
