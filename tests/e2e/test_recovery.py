@@ -26,6 +26,11 @@ def listed(gateway) -> set[str]:
 
 def test_an_api_server_restart_is_survived_in_place(k, api, host, namespace):
     ns = namespace("e2e-restart")
+    # Other tests' namespaces, terminating ones included, gone first: the deletion of their models,
+    # Deployments and pods triggers reconciles that the bound below must not count.
+    wait_until("earlier tests' namespaces deleted",
+               lambda: not [n["metadata"]["name"] for n in api.items("/api/v1/namespaces")
+                            if n["metadata"]["name"].startswith("e2e-") and n["metadata"]["name"] != ns])
     backend = host.inference((BEFORE, MINILM))
     controller = host.controller()
     wait_until("leading", lambda: lease_holder(api) == controller.identity)
