@@ -46,15 +46,18 @@ validate "manifests/ (default values) + CRD" "${manifests[@]}" "$CRD"
 # 2. Chart with every optional branch switched on.
 "$HELM" lint --strict "$ROOT/charts/glm-operator" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; failures=$((failures + 1)); summary+=("FAIL helm lint --strict"); }
 "$HELM" template glm "$ROOT/charts/glm-operator" --namespace glm-system \
-  --set watchNamespace=ml-models --set serviceMonitor.enabled=true --set replicaCount=2 \
+  --set watchNamespace=ml-models --set serviceMonitor.enabled=true --set controller.replicaCount=2 \
+  --set networkPolicy.enabled=true --set 'networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ml' \
   --set 'serviceMonitor.labels.release=prometheus' --set 'imagePullSecrets[0].name=regcred' \
-  --set 'extraEnv[0].name=HTTPS_PROXY' --set 'extraEnv[0].value=http://proxy:3128' \
+  --set 'controller.extraEnv[0].name=HTTPS_PROXY' --set 'controller.extraEnv[0].value=http://proxy:3128' \
   >"$work/chart-non-default.yaml"
-validate "chart, non-default values (namespaced RBAC, ServiceMonitor)" "$work/chart-non-default.yaml"
+validate "chart, non-default values (namespaced RBAC, ServiceMonitor, NetworkPolicies)" "$work/chart-non-default.yaml"
 "$HELM" template glm "$ROOT/charts/glm-operator" --namespace glm-system \
-  --set leaderElection.enabled=false --set serviceAccount.create=false --set serviceAccount.name=existing \
+  --set controller.leaderElection.enabled=false --set serviceAccount.create=false --set serviceAccount.name=existing \
+  --set gateway.serviceAccount.create=false --set gateway.serviceAccount.name=existing-gateway \
+  --set podDisruptionBudget.enabled=false \
   >"$work/chart-minimal.yaml"
-validate "chart, minimal values (no leader election, existing ServiceAccount)" "$work/chart-minimal.yaml"
+validate "chart, minimal values (no leader election, existing ServiceAccounts, no PDBs)" "$work/chart-minimal.yaml"
 
 # 3 + 4. Example GLMModels, and the objects the operator builds for each.
 examples=("$ROOT"/crds/examples/*.yaml)

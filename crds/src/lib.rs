@@ -71,6 +71,7 @@ pub mod condition {
 )]
 #[x_kube(validation = Rule::new("!has(self.cache) || self.source.startsWith('hf://')").message("cache applies only to hf:// sources (downloaded weights)").field_path(".cache"))]
 #[x_kube(validation = Rule::new("!has(self.gguf) || self.task == 'chat'").message("gguf applies only to chat models").field_path(".gguf"))]
+#[x_kube(validation = Rule::new("!has(self.cache) || !has(self.cache.accessModes) || !('ReadWriteOncePod' in self.cache.accessModes) || self.replicas <= 1").message("a ReadWriteOncePod cache is mounted by one pod only: replicas must be at most 1 (use ReadWriteMany to share it)").field_path(".replicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct GLMModelSpec {
     /// Model name served to clients (the OpenAI `model` field). Defaults to metadata.name.
@@ -105,8 +106,10 @@ pub struct GLMModelSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
 
-    /// GPUs per replica, requested and limited as `gpuResourceName`.
+    /// GPUs per replica, requested and limited as `gpuResourceName`. At most 1: glm-inference
+    /// serves a model from one device, so more would be requested and never used.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self <= 1").message("gpus must be 0 or 1: glm-inference serves a model from one GPU (use replicas for more throughput)"))]
     #[schemars(range(min = 0, max = 16))]
     pub gpus: i32,
 
@@ -135,7 +138,8 @@ pub struct GLMModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
 
-    /// Server image; defaults to the operator's `--default-image`.
+    /// Server image; defaults to the operator's `--default-cuda-image` when `gpus > 0`, else its
+    /// `--default-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("size(self) > 0 && !self.contains(' ')").message("image must be a non-empty image reference"))]
     #[schemars(length(max = 1024))]
@@ -283,13 +287,41 @@ impl GLMModelSpec {
             .unwrap_or(DEFAULT_GPU_RESOURCE)
     }
 
-    /// Recreate when GPUs are held unless the user asked otherwise.
+    /// Recreate when GPUs are held (or the cache admits one pod only) unless the user asked
+    /// otherwise: a new pod never waits for a GPU or a volume the old one holds.
     pub fn rollout_strategy(&self) -> RolloutStrategy {
         match self.rollout.as_ref().and_then(|r| r.strategy) {
             Some(s) => s,
             None if self.gpus > 0 => RolloutStrategy::Recreate,
+            None if self.cache.as_ref().is_some_and(CacheSpec::single_pod) => {
+                RolloutStrategy::Recreate
+            }
             None => RolloutStrategy::RollingUpdate,
         }
+    }
+}
+
+impl CacheSpec {
+    /// Access modes as the PVC gets them (`ReadWriteOnce` when none are given).
+    pub fn effective_access_modes(&self) -> Vec<String> {
+        if self.access_modes.is_empty() {
+            vec!["ReadWriteOnce".to_owned()]
+        } else {
+            self.access_modes.clone()
+        }
+    }
+
+    /// Only pods on one node can mount the volume (no `ReadWriteMany`/`ReadOnlyMany`).
+    pub fn single_node(&self) -> bool {
+        !self
+            .effective_access_modes()
+            .iter()
+            .any(|m| m == "ReadWriteMany" || m == "ReadOnlyMany")
+    }
+
+    /// Only one pod at all can mount the volume.
+    pub fn single_pod(&self) -> bool {
+        self.access_modes.iter().any(|m| m == "ReadWriteOncePod") && self.single_node()
     }
 }
 

@@ -1,6 +1,7 @@
-//! Command line: `run` (default), `crd`, `render -f FILE`. Every flag has an env twin.
+//! Command line: `controller` (alias `run`, the default), `gateway`, `crd`, `render -f FILE`.
+//! Every flag has an env twin.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use kube::runtime::events::Reporter;
 use kube::Client;
 use tracing::{error, info};
 
-use crate::builders::BuildConfig;
+use crate::builders::{self, BuildConfig};
 use crate::controller::{self, Context, Scope};
 use crate::gateway::{self, GatewayConfig};
 use crate::leader::{self, LeaderElector, LeaseConfig};
@@ -28,15 +29,19 @@ use crate::{render, server};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// `run` flags, accepted without the subcommand too.
+    /// `controller` flags, accepted without the subcommand too.
     #[command(flatten)]
     pub run: RunArgs,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the controller (leader-elected), the gateway and the metrics endpoint (default).
-    Run(RunArgs),
+    /// Run the controller (leader-elected) and its metrics endpoint (default).
+    #[command(alias = "run")]
+    Controller(RunArgs),
+    /// Run the OpenAI gateway: routes requests to ready GLMModels. Not leader-elected: run as
+    /// many replicas as traffic needs, apart from the controller.
+    Gateway(GatewayArgs),
     /// Print the GLMModel CustomResourceDefinition as YAML.
     Crd,
     /// Print the objects the operator would create for GLMModel YAML (multi-document).
@@ -46,13 +51,12 @@ pub enum Command {
 /// Settings the child-object builders use.
 #[derive(Args, Debug, Clone)]
 pub struct BuildArgs {
-    /// Inference image when a GLMModel sets no `spec.image`.
-    #[arg(
-        long,
-        env = "GLM_DEFAULT_IMAGE",
-        default_value = "ghcr.io/kubeglm/glm-inference:latest"
-    )]
+    /// Inference image (a CPU build) of models that set no `spec.image` and no GPUs.
+    #[arg(long, env = "GLM_DEFAULT_IMAGE", default_value = builders::DEFAULT_IMAGE)]
     pub default_image: String,
+    /// Inference image (a CUDA build) of models that set no `spec.image` and `gpus > 0`.
+    #[arg(long, env = "GLM_DEFAULT_CUDA_IMAGE", default_value = builders::DEFAULT_CUDA_IMAGE)]
+    pub default_cuda_image: String,
     /// Image of the init container downloading hf:// weights (any image with python3 + pip).
     #[arg(
         long,
@@ -75,6 +79,7 @@ impl From<BuildArgs> for BuildConfig {
     fn from(a: BuildArgs) -> Self {
         BuildConfig {
             default_image: a.default_image,
+            default_cuda_image: a.default_cuda_image,
             downloader_image: a.downloader_image,
             api_port: a.api_port,
             cluster_domain: a.cluster_domain,
@@ -100,9 +105,12 @@ pub struct RunArgs {
     #[arg(long, env = "GLM_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
-    /// Port of the operator's /metrics and /health (all interfaces).
+    /// Port of the operator's /metrics and /health.
     #[arg(long, env = "GLM_METRICS_PORT", default_value_t = 9090)]
     pub metrics_port: u16,
+    /// Address the metrics endpoint binds to.
+    #[arg(long, env = "GLM_METRICS_BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub metrics_bind_address: IpAddr,
 
     /// Run the controller only while holding the Lease (disable for local development).
     #[arg(long, env = "GLM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -133,9 +141,15 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "GLM_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+}
 
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
     #[command(flatten)]
     pub gateway: GatewayConfig,
+    /// Log as JSON lines.
+    #[arg(long, env = "GLM_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -167,7 +181,7 @@ pub fn init_tracing(json: bool) {
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Run(cli.run)) {
+    match cli.command.unwrap_or(Command::Controller(cli.run)) {
         Command::Crd => {
             print!("{}", glm_crds::crd_yaml()?);
             Ok(())
@@ -185,9 +199,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", render::render(&input, &args.build.into(), &opts)?);
             Ok(())
         }
-        Command::Run(args) => {
+        Command::Controller(args) => {
             init_tracing(args.log_json);
             run(args).await
+        }
+        Command::Gateway(args) => {
+            init_tracing(args.log_json);
+            let client = Client::try_default().await?;
+            gateway::run(client, args.gateway, shutdown_signal()).await
         }
     }
 }
@@ -218,7 +237,25 @@ fn shutdown_signal() -> Shared<BoxFuture<'static, ()>> {
     .shared()
 }
 
+/// client-go's rule: the Lease outlives the renew deadline, which outlasts a retry period, or a
+/// leader could be replaced while it still believes it leads.
+fn lease_timings_valid(lease: u64, renew: u64, retry: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        lease > renew && renew > retry && retry > 0,
+        "--lease-duration-secs ({lease}) must exceed --renew-deadline-secs ({renew}), which must \
+         exceed --retry-period-secs ({retry}), which must be at least 1"
+    );
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.leader_election {
+        lease_timings_valid(
+            args.lease_duration_secs,
+            args.renew_deadline_secs,
+            args.retry_period_secs,
+        )?;
+    }
     let client = Client::try_default().await?;
     let shutdown = shutdown_signal();
     let metrics = Metrics::default();
@@ -229,20 +266,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "glm-operator".into());
 
     let http = tokio::spawn(server::serve(
-        SocketAddr::from(([0, 0, 0, 0], args.metrics_port)),
+        SocketAddr::from((args.metrics_bind_address, args.metrics_port)),
         metrics.clone(),
         shutdown.clone(),
     ));
-
-    // ---- GATEWAY HOOK -------------------------------------------------------------------
-    // The gateway (operator/src/gateway, helper branch `gateway`) serves on every replica:
-    // it only reads GLMModels. Only the controller below needs the leader Lease.
-    let gateway = tokio::spawn(gateway::run(
-        client.clone(),
-        args.gateway.clone(),
-        shutdown.clone(),
-    ));
-    // -------------------------------------------------------------------------------------
 
     let mut ctx = Context::new(
         client.clone(),
@@ -258,11 +285,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ServiceMonitorMode::Never => false,
         ServiceMonitorMode::Auto => controller::service_monitors_available(&client).await,
     };
+    let ctx = Arc::new(ctx);
     let scope = Scope {
         // The chart passes an empty string for "all namespaces".
         namespace: args.watch_namespace.clone().filter(|ns| !ns.is_empty()),
     };
-    let work = controller::run(Arc::new(ctx), scope, shutdown.clone());
+    let start = || controller::run(ctx.clone(), scope.clone(), shutdown.clone());
     let controller_result = if args.leader_election {
         let cfg = LeaseConfig {
             name: args.lease_name.clone(),
@@ -276,17 +304,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             retry_period: Duration::from_secs(args.retry_period_secs),
         };
         let elector = LeaderElector::new(client.clone(), cfg);
-        leader::run_as_leader(elector, metrics.clone(), shutdown.clone(), work).await
+        leader::run_as_leader(elector, metrics.clone(), shutdown.clone(), start).await
     } else {
-        work.await
+        start().await
     };
     if let Err(e) = controller_result {
-        // Losing the Lease ends the process: a restart campaigns again from a clean state.
         error!(error = %e, "controller stopped");
         return Err(e);
     }
     shutdown.await;
-    gateway.await??;
     http.await??;
     Ok(())
 }
@@ -305,66 +331,90 @@ mod tests {
 
     use super::*;
 
-    /// Env twins of every flag of `glm-operator run`.
-    fn run_envs() -> BTreeSet<String> {
+    /// Env twins of every flag of a subcommand.
+    fn envs_of(subcommand: &str) -> BTreeSet<String> {
         let cmd = Cli::command();
-        let run = cmd
-            .find_subcommand("run")
-            .unwrap_or_else(|| panic!("no run subcommand"));
-        run.get_arguments()
+        let sub = cmd
+            .find_subcommand(subcommand)
+            .unwrap_or_else(|| panic!("no {subcommand} subcommand"));
+        sub.get_arguments()
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect()
     }
 
     #[test]
-    fn every_run_flag_has_an_env_twin() {
+    fn every_flag_has_an_env_twin() {
         let cmd = Cli::command();
-        let run = cmd
-            .find_subcommand("run")
-            .unwrap_or_else(|| panic!("no run subcommand"));
-        let missing: Vec<_> = run
-            .get_arguments()
-            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
-            .map(|a| a.get_id().to_string())
-            .collect();
-        assert!(missing.is_empty(), "flags without env twin: {missing:?}");
+        for name in ["controller", "gateway", "render"] {
+            let sub = cmd
+                .find_subcommand(name)
+                .unwrap_or_else(|| panic!("no {name} subcommand"));
+            let missing: Vec<_> = sub
+                .get_arguments()
+                .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+                // render's own flags (-f, -n) are per invocation; its build flags have twins.
+                .filter(|a| {
+                    !(name == "render"
+                        && ["file", "namespace", "service_monitor"].contains(&a.get_id().as_str()))
+                })
+                .map(|a| a.get_id().to_string())
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{name}: flags without env twin: {missing:?}"
+            );
+        }
     }
 
+    /// Every Deployment of the rendered chart runs a subcommand (its first argument) and sets
+    /// only environment variables that subcommand reads.
     #[test]
-    fn the_chart_sets_only_env_vars_the_operator_reads() {
+    fn the_chart_sets_only_env_vars_its_subcommands_read() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../manifests/glm-operator.yaml"
         );
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let deployment = serde_yaml::Deserializer::from_str(&text)
+        let deployments: Vec<Deployment> = serde_yaml::Deserializer::from_str(&text)
             .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
             .filter(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Deployment"))
-            .find_map(|v| serde_yaml::from_value::<Deployment>(v).ok())
-            .unwrap_or_else(|| panic!("no Deployment in {path}"));
-        let known = run_envs();
-        let containers = deployment
-            .spec
-            .and_then(|s| s.template.spec)
-            .map(|p| p.containers)
-            .unwrap_or_default();
-        let names: Vec<String> = containers
-            .iter()
-            .flat_map(|c| c.env.iter().flatten())
-            .map(|e| e.name.clone())
+            .filter_map(|v| serde_yaml::from_value::<Deployment>(v).ok())
             .collect();
-        assert!(names.len() > 5, "{names:?}");
-        for name in names {
-            // RUST_LOG is read by tracing's EnvFilter, not by clap.
-            assert!(
-                name == "RUST_LOG" || known.contains(&name),
-                "the chart sets {name}, which no `glm-operator run` flag reads"
-            );
+        let mut commands = BTreeSet::new();
+        for deployment in deployments {
+            let containers = deployment
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|p| p.containers)
+                .unwrap_or_default();
+            for container in containers {
+                let command = container.args.clone().unwrap_or_default().remove(0);
+                let known = envs_of(&command);
+                let names: Vec<String> = container
+                    .env
+                    .iter()
+                    .flatten()
+                    .map(|e| e.name.clone())
+                    .collect();
+                assert!(names.len() > 4, "{command}: {names:?}");
+                for name in names {
+                    // RUST_LOG is read by tracing's EnvFilter, not by clap.
+                    assert!(
+                        name == "RUST_LOG" || known.contains(&name),
+                        "the chart sets {name}, which `glm-operator {command}` does not read"
+                    );
+                }
+                commands.insert(command);
+            }
         }
+        assert_eq!(
+            commands,
+            BTreeSet::from(["controller".to_owned(), "gateway".to_owned()])
+        );
     }
 
     #[test]
-    fn run_is_the_default_and_env_fills_flags() {
+    fn controller_is_the_default_and_run_its_alias() {
         let cli = Cli::try_parse_from([
             "glm-operator",
             "--leader-election",
@@ -376,11 +426,53 @@ mod tests {
         assert!(cli.command.is_none());
         assert!(!cli.run.leader_election);
         assert_eq!(cli.run.build.api_port, 9000);
+        let run =
+            Cli::try_parse_from(["glm-operator", "run", "--default-cuda-image", "r/x:1-cuda"])
+                .unwrap_or_else(|e| panic!("{e}"));
+        match run.command {
+            Some(Command::Controller(args)) => {
+                assert_eq!(args.build.default_cuda_image, "r/x:1-cuda")
+            }
+            other => panic!("parsed {other:?}"),
+        }
         let render = Cli::try_parse_from(["glm-operator", "render", "-f", "m.yaml", "-n", "ai"])
             .unwrap_or_else(|e| panic!("{e}"));
         match render.command {
             Some(Command::Render(args)) => assert_eq!(args.namespace, "ai"),
             other => panic!("parsed {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_gateway_takes_only_gateway_flags() {
+        let cli = Cli::try_parse_from([
+            "glm-operator",
+            "gateway",
+            "--gateway-port",
+            "18080",
+            "--gateway-connect-to",
+            "a.b.svc:8200=127.0.0.1:1,c.d.svc:8200=127.0.0.1:2",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        match cli.command {
+            Some(Command::Gateway(args)) => {
+                assert_eq!(args.gateway.gateway_port, 18080);
+                assert_eq!(args.gateway.gateway_connect_to.len(), 2);
+            }
+            other => panic!("parsed {other:?}"),
+        }
+        // Leader election is the controller's business.
+        assert!(
+            Cli::try_parse_from(["glm-operator", "gateway", "--leader-election", "true"]).is_err()
+        );
+    }
+
+    #[test]
+    fn lease_timings_must_nest() {
+        let ok = |l, r, p| lease_timings_valid(l, r, p).is_ok();
+        assert!(ok(15, 10, 2));
+        assert!(!ok(10, 10, 2));
+        assert!(!ok(15, 2, 2));
+        assert!(!ok(15, 10, 0));
     }
 }

@@ -46,7 +46,15 @@ pub struct Context {
     pub service_monitors: bool,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<GLMModel>, u32>>,
+    /// resourceVersion of each child as our last apply left it (key: resource URL + name). A
+    /// live object with another version was written since (a hand edit, a controller's status):
+    /// it is re-applied, which restores owned fields and is a no-op write otherwise.
+    applied: Mutex<HashMap<String, String>>,
 }
+
+/// Children remembered in `Context::applied` before the map is reset (it only saves no-op
+/// applies, so forgetting is cheap, and deleted models' entries must not pile up).
+const APPLIED_CAPACITY: usize = 10_000;
 
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Metrics, config: BuildConfig) -> Self {
@@ -57,7 +65,24 @@ impl Context {
             config,
             service_monitors: false,
             failures: Mutex::default(),
+            applied: Mutex::default(),
         }
+    }
+
+    fn applied_version(&self, key: &str) -> Option<String> {
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.get(key).cloned()
+    }
+
+    fn remember_applied(&self, key: String, version: Option<String>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.len() >= APPLIED_CAPACITY {
+            applied.clear();
+        }
+        match version {
+            Some(v) => applied.insert(key, v),
+            None => applied.remove(&key),
+        };
     }
 
     /// Next retry delay for `obj`, counting this failure.
@@ -115,42 +140,19 @@ async fn reconcile_inner(model: &GLMModel, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e.into()),
     };
 
-    let mut notices = Vec::new();
-    let mut created = Vec::new();
-    if let Some(pvc) = &children.pvc {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        if apply(&api, pvc, ctx).await?.previous.is_none() {
-            created.push("PersistentVolumeClaim");
+    let (deployment, notices) = match apply_children(&children, &ns, ctx).await {
+        Ok(applied) => applied,
+        Err(Error::Kube(kube::Error::Api(status))) if refused(&status) => {
+            // A spec the API server refuses (422), a quota or policy denial (403): retrying
+            // alone will not fix it, so say it where `kubectl describe glm` shows it.
+            let dep_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            let live = dep_api.get_opt(&model.name_any()).await?;
+            let problem = Problem::ApplyFailed(status.message.clone());
+            publish_status(model, ctx, live.as_ref(), Some(&problem), Vec::new()).await?;
+            return Err(Error::Kube(kube::Error::Api(status)));
         }
-    }
-    let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    if apply(&svc_api, &children.service, ctx)
-        .await?
-        .previous
-        .is_none()
-    {
-        created.push("Service");
-    }
-    let dep_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let deployment = apply(&dep_api, &children.deployment, ctx).await?;
-    if let Some(monitor) = &children.service_monitor {
-        let api: Api<DynamicObject> = Api::namespaced_with(
-            ctx.client.clone(),
-            &ns,
-            &builders::service_monitor_resource(),
-        );
-        apply(&api, monitor, ctx).await?;
-    }
-    match &deployment.previous {
-        None => {
-            created.insert(0, "Deployment");
-            notices.push(Notice::normal(
-                "Created",
-                format!("Created {}", created.join(", ")),
-            ));
-        }
-        Some(previous) => notices.extend(deployment_changes(previous, &children.deployment)),
-    }
+        Err(e) => return Err(e),
+    };
 
     let problem = if needs_pod_check(model, &deployment.current) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -173,6 +175,61 @@ async fn reconcile_inner(model: &GLMModel, ctx: &Context) -> Result<Action> {
     } else {
         UNSETTLED_REQUEUE
     }))
+}
+
+/// API answers that mean "this object is refused as it is", as opposed to transient failures
+/// (and to a namespace being deleted, where nothing is worth reporting).
+fn refused(status: &kube::core::Status) -> bool {
+    let terminating = status
+        .details
+        .as_ref()
+        .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"));
+    matches!(status.code, 400 | 403 | 422) && !terminating
+}
+
+/// Applies every child; returns the live Deployment and the Events the changes deserve.
+async fn apply_children(
+    children: &Children,
+    ns: &str,
+    ctx: &Context,
+) -> Result<(Applied<Deployment>, Vec<Notice>)> {
+    let mut notices = Vec::new();
+    let mut created = Vec::new();
+    if let Some(pvc) = &children.pvc {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+        if apply(&api, pvc, ctx).await?.previous.is_none() {
+            created.push("PersistentVolumeClaim");
+        }
+    }
+    let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    if apply(&svc_api, &children.service, ctx)
+        .await?
+        .previous
+        .is_none()
+    {
+        created.push("Service");
+    }
+    let dep_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let deployment = apply(&dep_api, &children.deployment, ctx).await?;
+    if let Some(monitor) = &children.service_monitor {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            ctx.client.clone(),
+            ns,
+            &builders::service_monitor_resource(),
+        );
+        apply(&api, monitor, ctx).await?;
+    }
+    match &deployment.previous {
+        None => {
+            created.insert(0, "Deployment");
+            notices.push(Notice::normal(
+                "Created",
+                format!("Created {}", created.join(", ")),
+            ));
+        }
+        Some(previous) => notices.extend(deployment_changes(previous, &children.deployment)),
+    }
+    Ok((deployment, notices))
 }
 
 /// Desired children of one model.
@@ -207,40 +264,37 @@ struct Applied<K> {
     current: K,
 }
 
-/// Server-side apply `desired` unless the live object already carries its hash. Fields other
-/// managers own (a user's annotations, an HPA-free `kubectl scale` of something else) survive.
+/// Server-side apply `desired` unless the live object carries its hash and is still the
+/// version our last apply left. Fields other managers own (a user's annotations, the
+/// Deployment controller's revision) survive; fields we own that someone edited are put back.
 async fn apply<K>(api: &Api<K>, desired: &K, ctx: &Context) -> Result<Applied<K>>
 where
     K: Resource + Clone + Debug + Serialize + DeserializeOwned,
 {
     let name = desired.meta().name.clone().unwrap_or_default();
+    let key = format!("{}/{name}", api.resource_url());
     let live = api.get_opt(&name).await?;
     let wanted = builders::annotation(desired, builders::SPEC_HASH_ANNOTATION);
-    if let Some(live) = live {
-        if wanted.is_some() && builders::annotation(&live, builders::SPEC_HASH_ANNOTATION) == wanted
-        {
+    if let Some(live) = &live {
+        let same_spec = wanted.is_some()
+            && builders::annotation(live, builders::SPEC_HASH_ANNOTATION) == wanted;
+        let untouched = live.meta().resource_version.is_some()
+            && live.meta().resource_version == ctx.applied_version(&key);
+        if same_spec && untouched {
             return Ok(Applied {
                 previous: Some(live.clone()),
-                current: live,
+                current: live.clone(),
             });
         }
-        let current = patch(api, &name, desired).await?;
-        ctx.metrics
-            .applies
-            .with_label_values(&[kind_of(&current)])
-            .inc();
-        return Ok(Applied {
-            previous: Some(live),
-            current,
-        });
     }
     let current = patch(api, &name, desired).await?;
+    ctx.remember_applied(key, current.meta().resource_version.clone());
     ctx.metrics
         .applies
         .with_label_values(&[kind_of(&current)])
         .inc();
     Ok(Applied {
-        previous: None,
+        previous: live,
         current,
     })
 }

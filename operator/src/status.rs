@@ -30,6 +30,11 @@ pub enum Problem {
     Failing(String),
     /// The spec cannot be turned into objects (should have been refused by the schema).
     InvalidSpec(String),
+    /// The ReplicaSet cannot create pods (a ResourceQuota, a LimitRange, an admission webhook):
+    /// the Deployment's `ReplicaFailure` condition.
+    FailedCreate(String),
+    /// The API server refused a child object (422 Invalid, 403 Forbidden, 400): its message.
+    ApplyFailed(String),
 }
 
 impl Problem {
@@ -38,12 +43,18 @@ impl Problem {
             Problem::Unschedulable(_) => "Unschedulable",
             Problem::Failing(_) => "Failing",
             Problem::InvalidSpec(_) => "InvalidSpec",
+            Problem::FailedCreate(_) => "FailedCreate",
+            Problem::ApplyFailed(_) => "ApplyFailed",
         }
     }
 
     fn message(&self) -> &str {
         match self {
-            Problem::Unschedulable(m) | Problem::Failing(m) | Problem::InvalidSpec(m) => m,
+            Problem::Unschedulable(m)
+            | Problem::Failing(m)
+            | Problem::InvalidSpec(m)
+            | Problem::FailedCreate(m)
+            | Problem::ApplyFailed(m) => m,
         }
     }
 }
@@ -97,7 +108,36 @@ pub fn find_problem(deployment: Option<&Deployment>, pods: &[Pod]) -> Option<Pro
     if let Some(msg) = pods.iter().find_map(|p| failing_message(p)) {
         return Some(Problem::Failing(msg));
     }
+    if let Some(msg) = replica_failure(deployment) {
+        return Some(Problem::FailedCreate(msg));
+    }
     deadline_exceeded(deployment).map(Problem::Failing)
+}
+
+/// The Deployment controller copies a ReplicaSet's pod creation failure (quota exceeded,
+/// admission denied) into `ReplicaFailure`; no pod exists to show it.
+fn replica_failure(deployment: Option<&Deployment>) -> Option<String> {
+    deployment_condition(deployment, |c| {
+        c.type_ == "ReplicaFailure" && c.status == "True"
+    })
+    .map(|c| {
+        c.message
+            .clone()
+            .unwrap_or_else(|| "the ReplicaSet cannot create pods".into())
+    })
+}
+
+fn deployment_condition(
+    deployment: Option<&Deployment>,
+    matches: impl Fn(&k8s_openapi::api::apps::v1::DeploymentCondition) -> bool,
+) -> Option<&k8s_openapi::api::apps::v1::DeploymentCondition> {
+    deployment?
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| matches(c))
 }
 
 fn unschedulable_message(pod: &Pod) -> Option<String> {
@@ -144,20 +184,14 @@ fn waiting_failure(c: &ContainerStatus) -> Option<String> {
 }
 
 fn deadline_exceeded(deployment: Option<&Deployment>) -> Option<String> {
-    deployment?
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| {
-            c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-        })
-        .map(|c| {
-            c.message
-                .clone()
-                .unwrap_or_else(|| "rollout exceeded its progress deadline".into())
-        })
+    deployment_condition(deployment, |c| {
+        c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    })
+    .map(|c| {
+        c.message
+            .clone()
+            .unwrap_or_else(|| "rollout exceeded its progress deadline".into())
+    })
 }
 
 /// The status the operator wants written. Conditions keep their `lastTransitionTime` while
@@ -332,6 +366,8 @@ pub fn transitions(old: Option<&GLMModelStatus>, new: &GLMModelStatus) -> Vec<No
             let reason = match n.reason.as_str() {
                 "Unschedulable" => "Unschedulable",
                 "InvalidSpec" => "InvalidSpec",
+                "FailedCreate" => "FailedCreate",
+                "ApplyFailed" => "ApplyFailed",
                 _ => "Failing",
             };
             notices.push(Notice::warning(reason, n.message.clone()));
@@ -350,132 +386,4 @@ pub fn transitions(old: Option<&GLMModelStatus>, new: &GLMModelStatus) -> Vec<No
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::builders::tests::model;
-    use k8s_openapi::api::apps::v1::DeploymentStatus;
-
-    fn deployment(replicas: i32, ready: i32, updated: i32) -> Deployment {
-        Deployment {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                generation: Some(2),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(DeploymentStatus {
-                observed_generation: Some(2),
-                replicas: Some(replicas),
-                ready_replicas: Some(ready),
-                updated_replicas: Some(updated),
-                ..Default::default()
-            }),
-        }
-    }
-
-    fn cond<'a>(s: &'a GLMModelStatus, t: &str) -> &'a Condition {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == t)
-            .unwrap_or_else(|| panic!("no {t}"))
-    }
-
-    fn at(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + secs).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn transition_time_moves_only_when_status_flips() {
-        let cfg = BuildConfig::default();
-        let mut m = model("task: chat\nsource: /m\nreplicas: 2\n");
-        let first = compute(&m, Some(&deployment(2, 0, 2)), None, &cfg, at(0));
-        assert_eq!(cond(&first, "Ready").status, "False");
-        m.status = Some(first.clone());
-        let same = compute(&m, Some(&deployment(2, 0, 2)), None, &cfg, at(60));
-        assert_eq!(same, first, "an unchanged world must yield an equal status");
-        let ready = compute(&m, Some(&deployment(2, 2, 2)), None, &cfg, at(120));
-        assert_eq!(cond(&ready, "Ready").last_transition_time, Time(at(120)));
-        assert_eq!(cond(&ready, "Degraded").last_transition_time, Time(at(0)));
-        assert_eq!(cond(&ready, "Progressing").status, "False");
-        let events = transitions(m.status.as_ref(), &ready);
-        assert_eq!(
-            events.iter().map(|n| n.reason).collect::<Vec<_>>(),
-            ["Ready", "RolledOut"]
-        );
-    }
-
-    #[test]
-    fn scaled_to_zero_is_not_ready_and_not_progressing() {
-        let m = model("task: chat\nsource: /m\nreplicas: 0\n");
-        let s = compute(
-            &m,
-            Some(&deployment(0, 0, 0)),
-            None,
-            &BuildConfig::default(),
-            at(0),
-        );
-        assert_eq!(cond(&s, "Ready").reason, "ScaledToZero");
-        assert_eq!(cond(&s, "Progressing").status, "False");
-        assert_eq!(s.replicas, 0);
-    }
-
-    #[test]
-    fn partially_ready_still_serves() {
-        let m = model("task: chat\nsource: /m\nreplicas: 3\n");
-        let s = compute(
-            &m,
-            Some(&deployment(3, 1, 3)),
-            None,
-            &BuildConfig::default(),
-            at(0),
-        );
-        let ready = cond(&s, "Ready");
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("True", "PartiallyReady")
-        );
-        assert_eq!(cond(&s, "Progressing").reason, "WaitingForReady");
-        assert_eq!(s.ready_replicas, 1);
-    }
-
-    fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn unschedulable_wins_over_failing_and_ignores_running_pods() {
-        let pending = pod("metadata: {name: b}\nstatus:\n  phase: Pending\n  conditions:\n  - {type: PodScheduled, status: 'False', reason: Unschedulable, message: '0/3 nodes are available: 3 Insufficient nvidia.com/gpu.'}\n");
-        let crashing = pod("metadata: {name: a}\nstatus:\n  phase: Running\n  containerStatuses:\n  - {name: inference, image: i, imageID: '', ready: false, restartCount: 3, state: {waiting: {reason: ImagePullBackOff}}}\n");
-        let ok = pod("metadata: {name: c}\nstatus: {phase: Running}\n");
-        assert_eq!(
-            find_problem(None, &[crashing.clone(), pending, ok.clone()]),
-            Some(Problem::Unschedulable(
-                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()
-            ))
-        );
-        assert_eq!(
-            find_problem(None, &[ok.clone(), crashing]),
-            Some(Problem::Failing(
-                "pod a: container inference: ImagePullBackOff".into()
-            ))
-        );
-        assert_eq!(find_problem(None, &[ok]), None);
-    }
-
-    #[test]
-    fn progress_deadline_is_failing() {
-        let mut d = deployment(1, 0, 1);
-        if let Some(s) = d.status.as_mut() {
-            s.conditions = Some(vec![serde_json::from_value(serde_json::json!({
-                "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                "message": "ReplicaSet \"qwen-7d\" has timed out progressing."
-            }))
-            .unwrap_or_else(|e| panic!("{e}"))]);
-        }
-        assert_eq!(
-            find_problem(Some(&d), &[]),
-            Some(Problem::Failing(
-                "ReplicaSet \"qwen-7d\" has timed out progressing.".into()
-            ))
-        );
-    }
-}
+mod tests;

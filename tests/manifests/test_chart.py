@@ -69,80 +69,149 @@ EXPECTED_OPERATOR_GRANTS = (
 SERVICE_MONITOR_GRANTS = grants("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch"])
 
 
+GATEWAY_GRANTS = grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
+
+
+def named(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in by_kind(docs, kind)}
+
+
+def env_of(deployment: dict) -> dict:
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
 def test_default_rbac_is_cluster_wide_and_least_privilege():
     docs = render()
-    [cluster_role] = by_kind(docs, "ClusterRole")
-    assert rules_of(cluster_role) == EXPECTED_OPERATOR_GRANTS
-    [binding] = by_kind(docs, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    roles = named(docs, "ClusterRole")
+    assert set(roles) == {"glm-glm-operator", "glm-glm-operator-gateway"}
+    assert rules_of(roles["glm-glm-operator"]) == EXPECTED_OPERATOR_GRANTS
+    # The gateway only reads GLMModels, with its own ServiceAccount.
+    assert rules_of(roles["glm-glm-operator-gateway"]) == GATEWAY_GRANTS
+    bindings = named(docs, "ClusterRoleBinding")
+    for name, binding in bindings.items():
+        assert binding["roleRef"]["name"] == name
+    assert bindings["glm-glm-operator-gateway"]["subjects"][0]["name"] == "glm-glm-operator-gateway"
+    assert bindings["glm-glm-operator"]["subjects"][0]["name"] == "glm-glm-operator"
     [lease_role] = by_kind(docs, "Role")
     assert lease_role["metadata"]["namespace"] == "glm-system"
     assert rules_of(lease_role) == grants("coordination.k8s.io", ["leases"], ["get", "create", "update"])
-    named = [r for r in lease_role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
-    assert named and all(r.get("resourceNames") == ["glm-operator-leader"] for r in named)
-    [deployment] = by_kind(docs, "Deployment")
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["GLM_LEASE_NAME"] == "glm-operator-leader"
-    assert all("*" not in str(rule) for rule in cluster_role["rules"] + lease_role["rules"])
+    narrowed = [r for r in lease_role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
+    assert narrowed and all(r.get("resourceNames") == ["glm-operator-leader"] for r in narrowed)
+    deployments = named(docs, "Deployment")
+    assert env_of(deployments["glm-glm-operator"])["GLM_LEASE_NAME"] == "glm-operator-leader"
+    every_rule = [r for role in roles.values() for r in role["rules"]] + lease_role["rules"]
+    assert all("*" not in str(rule) for rule in every_rule)
 
 
 def test_watch_namespace_switches_to_namespaced_rbac():
     docs = render("watchNamespace=ml-models")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
-    assert set(roles) == {"ml-models", "glm-system"}
-    assert rules_of(roles["ml-models"]) == EXPECTED_OPERATOR_GRANTS
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
-    assert bindings["ml-models"]["subjects"] == [
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(docs, "Role")}
+    assert set(roles) == {("ml-models", "glm-glm-operator"), ("ml-models", "glm-glm-operator-gateway"),
+                          ("glm-system", "glm-glm-operator-leader-election")}
+    assert rules_of(roles[("ml-models", "glm-glm-operator")]) == EXPECTED_OPERATOR_GRANTS
+    assert rules_of(roles[("ml-models", "glm-glm-operator-gateway")]) == GATEWAY_GRANTS
+    bindings = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in by_kind(docs, "RoleBinding")}
+    assert bindings[("ml-models", "glm-glm-operator")]["subjects"] == [
         {"kind": "ServiceAccount", "name": "glm-glm-operator", "namespace": "glm-system"}
     ]
-    [deployment] = by_kind(docs, "Deployment")
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["GLM_WATCH_NAMESPACE"] == "ml-models"
-    assert env["GLM_GATEWAY_NAMESPACE"] == "ml-models"
+    deployments = named(docs, "Deployment")
+    assert env_of(deployments["glm-glm-operator"])["GLM_WATCH_NAMESPACE"] == "ml-models"
+    assert env_of(deployments["glm-glm-operator-gateway"])["GLM_GATEWAY_NAMESPACE"] == "ml-models"
 
 
 def test_model_service_monitors_never_drops_their_grant():
     docs = render("modelServiceMonitors=never")
-    [cluster_role] = by_kind(docs, "ClusterRole")
-    assert rules_of(cluster_role) == EXPECTED_OPERATOR_GRANTS - SERVICE_MONITOR_GRANTS
-    [deployment] = by_kind(docs, "Deployment")
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["GLM_SERVICE_MONITOR"] == "never"
+    role = named(docs, "ClusterRole")["glm-glm-operator"]
+    assert rules_of(role) == EXPECTED_OPERATOR_GRANTS - SERVICE_MONITOR_GRANTS
+    assert env_of(named(docs, "Deployment")["glm-glm-operator"])["GLM_SERVICE_MONITOR"] == "never"
 
 
 def test_leader_election_off_drops_the_lease_role():
-    docs = render("leaderElection.enabled=false")
+    docs = render("controller.leaderElection.enabled=false")
     assert not by_kind(docs, "Role")
 
 
-def test_deployment_is_hardened_and_probed():
-    [deployment] = by_kind(render(), "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    [container] = pod["containers"]
-    assert container["args"][0] == "run"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    security = container["securityContext"]
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"]["drop"] == ["ALL"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"gateway": 8080, "metrics": 9090}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health"
-        assert container[probe]["httpGet"]["port"] in ports
-    assert container["resources"]["requests"] and container["resources"]["limits"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["GLM_DEFAULT_IMAGE"].startswith("ghcr.io/kubeglm/glm-inference:")
+def test_two_deployments_hardened_and_probed():
+    deployments = named(render(), "Deployment")
+    assert set(deployments) == {"glm-glm-operator", "glm-glm-operator-gateway"}
+    expected = {"glm-glm-operator": ("controller", {"metrics": 9090}, "/health"),
+                "glm-glm-operator-gateway": ("gateway", {"gateway": 8080}, "/ready")}
+    for name, deployment in deployments.items():
+        command, ports, readiness = expected[name]
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert container["args"][0] == command
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
+        assert container["readinessProbe"]["httpGet"]["path"] == readiness
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector["app.kubernetes.io/component"] == command
+    env = env_of(deployments["glm-glm-operator"])
+    assert env["GLM_DEFAULT_IMAGE"] == "ghcr.io/kubeglm/glm-inference:0.1.0"
+    assert env["GLM_DEFAULT_CUDA_IMAGE"] == "ghcr.io/kubeglm/glm-inference:0.1.0-cuda"
 
 
-def test_gateway_service_is_glm_gateway_on_the_gateway_port():
-    services = {s["metadata"]["name"]: s for s in by_kind(render(), "Service")}
-    gateway = services["glm-gateway"]
+def test_gateway_drains_within_its_grace_period():
+    [gateway] = [d for d in by_kind(render("gateway.shutdownDelaySeconds=7", "gateway.drainTimeoutSeconds=120"),
+                                    "Deployment") if d["metadata"]["name"].endswith("-gateway")]
+    env = env_of(gateway)
+    assert (env["GLM_GATEWAY_SHUTDOWN_DELAY"], env["GLM_GATEWAY_DRAIN_TIMEOUT"]) == ("7", "120")
+    assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 7 + 120 + 10
+    assert gateway["spec"]["replicas"] == 2
+
+
+def test_gateway_service_is_glm_gateway_on_the_gateway_pods():
+    docs = render()
+    gateway = named(docs, "Service")["glm-gateway"]
     assert gateway["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "gateway", "protocol": "TCP"}]
-    [deployment] = by_kind(render(), "Deployment")
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert all(labels.get(k) == v for k, v in gateway["spec"]["selector"].items())
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in named(docs, "Deployment").items()}
+    selects = {name for name, labels in pods.items()
+               if all(labels.get(k) == v for k, v in gateway["spec"]["selector"].items())}
+    assert selects == {"glm-glm-operator-gateway"}
+
+
+def test_pod_disruption_budgets_never_block_a_drain():
+    pdbs = named(render(), "PodDisruptionBudget")
+    assert set(pdbs) == {"glm-glm-operator-controller", "glm-glm-operator-gateway"}
+    for pdb in pdbs.values():
+        assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert not by_kind(render("podDisruptionBudget.enabled=false"), "PodDisruptionBudget")
+
+
+def test_network_policies_are_optional_and_scoped():
+    assert not by_kind(render(), "NetworkPolicy")
+    policies = named(render("networkPolicy.enabled=true",
+                            "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ml"), "NetworkPolicy")
+    gateway = policies["glm-glm-operator-gateway"]["spec"]
+    assert gateway["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert gateway["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    to_models = [rule for rule in gateway["egress"] if "to" in rule]
+    assert to_models[0]["ports"] == [{"port": 8200, "protocol": "TCP"}]
+    controller = policies["glm-glm-operator-controller"]["spec"]
+    assert all("to" not in rule for rule in controller["egress"]), "the controller calls only DNS and the API"
+
+
+@pytest.mark.parametrize("bad", [
+    "replicaCount=2",                       # the old top-level key: refused, not silently ignored
+    "gateway.replicaCount=-1",
+    "modelServiceMonitors=sometimes",
+    "inferenceImage=has space",
+    "watchNamespace=Not_A_Namespace",
+    "gateway.port=70000",
+])
+def test_values_schema_refuses_bad_values(bad):
+    helm = require(HELM, "run scripts/install-tools.sh")
+    out = subprocess.run([str(helm), "template", "glm", str(CHART), "--set", bad], capture_output=True, text=True)
+    assert out.returncode != 0, f"accepted {bad}"
+    assert "values don't meet the specifications of the schema" in out.stderr or "at '" in out.stderr, out.stderr
 
 
 def test_service_monitor_only_when_enabled():
@@ -168,7 +237,7 @@ def test_validator_accepts_the_chart_and_rejects_an_unknown_field(tmp_path):
     assert len(good.skipped) == 1  # the ServiceMonitor, reported, not passed
 
     broken = copy.deepcopy(docs)
-    [deployment] = by_kind(broken, "Deployment")
+    deployment = by_kind(broken, "Deployment")[0]
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # typo'd field
     bad = validate_manifests.run([write(tmp_path, "bad.yaml", broken)], [], "1.33.0", quiet=True)
     assert len(bad.failed) == 1 and "Deployment" in bad.failed[0]
@@ -282,6 +351,9 @@ CEL_MODEL = {
         ({"cache": {"size": "lots"}}, "spec.cache.size", "quantity"),
         ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteAlways"]}}, "spec.cache.accessModes", "accessModes"),
         ({"source": "pvc://store/qwen"}, "spec.cache", "cache applies only to hf://"),
+        ({"gpus": 2}, "spec.gpus", "gpus must be 0 or 1"),
+        ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteOncePod"]}, "replicas": 2}, "spec.replicas",
+         "ReadWriteOncePod"),
     ],
 )
 def test_cel_rules_refuse_bad_specs_naming_the_field(tmp_path, change, field, words):
@@ -305,3 +377,22 @@ def test_cel_rule_on_the_object_name():
     with pytest.raises(validate_manifests.jsonschema.ValidationError) as refused:
         schemas.validate(bad)
     assert "DNS-1035" in refused.value.message
+
+
+# --- the security scan must be able to fail ---------------------------------------------------
+
+CHECKOV = ROOT / ".tools" / "checkov" / "bin" / "checkov"
+
+
+def test_the_security_scan_catches_a_weakened_chart(tmp_path):
+    """scripts/scan-chart.sh trusts checkov and the chart's justified skips: a chart that allows
+    privilege escalation must still fail (the skips do not blanket the Deployments)."""
+    checkov = require(CHECKOV, "run scripts/install-tools.sh")
+    docs = render("securityContext.allowPrivilegeEscalation=true")
+    (tmp_path / "chart.yaml").write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    out = subprocess.run([str(checkov), "--framework", "kubernetes", "--directory", str(tmp_path), "--skip-download",
+                          "--skip-check", "CKV2_K8S_6", "--compact", "--quiet"], capture_output=True, text=True)
+    assert out.returncode != 0, out.stdout
+    assert "CKV_K8S_20" in out.stdout, out.stdout
+    failed = {line.split(":")[1].strip() for line in out.stdout.splitlines() if line.startswith("Check: ")}
+    assert failed == {"CKV_K8S_20"}, failed

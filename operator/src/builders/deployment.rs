@@ -7,22 +7,24 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::download::downloader;
 use super::{
     hash_of, labels, pvc_name, selector_labels, stamp_hash, BuildConfig, BuildError, Names, Source,
     TEMPLATE_HASH_ANNOTATION,
 };
 
 const CONTAINER: &str = "inference";
-const MODELS_DIR: &str = "/models";
-const MODELS_VOLUME: &str = "models";
+pub(super) const MODELS_DIR: &str = "/models";
+pub(super) const MODELS_VOLUME: &str = "models";
 
 /// Seconds a model may take to load before the startup probe gives up: big checkpoints read
 /// from network storage take many minutes, and a restart would only start over.
@@ -169,55 +171,6 @@ fn join(base: &str, rel: &str) -> String {
     }
 }
 
-/// Downloads an HF snapshot with `huggingface_hub.snapshot_download`, installed at start into
-/// /tmp so any python image works. A marker file makes restarts with a cache skip the work;
-/// snapshot_download itself resumes partial downloads. Arguments are positional (`$1`..), never
-/// spliced into the script, so spec values cannot inject shell.
-const DOWNLOAD_SCRIPT: &str = r#"set -eu
-dest="$1"; repo="$2"; rev="$3"; gguf="$4"
-if [ -f "$dest/.glm-complete" ]; then echo "weights for $repo@$rev already in $dest"; exit 0; fi
-mkdir -p "$dest"
-python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --target /tmp/pip 'huggingface_hub>=0.24'
-PYTHONPATH=/tmp/pip python3 - "$repo" "$rev" "$dest" "$gguf" <<'PY'
-import sys
-from huggingface_hub import snapshot_download
-repo, rev, dest, gguf = sys.argv[1:5]
-# With a GGUF file only that file and the small metadata files are needed, not every quantization.
-patterns = [gguf, "*.json", "*.txt", "*.model", "*.jinja"] if gguf else None
-snapshot_download(repo_id=repo, revision=rev, local_dir=dest, allow_patterns=patterns)
-PY
-touch "$dest/.glm-complete"
-"#;
-
-fn downloader(model: &GLMModel, repo: &str, revision: &str, dest: &str) -> Container {
-    let mut env = vec![
-        env("HOME", "/tmp"),
-        env("HF_HOME", "/tmp/hf-home"),
-        env("HF_HUB_DISABLE_TELEMETRY", "1"),
-    ];
-    // The user's env (e.g. HF_TOKEN from a Secret, HF_ENDPOINT for a mirror) applies here too.
-    env = merge_env(env, &model.spec.env);
-    Container {
-        name: "download".into(),
-        image: None, // filled by pod_spec from the operator config
-        command: Some(vec!["sh".into(), "-c".into(), DOWNLOAD_SCRIPT.into()]),
-        args: Some(vec![
-            "download".into(), // $0
-            dest.into(),
-            repo.into(),
-            revision.into(),
-            model.spec.gguf.clone().unwrap_or_default(),
-        ]),
-        env: Some(env),
-        volume_mounts: Some(vec![
-            mount(MODELS_VOLUME, MODELS_DIR, false),
-            mount("tmp", "/tmp", false),
-        ]),
-        security_context: Some(container_security()),
-        ..Container::default()
-    }
-}
-
 fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
     let spec = &model.spec;
     let mut volumes = vec![
@@ -237,7 +190,7 @@ fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
         volumes: Some(volumes),
         node_selector: non_empty_map(&spec.node_selector),
         tolerations: non_empty(&spec.tolerations),
-        affinity: spec.affinity.clone(),
+        affinity: affinity(model),
         runtime_class_name: spec.runtime_class_name.clone(),
         priority_class_name: spec.priority_class_name.clone(),
         security_context: Some(PodSecurityContext {
@@ -246,6 +199,9 @@ fn pod_spec(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> PodSpec {
             run_as_group: Some(cfg.run_as_user),
             // Makes the weights PVC writable by the non-root downloader.
             fs_group: Some(cfg.run_as_user),
+            // Without it the kubelet re-chowns every file of the weights cache at each start,
+            // minutes for a large model on network storage.
+            fs_group_change_policy: Some("OnRootMismatch".into()),
             seccomp_profile: Some(runtime_default()),
             ..PodSecurityContext::default()
         }),
@@ -302,11 +258,7 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
 
     Container {
         name: CONTAINER.into(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| cfg.default_image.clone()),
-        ),
+        image: Some(image(model, cfg)),
         command: Some(vec!["glm-inference".into()]),
         args: Some(args),
         env: Some(env),
@@ -332,6 +284,54 @@ fn server(model: &GLMModel, cfg: &BuildConfig, weights: &Weights) -> Container {
         security_context: Some(container_security()),
         ..Container::default()
     }
+}
+
+/// `spec.image`, else the operator's CUDA image for GPU models (they run with `GLM_DEVICE=cuda`,
+/// which a CPU build refuses) and its CPU image for the rest.
+pub fn image(model: &GLMModel, cfg: &BuildConfig) -> String {
+    match &model.spec.image {
+        Some(image) => image.clone(),
+        None if model.spec.gpus > 0 => cfg.default_cuda_image.clone(),
+        None => cfg.default_image.clone(),
+    }
+}
+
+/// The user's affinity, plus, when the weights cache can be mounted on one node only
+/// (ReadWriteOnce), a required affinity to the model's own pods on the same node: replicas and
+/// rollouts then never wait on a volume attached elsewhere (Multi-Attach), and a node without
+/// room makes them Unschedulable, which status reports with the scheduler's message.
+fn affinity(model: &GLMModel) -> Option<Affinity> {
+    let mut affinity = model.spec.affinity.clone();
+    let name = model.metadata.name.as_deref()?;
+    let single_node = model
+        .spec
+        .cache
+        .as_ref()
+        .is_some_and(glm_crds::CacheSpec::single_node);
+    if !single_node
+        || !matches!(
+            Source::parse(&model.spec.source),
+            Ok(Source::HuggingFace { .. })
+        )
+    {
+        return affinity;
+    }
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(name)),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..PodAffinityTerm::default()
+    };
+    affinity
+        .get_or_insert_with(Affinity::default)
+        .pod_affinity
+        .get_or_insert_with(PodAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new)
+        .push(term);
+    affinity
 }
 
 /// The user's requests/limits plus `gpus` of the GPU resource in both (extended resources
@@ -368,7 +368,7 @@ fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
     }
 }
 
-fn container_security() -> SecurityContext {
+pub(super) fn container_security() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
         read_only_root_filesystem: Some(true),
@@ -400,7 +400,7 @@ fn empty_dir(name: &str, medium: Option<&str>) -> Volume {
     }
 }
 
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+pub(super) fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -409,7 +409,7 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
+pub(super) fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
@@ -419,7 +419,7 @@ fn env(name: &str, value: &str) -> EnvVar {
 
 /// Operator defaults overridden by the user's variables of the same name. Duplicate names would
 /// make server-side apply refuse the object (env is a list-map keyed by name).
-fn merge_env(mut base: Vec<EnvVar>, user: &[EnvVar]) -> Vec<EnvVar> {
+pub(super) fn merge_env(mut base: Vec<EnvVar>, user: &[EnvVar]) -> Vec<EnvVar> {
     for var in user {
         match base.iter_mut().find(|b| b.name == var.name) {
             Some(existing) => *existing = var.clone(),

@@ -4,11 +4,13 @@
 //! what the controller would apply.
 
 mod deployment;
+mod download;
 mod pvc;
 mod service;
 mod source;
 
-pub use deployment::deployment;
+pub use deployment::{deployment, image};
+pub use download::{download_marker, HUB_PACKAGE};
 pub use pvc::{pvc, pvc_name};
 pub use service::{service, service_monitor, service_monitor_resource};
 pub use source::Source;
@@ -29,11 +31,18 @@ pub const SPEC_HASH_ANNOTATION: &str = "kubeglm.io/spec-hash";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "kubeglm.io/template-hash";
 pub const MODEL_LABEL: &str = "kubeglm.io/model";
 
+/// Inference image of CPU models (`--default-image`).
+pub const DEFAULT_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest";
+/// Inference image of GPU models (`--default-cuda-image`): the CUDA build of the same version.
+pub const DEFAULT_CUDA_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest-cuda";
+
 /// Operator-wide settings the builders need (filled from the CLI, see `config.rs`).
 #[derive(Clone, Debug)]
 pub struct BuildConfig {
-    /// Image when `spec.image` is unset.
+    /// Image when `spec.image` is unset and the model uses no GPU (a CPU build).
     pub default_image: String,
+    /// Image when `spec.image` is unset and `gpus > 0` (a CUDA build).
+    pub default_cuda_image: String,
     /// Image of the init container that downloads `hf://` sources (needs `python3`).
     pub downloader_image: String,
     /// Port `glm-inference` listens on (`API_PORT`), also the Service port.
@@ -47,7 +56,8 @@ pub struct BuildConfig {
 impl Default for BuildConfig {
     fn default() -> Self {
         Self {
-            default_image: "ghcr.io/kubeglm/glm-inference:latest".into(),
+            default_image: DEFAULT_IMAGE.into(),
+            default_cuda_image: DEFAULT_CUDA_IMAGE.into(),
             downloader_image: "docker.io/library/python:3.12-slim".into(),
             api_port: 8200,
             cluster_domain: "cluster.local".into(),
@@ -183,3 +193,5 @@ pub fn annotation<'a, T: Resource>(obj: &'a T, key: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod weights_tests;

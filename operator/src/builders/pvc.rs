@@ -26,11 +26,7 @@ pub fn pvc(model: &GLMModel) -> Result<Option<PersistentVolumeClaim>, BuildError
     ) {
         return Ok(None);
     }
-    let access_modes = if cache.access_modes.is_empty() {
-        vec!["ReadWriteOnce".to_owned()]
-    } else {
-        cache.access_modes.clone()
-    };
+    let access_modes = cache.effective_access_modes();
     Ok(Some(stamp_hash(PersistentVolumeClaim {
         metadata: names.meta(pvc_name(&names.name)),
         spec: Some(PersistentVolumeClaimSpec {

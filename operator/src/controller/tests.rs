@@ -86,11 +86,28 @@ impl ApiServerVerifier {
         body
     }
 
+    /// A server-side apply answered with `live` (the object as stored, resourceVersion included).
+    async fn apply_answering(&mut self, path: &str, live: &Value) -> Value {
+        let (req, send) = self.expect(Method::PATCH, path).await;
+        assert!(req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .contains("fieldManager=glm-operator"));
+        let body = body_json(req).await;
+        reply(send, StatusCode::OK, live);
+        body
+    }
+
     async fn fail(&mut self, method: Method, path: &str, code: StatusCode) {
+        self.fail_with(method, path, code, "injected failure").await;
+    }
+
+    async fn fail_with(&mut self, method: Method, path: &str, code: StatusCode, message: &str) {
         let (_, send) = self.expect(method, path).await;
         let status = json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": "injected failure", "reason": code.canonical_reason().unwrap_or(""),
+            "message": message, "reason": code.canonical_reason().unwrap_or(""),
             "code": code.as_u16()
         });
         reply(send, code, &status);
@@ -153,7 +170,17 @@ fn to_value<T: serde::Serialize>(t: &T) -> Value {
     serde_json::to_value(t).unwrap_or_else(|e| panic!("serialize: {e}"))
 }
 
+/// An operator that applied the live children itself (their resourceVersions are known).
 fn context() -> (Arc<Context>, ApiServerVerifier) {
+    let (ctx, api) = fresh_context();
+    for (path, version) in [(DEPLOY_PATH, "100"), (SVC_PATH, "200"), (PVC_PATH, "300")] {
+        ctx.remember_applied(path.to_owned(), Some(version.to_owned()));
+    }
+    (ctx, api)
+}
+
+/// An operator just started: it has applied nothing yet.
+fn fresh_context() -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NS);
     let ctx = Context::new(
@@ -174,6 +201,7 @@ fn deploy_status(replicas: i32, ready: i32, updated: i32) -> Value {
 fn live_deployment(m: &GLMModel, ready: i32) -> Deployment {
     let mut d = builders::deployment(m, &BuildConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     d.metadata.generation = Some(1);
+    d.metadata.resource_version = Some("100".into());
     d.status = Some(DeploymentStatus {
         observed_generation: Some(1),
         replicas: Some(m.spec.replicas),
@@ -186,7 +214,9 @@ fn live_deployment(m: &GLMModel, ready: i32) -> Deployment {
 }
 
 fn live_service(m: &GLMModel) -> Value {
-    to_value(&builders::service(m, &BuildConfig::default()).unwrap_or_else(|e| panic!("{e}")))
+    let mut svc = builders::service(m, &BuildConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    svc.metadata.resource_version = Some("200".into());
+    to_value(&svc)
 }
 
 /// A model whose stored status is what the operator wrote for `deployment`.
@@ -278,20 +308,29 @@ async fn create_applies_children_and_reports_status() {
 
 #[tokio::test]
 async fn second_pass_with_nothing_changed_writes_nothing() {
-    let (ctx, mut api) = context();
-    let live = live_deployment(&model(GPU_SPEC), 3);
-    let m = settled(GPU_SPEC, &live);
+    let (ctx, mut api) = fresh_context();
+    let live = to_value(&live_deployment(&model(GPU_SPEC), 3));
+    let m = settled(GPU_SPEC, &live_deployment(&model(GPU_SPEC), 3));
     let svc = live_service(&m);
     let server = tokio::spawn(async move {
+        // A fresh operator does not know who wrote the live versions: one apply each (a no-op
+        // for the API server) records them.
+        api.get(SVC_PATH, Some(svc.clone())).await;
+        api.apply_answering(SVC_PATH, &svc).await;
+        api.get(DEPLOY_PATH, Some(live.clone())).await;
+        api.apply_answering(DEPLOY_PATH, &live).await;
+        // All replicas ready, status unchanged: no pod list, no patch, no event; and the
+        // next pass only reads.
         api.get(SVC_PATH, Some(svc)).await;
-        api.get(DEPLOY_PATH, Some(to_value(&live))).await;
-        // All replicas ready, status unchanged: no pod list, no patch, no event.
+        api.get(DEPLOY_PATH, Some(live)).await;
         api
     });
-    let action = run_reconcile(m, ctx.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
+    for _ in 0..2 {
+        let action = run_reconcile(m.clone(), ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
+    }
     let api = server.await.unwrap_or_else(|e| panic!("{e}"));
     drop(ctx);
     api.done().await;
@@ -635,7 +674,7 @@ fn status_status_roundtrips() {
 #[tokio::test]
 async fn second_pass_with_a_cache_writes_nothing_either() {
     const SPEC: &str = "task: chat\nsource: hf://Qwen/Qwen2.5-0.5B\ngpus: 1\ncache: {size: 10Gi}\n";
-    let (ctx, mut api) = context();
+    let (ctx, mut api) = fresh_context();
     let live = live_deployment(&model(SPEC), 1);
     let m = settled(SPEC, &live);
     let pvc = to_value(
@@ -645,22 +684,34 @@ async fn second_pass_with_a_cache_writes_nothing_either() {
             .unwrap_or_else(|| panic!("no pvc")),
     );
     let svc = live_service(&m);
+    let live = to_value(&live);
+    let mut pvc = pvc;
+    pvc["metadata"]["resourceVersion"] = json!("300");
     let server = tokio::spawn(async move {
+        api.get(PVC_PATH, Some(pvc.clone())).await;
+        api.apply_answering(PVC_PATH, &pvc).await;
+        api.get(SVC_PATH, Some(svc.clone())).await;
+        api.apply_answering(SVC_PATH, &svc).await;
+        api.get(DEPLOY_PATH, Some(live.clone())).await;
+        api.apply_answering(DEPLOY_PATH, &live).await;
         api.get(PVC_PATH, Some(pvc)).await;
         api.get(SVC_PATH, Some(svc)).await;
-        api.get(DEPLOY_PATH, Some(to_value(&live))).await;
+        api.get(DEPLOY_PATH, Some(live)).await;
         api
     });
-    let action = run_reconcile(m, ctx.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
+    for _ in 0..2 {
+        let action = run_reconcile(m.clone(), ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(action, Action::requeue(SETTLED_REQUEUE));
+    }
     assert_eq!(
         ctx.metrics
             .applies
             .with_label_values(&["PersistentVolumeClaim"])
             .get(),
-        0
+        1,
+        "only the first pass applies"
     );
     let api = server.await.unwrap_or_else(|e| panic!("{e}"));
     drop(ctx);
@@ -695,3 +746,5 @@ async fn conflict_on_the_status_patch_fails_and_retries_later() {
     drop(ctx);
     api.done().await;
 }
+
+mod apply;

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
@@ -23,6 +24,7 @@ pub mod watch;
 #[cfg(test)]
 mod tests;
 
+pub use lifecycle::{ConnectTo, Drain, Readiness};
 pub use metrics::GatewayMetrics;
 pub use proxy::{router, GatewayState};
 pub use routing::RoutingTable;
@@ -70,6 +72,34 @@ pub struct GatewayConfig {
     /// Largest request body accepted, in bytes.
     #[arg(long = "gateway-max-body-bytes", env = "GLM_GATEWAY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub gateway_max_body_bytes: usize,
+
+    /// Seconds to keep serving after SIGTERM with /ready failing, while the Service withdraws
+    /// this pod.
+    #[arg(
+        long = "gateway-shutdown-delay",
+        env = "GLM_GATEWAY_SHUTDOWN_DELAY",
+        default_value_t = 5
+    )]
+    pub gateway_shutdown_delay_secs: u64,
+
+    /// Seconds in-flight requests (streams included) may take to finish once the listener
+    /// closed; the rest are cut. Keep the pod's terminationGracePeriodSeconds above
+    /// shutdown delay + drain timeout.
+    #[arg(
+        long = "gateway-drain-timeout",
+        env = "GLM_GATEWAY_DRAIN_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub gateway_drain_timeout_secs: u64,
+
+    /// Reach an endpoint at another address: `HOST:PORT=HOST:PORT`, comma-separated (like curl's
+    /// --connect-to). For a gateway outside the cluster (tests, port-forwards); empty in-cluster.
+    #[arg(
+        long = "gateway-connect-to",
+        env = "GLM_GATEWAY_CONNECT_TO",
+        value_delimiter = ','
+    )]
+    pub gateway_connect_to: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +111,9 @@ impl Default for GatewayConfig {
             gateway_connect_timeout_secs: 5,
             gateway_read_timeout_secs: 600,
             gateway_max_body_bytes: 32 * 1024 * 1024,
+            gateway_shutdown_delay_secs: 5,
+            gateway_drain_timeout_secs: 300,
+            gateway_connect_to: Vec::new(),
         }
     }
 }
@@ -98,24 +131,39 @@ impl GatewayConfig {
     }
 }
 
-/// Runs the gateway until `shutdown` resolves (then drains in-flight requests).
+/// Runs the gateway until `shutdown` resolves, then drains in-flight requests (see
+/// [`lifecycle`]).
 pub async fn run(
     client: kube::Client,
     cfg: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let connect_to = ConnectTo::parse(&cfg.gateway_connect_to).map_err(anyhow::Error::msg)?;
     let metrics = GatewayMetrics::new().context("registering gateway metrics")?;
+    let readiness = Readiness::default();
     let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(RoutingTable::default()));
     let api: Api<GLMModel> = match &cfg.gateway_namespace {
         Some(namespace) => Api::namespaced(client, namespace),
         None => Api::all(client),
     };
-    let watcher = tokio::spawn(watch::maintain_table(api, table_tx, metrics.clone()));
+    let watcher = tokio::spawn(watch::maintain_table(
+        api,
+        table_tx,
+        metrics.clone(),
+        readiness.clone(),
+    ));
 
     let upstream = cfg
         .upstream_client()
         .context("building the upstream HTTP client")?;
-    let state = GatewayState::new(table_rx, upstream, metrics, cfg.gateway_max_body_bytes);
+    let state = GatewayState::new(
+        table_rx,
+        upstream,
+        metrics,
+        cfg.gateway_max_body_bytes,
+        readiness.clone(),
+    )
+    .with_connect_to(connect_to);
     let app = router(state).layer(TraceLayer::new_for_http());
 
     let address = (cfg.gateway_bind_address, cfg.gateway_port);
@@ -123,9 +171,11 @@ pub async fn run(
         .await
         .with_context(|| format!("binding the gateway to {}:{}", address.0, address.1))?;
     tracing::info!(address = %listener.local_addr()?, namespace = ?cfg.gateway_namespace, "gateway listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let drain = Drain {
+        delay: Duration::from_secs(cfg.gateway_shutdown_delay_secs),
+        timeout: Duration::from_secs(cfg.gateway_drain_timeout_secs),
+    };
+    let served = lifecycle::serve_with_drain(listener, app, readiness, drain, shutdown).await;
     watcher.abort();
     served.context("gateway server failed")
 }

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use super::{
     error::GatewayError,
+    lifecycle::{ConnectTo, Readiness},
     metrics::{GatewayMetrics, UNROUTED},
     routing::{Lookup, Route, RoutingTable},
 };
@@ -43,6 +44,8 @@ pub struct GatewayState {
     client: reqwest::Client,
     metrics: GatewayMetrics,
     max_body_bytes: usize,
+    readiness: Readiness,
+    connect_to: Arc<ConnectTo>,
 }
 
 impl GatewayState {
@@ -51,13 +54,21 @@ impl GatewayState {
         client: reqwest::Client,
         metrics: GatewayMetrics,
         max_body_bytes: usize,
+        readiness: Readiness,
     ) -> Self {
         Self {
             table,
             client,
             metrics,
             max_body_bytes,
+            readiness,
+            connect_to: Arc::default(),
         }
+    }
+
+    pub fn with_connect_to(mut self, connect_to: ConnectTo) -> Self {
+        self.connect_to = Arc::new(connect_to);
+        self
     }
 
     fn table(&self) -> Arc<RoutingTable> {
@@ -71,6 +82,7 @@ pub fn router(state: GatewayState) -> Router {
         .route("/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics));
     for path in FORWARDED_PATHS {
         router = router.route(
@@ -134,6 +146,22 @@ async fn get_model(
 
 async fn health(State(state): State<GatewayState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "ready_models": state.table().len()}))
+}
+
+/// The readiness probe: 503 until the first full list of GLMModels is routed, and again from
+/// SIGTERM on, so a Service sends no traffic to a gateway that would answer 404 or go away.
+async fn ready(State(state): State<GatewayState>) -> Response {
+    let models = state.table().len();
+    match state.readiness.not_ready_reason() {
+        None => {
+            Json(serde_json::json!({"status": "ready", "ready_models": models})).into_response()
+        }
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": reason, "ready_models": models})),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(state): State<GatewayState>) -> Response {
@@ -256,11 +284,8 @@ async fn send_upstream(
 ) -> Result<reqwest::Response, GatewayError> {
     let model = route.served_name.as_str();
     // Concatenate rather than Url::join so an endpoint with a path prefix keeps it.
-    let url = format!(
-        "{}{}",
-        route.endpoint.as_str().trim_end_matches('/'),
-        path_and_query
-    );
+    let endpoint = state.connect_to.apply(route.endpoint.as_str());
+    let url = format!("{}{}", endpoint.trim_end_matches('/'), path_and_query);
     let mut forwarded = forwardable(headers);
     forwarded.remove(header::CONTENT_LENGTH);
     tracing::debug!(model, %url, "forwarding");

@@ -23,7 +23,7 @@ use super::{
     metrics::GatewayMetrics,
     proxy::{router, GatewayState, ModelList},
     routing::{ModelRecord, RoutingTable},
-    GatewayConfig,
+    GatewayConfig, Readiness,
 };
 
 /// `tokio-stream` is not a dependency of this crate: a minimal receiver stream is enough here.
@@ -134,7 +134,13 @@ async fn closed_port() -> SocketAddr {
     listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn harness(max_body_bytes: usize) -> Harness {
+/// A chat upstream on loopback streaming what is pushed into the returned sender; it reports
+/// every request it sees on the returned receiver.
+async fn chat_upstream() -> (
+    SocketAddr,
+    mpsc::Sender<Bytes>,
+    mpsc::UnboundedReceiver<(HeaderMap, Value)>,
+) {
     let (chunks_tx, chunks_rx) = mpsc::channel(16);
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     let chat = serve(
@@ -146,6 +152,11 @@ async fn harness(max_body_bytes: usize) -> Harness {
             }),
     )
     .await;
+    (chat, chunks_tx, seen_rx)
+}
+
+async fn harness(max_body_bytes: usize) -> Harness {
+    let (chat, chunks_tx, seen_rx) = chat_upstream().await;
     let embed = serve(Router::new().route("/v1/embeddings", post(embeddings))).await;
     let down = closed_port().await;
 
@@ -177,6 +188,7 @@ async fn harness(max_body_bytes: usize) -> Harness {
         upstream,
         metrics,
         max_body_bytes,
+        Readiness::synced(),
     )))
     .await;
     let client = reqwest::Client::builder()
@@ -488,3 +500,5 @@ async fn health_and_metrics() {
         "{text}"
     );
 }
+
+mod drain;

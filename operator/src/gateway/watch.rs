@@ -12,6 +12,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::{
+    lifecycle::Readiness,
     metrics::GatewayMetrics,
     routing::{ModelRecord, RoutingTable},
 };
@@ -34,12 +35,14 @@ pub fn table_from_models<'a>(models: impl IntoIterator<Item = &'a GLMModel>) -> 
     RoutingTable::build(&records)
 }
 
-/// Watches GLMModels until the task is dropped, publishing a new table whenever routing changes.
-/// Watch errors are retried with backoff: the last good table keeps serving meanwhile.
+/// Watches GLMModels until the task is dropped, publishing a new table whenever routing changes,
+/// and marks `readiness` synced once the first full list is in. Watch errors are retried with
+/// backoff: the last good table keeps serving meanwhile.
 pub async fn maintain_table(
     api: Api<GLMModel>,
     table: watch::Sender<Arc<RoutingTable>>,
     metrics: GatewayMetrics,
+    readiness: Readiness,
 ) {
     let (store, writer) = reflector::store::<GLMModel>();
     let events = watcher(api, watcher::Config::default().any_semantic())
@@ -51,7 +54,7 @@ pub async fn maintain_table(
             // While a (re)list is in flight the store still holds the previous full list; wait
             // for InitDone rather than publish a half-listed table.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(_) => {
+            Ok(event) => {
                 metrics.watch_event("ok");
                 let models = store.state();
                 publish(
@@ -59,6 +62,9 @@ pub async fn maintain_table(
                     table_from_models(models.iter().map(Arc::as_ref)),
                     &metrics,
                 );
+                if matches!(event, watcher::Event::InitDone) {
+                    readiness.mark_synced();
+                }
             }
             Err(err) => {
                 metrics.watch_event("error");

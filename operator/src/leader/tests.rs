@@ -107,18 +107,85 @@ async fn a_fresh_lease_held_by_another_is_left_alone() {
     server.await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Expiry is measured on the local monotonic clock from when the record was first seen, never
+/// from `renewTime` (which another node's clock wrote): a renewTime far in the past (or in the
+/// future) changes nothing.
 #[tokio::test]
-async fn an_expired_lease_is_taken_over_with_optimistic_concurrency() {
+async fn a_lease_is_taken_over_only_after_going_unchanged_for_its_duration() {
     let (e, mut h) = elector("pod-b");
     let now = Timestamp::now();
-    let stale = Timestamp::from_second(now.as_second() - 60).unwrap_or(now);
+    let skewed = Timestamp::from_second(now.as_second() - 3600).unwrap_or(now);
     let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (_, send) = next(&mut h, Method::GET, LEASE).await;
+            reply(send, 200, &lease(Some("pod-a"), skewed, 3));
+        }
         let (_, send) = next(&mut h, Method::GET, LEASE).await;
-        reply(send, 200, &lease(Some("pod-a"), stale, 3));
+        reply(send, 200, &lease(Some("pod-a"), skewed, 3));
         let (body, send) = next(&mut h, Method::PUT, LEASE).await;
         assert_eq!(body["metadata"]["resourceVersion"], "42");
         assert_eq!(body["spec"]["holderIdentity"], "pod-b");
         assert_eq!(body["spec"]["leaseTransitions"], 4);
+        reply(send, 200, &body);
+    });
+    let t0 = Instant::now();
+    let at = |secs| t0 + Duration::from_secs(secs);
+    assert!(
+        !e.try_acquire_or_renew_at(now, at(0)).await.unwrap_or(true),
+        "first sight"
+    );
+    assert!(
+        !e.try_acquire_or_renew_at(now, at(14)).await.unwrap_or(true),
+        "14 s < 15 s"
+    );
+    assert!(
+        e.try_acquire_or_renew_at(now, at(16))
+            .await
+            .unwrap_or(false),
+        "16 s unchanged"
+    );
+    server.await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_renewal_seen_restarts_the_clock() {
+    let (e, mut h) = elector("pod-b");
+    let t0 = Timestamp::now();
+    let t1 = Timestamp::from_second(t0.as_second() + 10).unwrap_or(t0);
+    let server = tokio::spawn(async move {
+        let records = [t0, t1, t1];
+        for renewed in records {
+            let (_, send) = next(&mut h, Method::GET, LEASE).await;
+            reply(send, 200, &lease(Some("pod-a"), renewed, 3));
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(300), h.next_request()).await;
+        assert!(
+            matches!(extra, Err(_) | Ok(None)),
+            "standby wrote the lease"
+        );
+    });
+    let start = Instant::now();
+    let at = |secs| start + Duration::from_secs(secs);
+    assert!(!e.try_acquire_or_renew_at(t0, at(0)).await.unwrap_or(true));
+    // pod-a renewed: 12 s since the first record, 0 s since this one.
+    assert!(!e.try_acquire_or_renew_at(t0, at(12)).await.unwrap_or(true));
+    assert!(
+        !e.try_acquire_or_renew_at(t0, at(24)).await.unwrap_or(true),
+        "12 s since the renewal"
+    );
+    drop(e);
+    server.await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once() {
+    let (e, mut h) = elector("pod-b");
+    let now = Timestamp::now();
+    let server = tokio::spawn(async move {
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        reply(send, 200, &lease(None, now, 3));
+        let (body, send) = next(&mut h, Method::PUT, LEASE).await;
+        assert_eq!(body["spec"]["holderIdentity"], "pod-b");
         reply(send, 200, &body);
     });
     assert!(e.try_acquire_or_renew(now).await.unwrap_or(false));
@@ -172,35 +239,135 @@ async fn the_holder_renews_and_releases() {
     server.await.unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[tokio::test]
-async fn leader_that_loses_the_lease_stops_work() {
-    let (e, mut h) = elector("pod-a");
+/// Sets its flag when dropped: tells whether the leader's work was stopped.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn fast(e: LeaderElector) -> LeaderElector {
     let mut cfg = e.cfg.clone();
     cfg.retry_period = Duration::from_millis(20);
-    let e = LeaderElector { api: e.api, cfg };
+    cfg.renew_deadline = Duration::from_millis(500);
+    LeaderElector::new_with_api(e.api, cfg)
+}
+
+#[tokio::test]
+async fn a_leader_that_loses_the_lease_stops_work_and_campaigns_again() {
+    let (e, mut h) = elector("pod-a");
+    let e = fast(e);
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let flag = stopped.clone();
     let server = tokio::spawn(async move {
         // campaign: acquire
         let (_, send) = next(&mut h, Method::GET, LEASE).await;
         reply(send, 404, &status(404, "NotFound"));
         let (body, send) = next(&mut h, Method::POST, LEASES).await;
         reply(send, 201, &body);
-        // renewal finds another holder
+        // renewal finds another holder: the work must stop before the next request
         let (_, send) = next(&mut h, Method::GET, LEASE).await;
         reply(send, 200, &lease(Some("pod-z"), Timestamp::now(), 5));
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        assert!(
+            flag.load(std::sync::atomic::Ordering::SeqCst),
+            "work still running"
+        );
+        reply(send, 200, &lease(Some("pod-z"), Timestamp::now(), 5));
+        let _ = shutdown_tx.send(());
     });
     let metrics = Metrics::default();
-    let work = std::future::pending::<anyhow::Result<()>>();
+    let mut starts = 0;
     let res = tokio::time::timeout(
         Duration::from_secs(5),
-        run_as_leader(e, metrics.clone(), std::future::pending(), work),
+        run_as_leader(
+            e,
+            metrics.clone(),
+            async {
+                let _ = shutdown_rx.await;
+            },
+            || {
+                starts += 1;
+                let guard = DropFlag(stopped.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<anyhow::Result<()>>().await
+                }
+            },
+        ),
     )
     .await
-    .unwrap_or_else(|_| panic!("leader kept working after losing the lease"));
-    let err = res.expect_err("losing the lease must end the work with an error");
-    assert!(
-        err.to_string().contains("taken by another replica"),
-        "{err}"
-    );
+    .unwrap_or_else(|_| panic!("the standby did not stop on shutdown"));
+    res.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(starts, 1);
     assert_eq!(metrics.leader.get(), 0);
+    server.await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_hung_renewal_ends_leadership_at_the_renew_deadline() {
+    let (e, mut h) = elector("pod-a");
+    let e = fast(e);
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stopped.clone();
+    let server = tokio::spawn(async move {
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        reply(send, 404, &status(404, "NotFound"));
+        let (body, send) = next(&mut h, Method::POST, LEASES).await;
+        reply(send, 201, &body);
+        // The renewal is accepted and never answered ...
+        let held = h.next_request().await;
+        let asked = std::time::Instant::now();
+        // ... and the next request is a campaign, after the work stopped.
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        assert!(
+            flag.load(std::sync::atomic::Ordering::SeqCst),
+            "work still running"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            asked.elapsed()
+        );
+        drop(held);
+        reply(send, 200, &lease(Some("pod-z"), Timestamp::now(), 5));
+    });
+    let campaign = run_as_leader(e, Metrics::default(), std::future::pending(), || {
+        let guard = DropFlag(stopped.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<anyhow::Result<()>>().await
+        }
+    });
+    // The campaign never ends by itself: stop it once the server saw what it expected.
+    tokio::select! {
+        _ = campaign => panic!("campaign ended"),
+        res = server => res.unwrap_or_else(|e| panic!("{e}")),
+    }
+}
+
+#[tokio::test]
+async fn work_that_fails_releases_the_lease_and_returns_the_error() {
+    let (e, mut h) = elector("pod-a");
+    let e = fast(e);
+    let server = tokio::spawn(async move {
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        reply(send, 404, &status(404, "NotFound"));
+        let (body, send) = next(&mut h, Method::POST, LEASES).await;
+        reply(send, 201, &body);
+        let (_, send) = next(&mut h, Method::GET, LEASE).await;
+        reply(send, 200, &lease(Some("pod-a"), Timestamp::now(), 0));
+        let (body, send) = next(&mut h, Method::PUT, LEASE).await;
+        assert!(body["spec"]["holderIdentity"].is_null(), "released");
+        reply(send, 200, &body);
+    });
+    let res = run_as_leader(e, Metrics::default(), std::future::pending(), || async {
+        anyhow::bail!("no CRD")
+    })
+    .await;
+    assert!(res.is_err_and(|e| e.to_string() == "no CRD"));
     server.await.unwrap_or_else(|e| panic!("{e}"));
 }
