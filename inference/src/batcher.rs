@@ -318,7 +318,7 @@ impl Worker {
             }
             Ok(Err(e)) => fail_all(batch, error(e.to_string())),
             Err(panic) => {
-                let msg = panic_message(panic.as_ref());
+                let msg = crate::error::panic_message(panic.as_ref());
                 tracing::error!(model = %self.model, %msg, "embedding forward pass panicked");
                 fail_all(batch, error(format!("forward pass panicked: {msg}")));
             }
@@ -330,14 +330,6 @@ fn fail_all(batch: Vec<Entry>, err: BatchError) {
     for entry in batch {
         let _ = entry.tx.send(Err(err.clone()));
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 #[cfg(test)]

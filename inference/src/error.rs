@@ -211,6 +211,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The text of a caught panic's payload (`panic!` gives a `&str` or a `String`), for the error a
+/// guarded worker (engine step, embedding batch) reports instead of dying.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

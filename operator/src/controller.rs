@@ -291,7 +291,7 @@ where
     ctx.remember_applied(key, current.meta().resource_version.clone());
     ctx.metrics
         .applies
-        .with_label_values(&[kind_of(&current)])
+        .with_label_values(&[kind_of(api.resource_url())])
         .inc();
     Ok(Applied {
         previous: live,
@@ -313,15 +313,14 @@ where
         .await?)
 }
 
-fn kind_of<K: Serialize>(obj: &K) -> &'static str {
-    let kind = serde_json::to_value(obj)
-        .ok()
-        .and_then(|v| v.get("kind")?.as_str().map(str::to_owned));
-    match kind.as_deref() {
-        Some("Deployment") => "Deployment",
-        Some("Service") => "Service",
-        Some("PersistentVolumeClaim") => "PersistentVolumeClaim",
-        Some("ServiceMonitor") => "ServiceMonitor",
+/// The metric label of the kind an API serves, from its URL's resource (plural) name: the
+/// applied types include a dynamic one (ServiceMonitor), whose kind no static type carries.
+fn kind_of(resource_url: &str) -> &'static str {
+    match resource_url.rsplit('/').next() {
+        Some("deployments") => "Deployment",
+        Some("services") => "Service",
+        Some("persistentvolumeclaims") => "PersistentVolumeClaim",
+        Some("servicemonitors") => "ServiceMonitor",
         _ => "other",
     }
 }

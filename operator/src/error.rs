@@ -7,9 +7,6 @@ pub enum Error {
 
     #[error("invalid GLMModel: {0}")]
     Build(#[from] BuildError),
-
-    #[error("serializing {0}")]
-    Serialize(#[from] serde_json::Error),
 }
 
 impl Error {
@@ -19,7 +16,6 @@ impl Error {
             Error::Kube(kube::Error::Api(status)) => format!("api_{}", status.code),
             Error::Kube(_) => "transport".into(),
             Error::Build(_) => "invalid_spec".into(),
-            Error::Serialize(_) => "serialize".into(),
         }
     }
 }

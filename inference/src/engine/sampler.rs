@@ -1,6 +1,6 @@
 //! Next-token choice from one row of float32 logits: penalties, temperature, top-k, top-p, min-p,
 //! seeded randomness, log-probabilities.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,7 +26,7 @@ pub struct Sampler {
     /// Occurrences of each generated token (presence/frequency penalties).
     generated: HashMap<u32, u32>,
     /// Every token of prompt and output (repetition penalty).
-    seen: HashMap<u32, ()>,
+    seen: HashSet<u32>,
 }
 
 impl Sampler {
@@ -36,9 +36,9 @@ impl Sampler {
             None => StdRng::from_rng(&mut rand::rng()),
         };
         let seen = if params.repetition_penalty != 1.0 {
-            prompt_ids.iter().map(|&t| (t, ())).collect()
+            prompt_ids.iter().copied().collect()
         } else {
-            HashMap::new()
+            HashSet::new()
         };
         Sampler {
             params,
@@ -71,7 +71,7 @@ impl Sampler {
         };
         *self.generated.entry(id).or_insert(0) += 1;
         if self.params.repetition_penalty != 1.0 {
-            self.seen.insert(id, ());
+            self.seen.insert(id);
         }
         Sampled {
             id,
@@ -83,7 +83,7 @@ impl Sampler {
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
-            for &id in self.seen.keys() {
+            for &id in &self.seen {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty

@@ -184,7 +184,7 @@ impl Scheduler {
         match outcome {
             Ok(()) => self.metrics.generated_tokens.inc(),
             Err(panic) => {
-                let msg = panic_message(&panic);
+                let msg = crate::error::panic_message(panic.as_ref());
                 tracing::error!(model = %self.name, %msg, "sampling or detokenization panicked; failing the sequence");
                 seq.fail(format!("internal error while sampling: {msg}"));
             }
@@ -228,7 +228,10 @@ impl Scheduler {
         let model = &self.model;
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut steps)))
             .map_err(|panic| {
-                ModelError::Unsupported(format!("forward pass panicked: {}", panic_message(&panic)))
+                ModelError::Unsupported(format!(
+                    "forward pass panicked: {}",
+                    crate::error::panic_message(panic.as_ref())
+                ))
             })??;
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
         if rows.len() != expected {
@@ -239,14 +242,6 @@ impl Scheduler {
         }
         Ok(rows)
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// One request in the running batch.

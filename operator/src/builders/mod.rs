@@ -36,7 +36,7 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest";
 /// Inference image of GPU models (`--default-cuda-image`): the CUDA build of the same version.
 pub const DEFAULT_CUDA_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest-cuda";
 
-/// Operator-wide settings the builders need (filled from the CLI, see `config.rs`).
+/// Operator-wide settings the builders need (filled from the CLI, see `cli.rs`).
 #[derive(Clone, Debug)]
 pub struct BuildConfig {
     /// Image when `spec.image` is unset and the model uses no GPU (a CPU build).
