@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,7 @@ pub mod condition {
 #[x_kube(validation = Rule::new("!has(self.cache) || self.source.startsWith('hf://')").message("cache applies only to hf:// sources (downloaded weights)").field_path(".cache"))]
 #[x_kube(validation = Rule::new("!has(self.gguf) || self.task == 'chat'").message("gguf applies only to chat models").field_path(".gguf"))]
 #[x_kube(validation = Rule::new("!has(self.cache) || !has(self.cache.accessModes) || !('ReadWriteOncePod' in self.cache.accessModes) || self.replicas <= 1").message("a ReadWriteOncePod cache is mounted by one pod only: replicas must be at most 1 (use ReadWriteMany to share it)").field_path(".replicas"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.cache) || !has(self.cache.accessModes) || !('ReadWriteOncePod' in self.cache.accessModes) || self.autoscaling.maxReplicas <= 1").message("a ReadWriteOncePod cache is mounted by one pod only: autoscaling.maxReplicas must be at most 1 (use ReadWriteMany to share it)").field_path(".autoscaling.maxReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct GLMModelSpec {
     /// Model name served to clients (the OpenAI `model` field). Defaults to metadata.name.
@@ -161,6 +162,12 @@ pub struct GLMModelSpec {
     /// waits for a GPU the old one holds), `RollingUpdate` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+
+    /// Replicas that follow the request load the gateways measure (the operator sets
+    /// `replicas` through the scale subresource). Leave it out to set `replicas` yourself or
+    /// let an HPA/KEDA drive the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 const MODEL_NAME_RULE: &str =
@@ -225,6 +232,105 @@ pub enum RolloutStrategy {
     RollingUpdate,
 }
 
+// ---- autoscaling (spec.autoscaling, status.autoscaling) ------------------------------------
+
+/// Default of `spec.autoscaling.scaleDownDelay`.
+pub const DEFAULT_SCALE_DOWN_DELAY: &str = "5m";
+
+/// Bounds and target of the operator's autoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas").field_path(".minReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest replicas. 0 allows scale to zero once no request arrived for `scaleDownDelay`
+    /// (the gateway scales back to 1 when the next request comes).
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most replicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Requests in flight (running or held at the gateway) one replica should carry: replicas
+    /// = ceil(average demand / targetInFlight).
+    #[x_kube(validation = Rule::new("self > 0").message("autoscaling.targetInFlight must be greater than 0"))]
+    #[schemars(range(max = 100000))]
+    pub target_in_flight: i32,
+
+    /// How long demand must stay lower before replicas are removed (and, to scale to zero,
+    /// how long no request may arrive): a duration of whole hours, minutes and seconds such as
+    /// `5m`, `90s` or `1h30m`. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("autoscaling.scaleDownDelay must be a duration such as 30s, 5m or 1h30m (whole hours, minutes, seconds)"))]
+    #[schemars(length(max = 32))]
+    pub scale_down_delay: Option<String>,
+}
+
+const DURATION_RULE: &str =
+    "self != '' && self.matches('^([0-9]{1,6}h)?([0-9]{1,6}m)?([0-9]{1,6}s)?$')";
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+impl AutoscalingSpec {
+    /// `scaleDownDelay`, or the default; `None` when it does not parse (the schema refuses
+    /// such values, so only an object written before validation could carry one).
+    pub fn scale_down_delay(&self) -> Option<std::time::Duration> {
+        parse_duration(
+            self.scale_down_delay
+                .as_deref()
+                .unwrap_or(DEFAULT_SCALE_DOWN_DELAY),
+        )
+    }
+}
+
+/// Parses `[Nh][Nm][Ns]` (at least one part, in that order), as the schema admits.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut secs: u64 = 0;
+    let mut rest = text;
+    let mut last_unit = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let (number, tail) = rest.split_at(digits);
+        let mut chars = tail.chars();
+        let (unit, rank) = match chars.next()? {
+            'h' => (3600, 1),
+            'm' => (60, 2),
+            's' => (1, 3),
+            _ => return None,
+        };
+        if number.is_empty() || rank <= last_unit {
+            return None;
+        }
+        last_unit = rank;
+        secs = secs.checked_add(number.parse::<u64>().ok()?.checked_mul(unit)?)?;
+        rest = chars.as_str();
+    }
+    (last_unit > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
+/// The autoscaler's last decision, written by the operator's autoscaler (its own field
+/// manager) only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Replicas the autoscaler wants now (it writes them to `spec.replicas`).
+    pub desired_replicas: i32,
+    /// When the autoscaler last changed `spec.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Why: `ScaledUp`, `ScaledDown`, `Steady`, `ScaleDownPending`, `MetricsUnavailable`,
+    /// `OutOfBounds`.
+    pub reason: String,
+    /// The figures behind the decision.
+    #[serde(default)]
+    pub message: String,
+}
+
+// ---- end of autoscaling ---------------------------------------------------------------------
+
 /// Observed state, written by the operator only.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -252,6 +358,10 @@ pub struct GLMModelStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// The autoscaler's last decision (models with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
 }
 
 impl GLMModel {
@@ -424,5 +534,55 @@ mod tests {
         assert_eq!(m.spec.gpu_resource_name(), "nvidia.com/gpu");
         assert_eq!(m.spec.rollout_strategy(), RolloutStrategy::RollingUpdate);
         assert!(!m.is_ready());
+    }
+
+    #[test]
+    fn autoscaling_schema_bounds_and_rules() {
+        let a = spec_prop("autoscaling");
+        let props = &a["properties"];
+        assert_eq!(props["minReplicas"]["minimum"], 0.0);
+        assert_eq!(props["minReplicas"]["default"], 1);
+        assert_eq!(props["maxReplicas"]["minimum"], 1.0);
+        assert_eq!(
+            a["required"],
+            serde_json::json!(["maxReplicas", "targetInFlight"])
+        );
+        assert_eq!(rules(&a), ["self.minReplicas <= self.maxReplicas"]);
+        assert_eq!(rules(&props["targetInFlight"]), ["self > 0"]);
+        assert!(rules(&props["scaleDownDelay"])[0].contains("matches"));
+        assert!(props["scaleDownDelay"]["maxLength"].is_number());
+        // The status block the autoscaler writes.
+        let root = &crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let status = &root["properties"]["status"]["properties"]["autoscaling"]["properties"];
+        for field in ["desiredReplicas", "lastScaleTime", "reason", "message"] {
+            assert!(
+                status[field].is_object(),
+                "status.autoscaling.{field} missing"
+            );
+        }
+        // A single-pod cache caps maxReplicas too, not only replicas.
+        assert!(rules(
+            &crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        )
+        .iter()
+        .any(|r| r.contains("self.autoscaling.maxReplicas <= 1")));
+    }
+
+    #[test]
+    fn scale_down_delay_parses_hours_minutes_seconds() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        for bad in ["", "5", "m", "5x", "1m1h", "1m1m", "-1s", "1.5h", " 5m"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        let spec: AutoscalingSpec =
+            serde_json::from_value(serde_json::json!({"maxReplicas": 3, "targetInFlight": 4}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.min_replicas, 1);
+        assert_eq!(spec.scale_down_delay(), Some(Duration::from_secs(300)));
     }
 }

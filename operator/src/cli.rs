@@ -12,6 +12,7 @@ use kube::runtime::events::Reporter;
 use kube::Client;
 use tracing::{error, info};
 
+use crate::autoscaler::{Autoscaler, AutoscalerArgs};
 use crate::builders::{self, BuildConfig};
 use crate::controller::{self, Context, Scope};
 use crate::gateway::{self, GatewayConfig};
@@ -141,6 +142,9 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "GLM_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    #[command(flatten)]
+    pub autoscaler: AutoscalerArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -256,6 +260,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.retry_period_secs,
         )?;
     }
+    args.autoscaler.validate()?;
     let client = Client::try_default().await?;
     let shutdown = shutdown_signal();
     let metrics = Metrics::default();
@@ -271,12 +276,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    let reporter = Reporter {
+        controller: "glm-operator".into(),
+        instance: Some(identity.clone()),
+    };
     let mut ctx = Context::new(
         client.clone(),
-        Reporter {
-            controller: "glm-operator".into(),
-            instance: Some(identity.clone()),
-        },
+        reporter.clone(),
         metrics.clone(),
         args.build.clone().into(),
     );
@@ -290,7 +296,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // The chart passes an empty string for "all namespaces".
         namespace: args.watch_namespace.clone().filter(|ns| !ns.is_empty()),
     };
-    let start = || controller::run(ctx.clone(), scope.clone(), shutdown.clone());
+    let own_namespace = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    // The autoscaler leads with the controller: a fresh one per term, so a new leader starts
+    // from no history and waits a whole scaleDownDelay before it removes replicas.
+    let start = || {
+        let autoscaler = Autoscaler::new(
+            client.clone(),
+            args.autoscaler.clone(),
+            &own_namespace,
+            reporter.clone(),
+            metrics.clone(),
+        );
+        let (ctx, scope, shutdown) = (ctx.clone(), scope.clone(), shutdown.clone());
+        async move {
+            let autoscaler = autoscaler?;
+            tokio::try_join!(
+                controller::run(ctx, scope.clone(), shutdown.clone()),
+                autoscaler.run(scope, shutdown),
+            )?;
+            Ok(())
+        }
+    };
     let controller_result = if args.leader_election {
         let cfg = LeaseConfig {
             name: args.lease_name.clone(),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use glm_crds::GLMModel;
+use glm_crds::{GLMModel, GLMModelStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
@@ -377,7 +377,7 @@ async fn publish_status(
         let body = json!({
             "apiVersion": GLMModel::api_version(&()),
             "kind": GLMModel::kind(&()),
-            "status": new,
+            "status": GLMModelStatus { autoscaling: None, ..new.clone() },
         });
         api.patch_status(
             &model.name_any(),

@@ -1,6 +1,7 @@
 //! `glm-operator`: reconciles `GLMModel` resources into Deployments, Services and weight caches,
 //! and (in `gateway`) serves one OpenAI endpoint routing to every ready model.
 
+pub mod autoscaler;
 pub mod builders;
 pub mod cli;
 pub mod controller;

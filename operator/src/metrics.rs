@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use prometheus::{
-    histogram_opts, opts, Encoder, HistogramVec, IntCounterVec, IntGauge, Registry, TextEncoder,
+    histogram_opts, opts, Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 use crate::error::Error;
@@ -16,6 +17,11 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub applies: IntCounterVec,
     pub leader: IntGauge,
+    pub autoscaler_desired: IntGaugeVec,
+    pub autoscaler_demand: GaugeVec,
+    pub autoscaler_scrape_errors: IntCounterVec,
+    pub autoscaler_gateways: IntGauge,
+    pub autoscaler_scale_errors: IntCounter,
 }
 
 impl Default for Metrics {
@@ -60,6 +66,40 @@ impl Metrics {
             "glm_operator_leader",
             "1 while this replica holds the leader lease",
         )?;
+        let autoscaler_desired = IntGaugeVec::new(
+            opts!(
+                "glm_operator_autoscaler_desired_replicas",
+                "Replicas the autoscaler wants for a GLMModel"
+            ),
+            &["namespace", "model"],
+        )?;
+        let autoscaler_demand = GaugeVec::new(
+            opts!(
+                "glm_operator_autoscaler_demand",
+                "Requests in flight plus held at the gateways for a GLMModel, last scrape"
+            ),
+            &["namespace", "model"],
+        )?;
+        let autoscaler_scrape_errors = IntCounterVec::new(
+            opts!(
+                "glm_operator_autoscaler_scrape_errors_total",
+                "Gateway scrapes that failed (the replica is skipped for that tick), by reason"
+            ),
+            &["reason"],
+        )?;
+        let autoscaler_gateways = IntGauge::new(
+            "glm_operator_autoscaler_gateways",
+            "Gateway replicas that answered the last scrape",
+        )?;
+        let autoscaler_scale_errors = IntCounter::new(
+            "glm_operator_autoscaler_scale_errors_total",
+            "Scale writes that failed (other than conflicts, which are decided again)",
+        )?;
+        registry.register(Box::new(autoscaler_desired.clone()))?;
+        registry.register(Box::new(autoscaler_demand.clone()))?;
+        registry.register(Box::new(autoscaler_scrape_errors.clone()))?;
+        registry.register(Box::new(autoscaler_gateways.clone()))?;
+        registry.register(Box::new(autoscaler_scale_errors.clone()))?;
         registry.register(Box::new(reconciliations.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -72,6 +112,11 @@ impl Metrics {
             duration,
             applies,
             leader,
+            autoscaler_desired,
+            autoscaler_demand,
+            autoscaler_scrape_errors,
+            autoscaler_gateways,
+            autoscaler_scale_errors,
         })
     }
 

@@ -242,6 +242,9 @@ pub fn compute(
                 degraded.1,
             ),
         ],
+        // The autoscaler's (its own field manager): carried so an unchanged world compares
+        // equal; the controller's status writes leave it out.
+        autoscaling: old.and_then(|s| s.autoscaling.clone()),
     }
 }
 

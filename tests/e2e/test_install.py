@@ -40,7 +40,7 @@ def can(k, user: str, verb: str, resource: str, namespace: str = "default", name
 
 @pytest.mark.parametrize("verb, resource", [
     ("watch", "glmmodels.kubeglm.io"), ("patch", "glmmodels.kubeglm.io/status"),
-    ("create", "deployments.apps"), ("patch", "deployments.apps"), ("patch", "services"),
+    ("patch", "glmmodels.kubeglm.io/scale"), ("create", "deployments.apps"), ("patch", "deployments.apps"), ("patch", "services"),
     ("create", "persistentvolumeclaims"), ("watch", "pods"), ("create", "events.events.k8s.io"),
 ])
 def test_the_controller_may_do_what_it_needs(k, chart, verb, resource):
@@ -59,6 +59,13 @@ def test_the_lease_grant_is_narrowed_to_its_name(k, chart):
     assert can(k, CONTROLLER_SA, "update", "leases.coordination.k8s.io", SYSTEM_NS, "glm-operator-leader")
     assert not can(k, CONTROLLER_SA, "update", "leases.coordination.k8s.io", SYSTEM_NS, "kube-scheduler")
     assert not can(k, CONTROLLER_SA, "update", "leases.coordination.k8s.io", "default", "glm-operator-leader")
+
+
+def test_the_autoscaler_lists_the_gateways_endpoint_slices_only_in_its_namespace(k, chart):
+    assert can(k, CONTROLLER_SA, "list", "endpointslices.discovery.k8s.io", SYSTEM_NS)
+    assert not can(k, CONTROLLER_SA, "list", "endpointslices.discovery.k8s.io", "default")
+    assert not can(k, CONTROLLER_SA, "watch", "endpointslices.discovery.k8s.io", SYSTEM_NS)
+    assert not can(k, CONTROLLER_SA, "update", "glmmodels.kubeglm.io/scale")
 
 
 def test_the_gateway_only_reads_models(k, chart):

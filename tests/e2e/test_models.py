@@ -121,6 +121,22 @@ REFUSED = [
      ["spec.replicas", "ReadWriteOncePod"]),
     ({"source": "pvc://store/qwen"}, ["spec.cache", "cache applies only to hf://"]),
     ({"replica": 2}, ["unknown field", "spec.replica"]),
+    # spec.autoscaling: bounds, target and delay are checked by the API server.
+    ({"autoscaling": {"minReplicas": 3, "maxReplicas": 1, "targetInFlight": 2}},
+     ["spec.autoscaling.minReplicas", "must not exceed autoscaling.maxReplicas"]),
+    ({"autoscaling": {"maxReplicas": 2, "targetInFlight": 0}},
+     ["spec.autoscaling.targetInFlight", "must be greater than 0"]),
+    ({"autoscaling": {"maxReplicas": 0, "targetInFlight": 1}},
+     ["spec.autoscaling.maxReplicas", "greater than or equal to 1"]),
+    ({"autoscaling": {"minReplicas": -1, "maxReplicas": 2, "targetInFlight": 1}},
+     ["spec.autoscaling.minReplicas", "greater than or equal to 0"]),
+    ({"autoscaling": {"maxReplicas": 2, "targetInFlight": 1, "scaleDownDelay": "5 minutes"}},
+     ["spec.autoscaling.scaleDownDelay", "duration such as"]),
+    ({"autoscaling": {"minReplicas": 1, "targetInFlight": 1}},
+     ["spec.autoscaling.maxReplicas", "Required value"]),
+    ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteOncePod"]},
+      "autoscaling": {"maxReplicas": 2, "targetInFlight": 1}},
+     ["spec.autoscaling.maxReplicas", "ReadWriteOncePod"]),
     ({"metadata.name": "Qwen.2"}, ["metadata.name", "DNS-1035"]),
 ]
 

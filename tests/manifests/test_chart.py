@@ -60,6 +60,7 @@ def grants(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str,
 EXPECTED_OPERATOR_GRANTS = (
     grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
     | grants("kubeglm.io", ["glmmodels/status"], ["patch"])
+    | grants("kubeglm.io", ["glmmodels/scale"], ["patch"])
     | grants("apps", ["deployments"], ["get", "list", "watch", "create", "patch"])
     | grants("", ["services", "persistentvolumeclaims"], ["get", "list", "watch", "create", "patch"])
     | grants("", ["pods"], ["list", "watch"])
@@ -67,6 +68,9 @@ EXPECTED_OPERATOR_GRANTS = (
     | grants("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch"])
 )
 SERVICE_MONITOR_GRANTS = grants("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch"])
+AUTOSCALER_GRANTS = grants("kubeglm.io", ["glmmodels/scale"], ["patch"])
+# In the release namespace: the gateway Service's EndpointSlices list the replicas to scrape.
+AUTOSCALER_DISCOVERY_GRANTS = grants("discovery.k8s.io", ["endpointslices"], ["list"])
 
 
 GATEWAY_GRANTS = grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
@@ -93,14 +97,20 @@ def test_default_rbac_is_cluster_wide_and_least_privilege():
         assert binding["roleRef"]["name"] == name
     assert bindings["glm-glm-operator-gateway"]["subjects"][0]["name"] == "glm-glm-operator-gateway"
     assert bindings["glm-glm-operator"]["subjects"][0]["name"] == "glm-glm-operator"
-    [lease_role] = by_kind(docs, "Role")
+    namespaced = named(docs, "Role")
+    assert set(namespaced) == {"glm-glm-operator-leader-election", "glm-glm-operator-autoscaler"}
+    lease_role = namespaced["glm-glm-operator-leader-election"]
     assert lease_role["metadata"]["namespace"] == "glm-system"
+    discovery = namespaced["glm-glm-operator-autoscaler"]
+    assert discovery["metadata"]["namespace"] == "glm-system"
+    assert rules_of(discovery) == AUTOSCALER_DISCOVERY_GRANTS
+    assert named(docs, "RoleBinding")["glm-glm-operator-autoscaler"]["subjects"][0]["name"] == "glm-glm-operator"
     assert rules_of(lease_role) == grants("coordination.k8s.io", ["leases"], ["get", "create", "update"])
     narrowed = [r for r in lease_role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
     assert narrowed and all(r.get("resourceNames") == ["glm-operator-leader"] for r in narrowed)
     deployments = named(docs, "Deployment")
     assert env_of(deployments["glm-glm-operator"])["GLM_LEASE_NAME"] == "glm-operator-leader"
-    every_rule = [r for role in roles.values() for r in role["rules"]] + lease_role["rules"]
+    every_rule = [r for role in [*roles.values(), *namespaced.values()] for r in role["rules"]]
     assert all("*" not in str(rule) for rule in every_rule)
 
 
@@ -109,7 +119,8 @@ def test_watch_namespace_switches_to_namespaced_rbac():
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(docs, "Role")}
     assert set(roles) == {("ml-models", "glm-glm-operator"), ("ml-models", "glm-glm-operator-gateway"),
-                          ("glm-system", "glm-glm-operator-leader-election")}
+                          ("glm-system", "glm-glm-operator-leader-election"),
+                          ("glm-system", "glm-glm-operator-autoscaler")}
     assert rules_of(roles[("ml-models", "glm-glm-operator")]) == EXPECTED_OPERATOR_GRANTS
     assert rules_of(roles[("ml-models", "glm-glm-operator-gateway")]) == GATEWAY_GRANTS
     bindings = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in by_kind(docs, "RoleBinding")}
@@ -130,7 +141,32 @@ def test_model_service_monitors_never_drops_their_grant():
 
 def test_leader_election_off_drops_the_lease_role():
     docs = render("controller.leaderElection.enabled=false")
-    assert not by_kind(docs, "Role")
+    assert set(named(docs, "Role")) == {"glm-glm-operator-autoscaler"}
+
+
+def test_the_autoscaler_is_configured_from_values_and_off_drops_its_grants():
+    env = env_of(named(render(), "Deployment")["glm-glm-operator"])
+    assert (env["GLM_AUTOSCALER"], env["GLM_AUTOSCALER_INTERVAL"], env["GLM_AUTOSCALER_WINDOW"],
+            env["GLM_AUTOSCALER_SCRAPE_TIMEOUT"]) == ("true", "10", "60", "5")
+    # The replicas to scrape are the gateway Service's, whatever it is named.
+    env = env_of(named(render("gateway.service.name=llm"), "Deployment")["glm-glm-operator"])
+    assert env["GLM_AUTOSCALER_GATEWAY_SERVICE"] == "llm"
+    docs = render("controller.autoscaler.enabled=false")
+    assert rules_of(named(docs, "ClusterRole")["glm-glm-operator"]) == EXPECTED_OPERATOR_GRANTS - AUTOSCALER_GRANTS
+    assert "glm-glm-operator-autoscaler" not in named(docs, "Role")
+    assert env_of(named(docs, "Deployment")["glm-glm-operator"])["GLM_AUTOSCALER"] == "false"
+
+
+def test_network_policies_let_the_autoscaler_scrape_the_gateways():
+    docs = render("networkPolicy.enabled=true", "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ml")
+    policies = named(docs, "NetworkPolicy")
+    egress = policies["glm-glm-operator-controller"]["spec"]["egress"]
+    assert {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "glm-operator",
+                                                    "app.kubernetes.io/instance": "glm",
+                                                    "app.kubernetes.io/component": "gateway"}}}],
+            "ports": [{"port": 8080, "protocol": "TCP"}]} in egress, egress
+    ingress = policies["glm-glm-operator-gateway"]["spec"]["ingress"]
+    assert any(rule.get("from", [{}])[0].get("podSelector") for rule in ingress), ingress
 
 
 def test_two_deployments_hardened_and_probed():
@@ -196,7 +232,9 @@ def test_network_policies_are_optional_and_scoped():
     to_models = [rule for rule in gateway["egress"] if "to" in rule]
     assert to_models[0]["ports"] == [{"port": 8200, "protocol": "TCP"}]
     controller = policies["glm-glm-operator-controller"]["spec"]
-    assert all("to" not in rule for rule in controller["egress"]), "the controller calls only DNS and the API"
+    # DNS, the API, and (the autoscaler) the gateway pods' /metrics.
+    to_pods = [rule for rule in controller["egress"] if "to" in rule]
+    assert [r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for r in to_pods] == ["gateway"]
 
 
 @pytest.mark.parametrize("bad", [
@@ -354,6 +392,15 @@ CEL_MODEL = {
         ({"gpus": 2}, "spec.gpus", "gpus must be 0 or 1"),
         ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteOncePod"]}, "replicas": 2}, "spec.replicas",
          "ReadWriteOncePod"),
+        ({"autoscaling": {"minReplicas": 3, "maxReplicas": 1, "targetInFlight": 2}},
+         "spec.autoscaling.minReplicas", "must not exceed"),
+        ({"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "targetInFlight": 0}},
+         "spec.autoscaling.targetInFlight", "greater than 0"),
+        ({"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "targetInFlight": 1, "scaleDownDelay": "5min"}},
+         "spec.autoscaling.scaleDownDelay", "duration such as"),
+        ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteOncePod"]},
+          "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "targetInFlight": 1}},
+         "spec.autoscaling.maxReplicas", "ReadWriteOncePod"),
     ],
 )
 def test_cel_rules_refuse_bad_specs_naming_the_field(tmp_path, change, field, words):
