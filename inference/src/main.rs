@@ -53,11 +53,10 @@ async fn serve(args: Args) -> Result<(), String> {
         metrics.clone(),
     );
     let registry = tokio::task::spawn_blocking(move || {
-        Registry::load(&specs, default_chat, &device, &options, &m)
+        Registry::load(&specs, default_chat, &device, &options, &m).map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| format!("model loading panicked: {e}"))?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("model loading panicked: {e}"))??;
     registry.warm_up().await.map_err(|e| e.to_string())?;
     let registry = Arc::new(registry);
 
