@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use super::{
     lifecycle::Readiness,
     metrics::GatewayMetrics,
-    routing::{ModelRecord, RoutingTable},
+    routing::{ModelRecord, RouteSettings, RoutingTable},
 };
 
 /// The gateway's view of one GLMModel.
 pub fn record(model: &GLMModel) -> ModelRecord {
+    let routing = model.spec.routing.clone().unwrap_or_default();
     ModelRecord {
         namespace: model.namespace().unwrap_or_default(),
         name: model.name_any(),
@@ -26,6 +27,21 @@ pub fn record(model: &GLMModel) -> ModelRecord {
         aliases: model.spec.aliases.clone(),
         endpoint: model.status.as_ref().and_then(|s| s.endpoint.clone()),
         ready: model.is_ready(),
+        replicas: model.spec.replicas,
+        settings: RouteSettings {
+            strategy: routing.strategy.unwrap_or_default(),
+            prefix_chars: usize::try_from(
+                routing
+                    .prefix_chars
+                    .unwrap_or(glm_crds::DEFAULT_PREFIX_CHARS),
+            )
+            .unwrap_or(1)
+            .max(1),
+            hold_timeout: routing
+                .hold_timeout_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(std::time::Duration::from_secs),
+        },
         created: model.creation_timestamp().map_or(0, |t| t.0.as_second()),
     }
 }
@@ -63,7 +79,7 @@ pub async fn maintain_table(
                     &metrics,
                 );
                 if matches!(event, watcher::Event::InitDone) {
-                    readiness.mark_synced();
+                    readiness.mark_models_synced();
                 }
             }
             Err(err) => {
@@ -126,6 +142,11 @@ status:
                 aliases: vec!["glm4".into(), "gpt-4o".into()],
                 endpoint: Some("http://glm4.ml.svc.cluster.local:8080".into()),
                 ready: true,
+                replicas: 1,
+                settings: RouteSettings {
+                    prefix_chars: 100,
+                    ..RouteSettings::default()
+                },
                 created: 1_738_281_600,
             }
         );
@@ -146,7 +167,7 @@ status:
 "#,
         );
         let table = table_from_models([&bge]);
-        assert!(matches!(table.lookup("bge-m3"), Lookup::Ready(_)));
+        assert!(matches!(table.lookup("bge-m3"), Lookup::Found(r) if r.ready));
     }
 
     #[test]
@@ -164,8 +185,9 @@ status:
         for model in [not_ready, unknown, no_status] {
             let table = table_from_models([&model]);
             assert!(table.is_empty());
-            assert_eq!(table.lookup("glm-4-9b-chat"), Lookup::NotReady);
-            assert_eq!(table.lookup("gpt-4o"), Lookup::NotReady);
+            for name in ["glm-4-9b-chat", "gpt-4o"] {
+                assert!(matches!(table.lookup(name), Lookup::Found(r) if !r.ready));
+            }
         }
     }
 
