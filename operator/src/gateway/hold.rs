@@ -34,9 +34,10 @@ pub trait Scaler: Send + Sync {
     ) -> BoxFuture<'static, Result<(), String>>;
 }
 
-/// The `scale` subresource through the API server. A JSON patch that first tests
-/// `/spec/replicas == 0` only ever moves 0 -> 1: it cannot undo an autoscaler's or a user's
-/// larger value set in the meantime.
+/// The `scale` subresource through the API server: read it, and only if it says 0 replicas
+/// (`autoscaling/v1` omits a zero `spec.replicas`) write 1 with its `resourceVersion` as a
+/// precondition, so it never undoes a larger value an autoscaler or a user set meanwhile
+/// (that write fails with 409, which is fine: the model is being scaled anyway).
 pub struct KubeScaler(pub kube::Client);
 
 impl Scaler for KubeScaler {
@@ -48,18 +49,20 @@ impl Scaler for KubeScaler {
         let api: Api<GLMModel> = Api::namespaced(self.0.clone(), namespace);
         let name = name.to_owned();
         Box::pin(async move {
-            let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-                {"op": "test", "path": "/spec/replicas", "value": 0},
-                {"op": "replace", "path": "/spec/replicas", "value": 1},
-            ]))
-            .map_err(|e| e.to_string())?;
+            let scale = api.get_scale(&name).await.map_err(|e| e.to_string())?;
+            if scale.spec.and_then(|s| s.replicas).unwrap_or(0) != 0 {
+                return Ok(());
+            }
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": scale.metadata.resource_version},
+                "spec": {"replicas": 1},
+            });
             match api
-                .patch_scale(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => Ok(()),
-                // The test failed: someone scaled it already.
-                Err(kube::Error::Api(status)) if status.code == 422 => Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
                 Err(err) => Err(err.to_string()),
             }
         })

@@ -14,7 +14,15 @@ async fn fake_apiserver(status: StatusCode) -> (kube::Client, mpsc::UnboundedRec
     let (tx, rx) = mpsc::unbounded_channel();
     let app = Router::new().route(
         "/apis/kubeglm.io/v1alpha1/namespaces/{ns}/glmmodels/{name}/scale",
-        axum::routing::patch(
+        // A model at zero: autoscaling/v1 omits `spec.replicas` when it is 0.
+        axum::routing::get(
+            |UrlPath((ns, name)): UrlPath<(String, String)>| async move {
+                Json(json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": name, "namespace": ns, "resourceVersion": "41"},
+                "spec": {}, "status": {"replicas": 0}}))
+            },
+        )
+        .patch(
             move |UrlPath((ns, name)): UrlPath<(String, String)>,
                   headers: HeaderMap,
                   body: Bytes| {
@@ -152,12 +160,12 @@ async fn a_request_for_a_model_at_zero_scales_it_and_completes_once_a_pod_is_rea
         .flatten()
         .unwrap_or_else(|| panic!("no scale patch reached the API server"));
     assert_eq!((method, target.as_str()), (Method::PATCH, "ml/cold"));
-    assert_eq!(kind, "application/json-patch+json");
-    // Only 0 -> 1: the patch fails (harmlessly) if anyone scaled the model meanwhile.
+    assert_eq!(kind, "application/merge-patch+json");
+    // Only 0 -> 1: the read version is a precondition, so the patch fails (harmlessly, 409) if
+    // anyone scaled the model meanwhile.
     assert_eq!(
         body,
-        json!([{"op": "test", "path": "/spec/replicas", "value": 0},
-               {"op": "replace", "path": "/spec/replicas", "value": 1}])
+        json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 1}})
     );
     cold.until_metric(COLD_HELD, 1.0).await;
     // A second held request does not patch again.
