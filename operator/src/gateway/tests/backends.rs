@@ -120,16 +120,20 @@ impl Backend {
         let _ = self.child.wait();
     }
 
-    /// Chat sequences running or waiting in this backend now.
-    async fn in_engine(&self, client: &reqwest::Client) -> i64 {
-        let text = client
+    async fn metrics(&self, client: &reqwest::Client) -> String {
+        client
             .get(format!("http://{}/metrics", self.addr))
             .send()
             .await
             .unwrap_or_else(|e| panic!("backend metrics: {e}"))
             .text()
             .await
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Chat sequences running or waiting in this backend now.
+    async fn in_engine(&self, client: &reqwest::Client) -> i64 {
+        let text = self.metrics(client).await;
         ["glm_chat_running_sequences", "glm_chat_waiting_requests"]
             .iter()
             .map(|name| metric_sum(&text, name) as i64)
@@ -137,15 +141,7 @@ impl Backend {
     }
 
     async fn cancelled(&self, client: &reqwest::Client) -> f64 {
-        let text = client
-            .get(format!("http://{}/metrics", self.addr))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("backend metrics: {e}"))
-            .text()
-            .await
-            .unwrap_or_default();
-        metric_sum(&text, "glm_chat_cancelled_total")
+        metric_sum(&self.metrics(client).await, "glm_chat_cancelled_total")
     }
 }
 
