@@ -5,12 +5,8 @@
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    runtime::{reflector, watcher, WatchStreamExt},
-    Api,
-};
+use kube::{runtime::watcher, Api};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
@@ -87,39 +83,29 @@ pub fn parse_secret_ref(raw: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("--gateway-api-keys-secret {raw:?}: expected NAMESPACE/NAME"))
 }
 
-/// Watches the one Secret until dropped; a missing Secret means no valid key (every request
-/// gets 401: fail closed).
+/// Watches the one Secret; a missing Secret means no valid key (every request gets 401: fail
+/// closed).
 pub async fn maintain_keys(
     api: Api<Secret>,
     name: String,
     keys: watch::Sender<Keys>,
+    metrics: GatewayMetrics,
     readiness: Readiness,
 ) {
-    let (store, writer) = reflector::store::<Secret>();
-    let config = watcher::Config::default()
-        .fields(&format!("metadata.name={name}"))
-        .any_semantic();
-    let events = watcher(api, config).default_backoff().reflect(writer);
-    futures::pin_mut!(events);
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(event) => {
-                let secrets = store.state();
-                let next = keys_of(secrets.first().map(Arc::as_ref));
-                if next.is_empty() {
-                    tracing::warn!(secret = %name, "API key Secret missing or empty: every request is refused");
-                }
-                keys.send_replace(Arc::new(next));
-                if matches!(event, watcher::Event::InitDone) {
-                    readiness.mark_keys_synced();
-                }
+    super::watch::reflect(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+        metrics,
+        |secrets| {
+            let next = keys_of(secrets.first().map(Arc::as_ref));
+            if next.is_empty() {
+                tracing::warn!(secret = %name, "API key Secret missing or empty: every request is refused");
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "API key Secret watch failed; retrying with backoff");
-            }
-        }
-    }
+            keys.send_replace(Arc::new(next));
+        },
+        || readiness.mark_keys_synced(),
+    )
+    .await;
 }
 
 #[cfg(test)]

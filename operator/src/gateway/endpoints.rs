@@ -5,12 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::{
-    runtime::{reflector, watcher, WatchStreamExt},
-    Api, ResourceExt,
-};
+use kube::{runtime::watcher, Api, ResourceExt};
 use tokio::sync::watch;
 
 use super::{lifecycle::Readiness, metrics::GatewayMetrics};
@@ -95,44 +91,31 @@ fn ready_addresses(slice: &EndpointSlice) -> Vec<String> {
         .collect()
 }
 
-/// Watches EndpointSlices until the task is dropped, publishing the index after every change,
-/// and marks `readiness` once the first full list is in. Errors are retried with backoff; the
-/// last index keeps serving meanwhile.
+/// Watches EndpointSlices, publishing the index after every change; marks `readiness` once the
+/// first full list is in.
 pub async fn maintain_index(
     api: Api<EndpointSlice>,
     index: watch::Sender<Arc<EndpointIndex>>,
     metrics: GatewayMetrics,
     readiness: Readiness,
 ) {
-    let (store, writer) = reflector::store::<EndpointSlice>();
-    let config = watcher::Config::default()
-        .labels(SERVICE_NAME_LABEL)
-        .any_semantic();
-    let events = watcher(api, config).default_backoff().reflect(writer);
-    futures::pin_mut!(events);
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(event) => {
-                metrics.watch_event("ok");
-                let next = EndpointIndex::build(store.state().iter().map(Arc::as_ref));
-                index.send_if_modified(|current| {
-                    let changed = **current != next;
-                    if changed {
-                        *current = Arc::new(next);
-                    }
-                    changed
-                });
-                if matches!(event, watcher::Event::InitDone) {
-                    readiness.mark_endpoints_synced();
+    super::watch::reflect(
+        api,
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        metrics,
+        |slices| {
+            let next = EndpointIndex::build(slices.iter().map(Arc::as_ref));
+            index.send_if_modified(|current| {
+                let changed = **current != next;
+                if changed {
+                    *current = Arc::new(next);
                 }
-            }
-            Err(err) => {
-                metrics.watch_event("error");
-                tracing::warn!(error = %err, "EndpointSlice watch failed; retrying with backoff");
-            }
-        }
-    }
+                changed
+            });
+        },
+        || readiness.mark_endpoints_synced(),
+    )
+    .await;
 }
 
 #[cfg(test)]

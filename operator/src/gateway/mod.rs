@@ -215,6 +215,7 @@ pub async fn run(
                 secrets,
                 name,
                 keys_tx,
+                metrics.clone(),
                 readiness.clone(),
             )));
             auth::ApiKeys::watched(keys_rx)
