@@ -7,6 +7,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
+mod device;
+
+pub use device::{all_devices, ByteSize, DeviceChoice, DtypeChoice};
+
+use crate::batcher::BatcherConfig;
+use crate::engine::EngineConfig;
 use crate::http::{ChatLimits, Limits};
 use crate::keyword::KeywordLimits;
 use crate::models::Device;
@@ -47,11 +53,11 @@ pub struct Args {
     pub api_key: Option<String>,
 
     /// Padded tokens (batch size x longest input) one embedding forward pass may take.
-    #[arg(long, env = "GLM_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    #[arg(long, env = "GLM_MAX_BATCH_TOKENS", default_value_t = BatcherConfig::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
 
     /// Inputs one embedding request may carry.
-    #[arg(long, env = "GLM_MAX_CLIENT_BATCH_SIZE", default_value_t = 256)]
+    #[arg(long, env = "GLM_MAX_CLIENT_BATCH_SIZE", default_value_t = Limits::default().max_client_batch_size)]
     pub max_client_batch_size: usize,
 
     /// Requests handled at once across inference routes; more are refused with 429.
@@ -59,28 +65,28 @@ pub struct Args {
     pub max_concurrent_requests: usize,
 
     /// Inputs waiting in one embedding model's queue; a request that does not fit is refused with 429.
-    #[arg(long, env = "GLM_MAX_QUEUED_INPUTS", default_value_t = 4096)]
+    #[arg(long, env = "GLM_MAX_QUEUED_INPUTS", default_value_t = BatcherConfig::default().max_queued_inputs)]
     pub max_queued_inputs: usize,
 
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "GLM_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "GLM_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
 
     /// Truncate over-long embedding inputs instead of rejecting them (per request: `"truncate": true`).
-    #[arg(long, env = "GLM_AUTO_TRUNCATE", default_value_t = false)]
+    #[arg(long, env = "GLM_AUTO_TRUNCATE", default_value_t = Limits::default().auto_truncate)]
     pub auto_truncate: bool,
 
     /// Chat: sequences one model's engine generates at the same time (continuous batching).
-    #[arg(long, env = "GLM_CHAT_MAX_BATCH_SIZE", default_value_t = 8)]
+    #[arg(long, env = "GLM_CHAT_MAX_BATCH_SIZE", default_value_t = EngineConfig::default().max_batch_size)]
     pub chat_max_batch_size: usize,
 
     /// Chat: tokens in one forward pass (a decode token per running sequence plus prompt chunks);
     /// longer prompts are prefilled in chunks of this size.
-    #[arg(long, env = "GLM_CHAT_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = "GLM_CHAT_MAX_BATCH_TOKENS", default_value_t = EngineConfig::default().max_batch_tokens)]
     pub chat_max_batch_tokens: usize,
 
     /// Chat: requests waiting for a batch slot per model; beyond, requests are refused with 429.
-    #[arg(long, env = "GLM_CHAT_MAX_WAITING", default_value_t = 64)]
+    #[arg(long, env = "GLM_CHAT_MAX_WAITING", default_value_t = EngineConfig::default().max_waiting)]
     pub chat_max_waiting: usize,
 
     /// GGUF chat models: `quantized` runs ggml's quantized kernels (least memory), `dequantized`
@@ -202,116 +208,6 @@ pub struct Args {
 pub struct ModelSpec {
     pub name: String,
     pub path: PathBuf,
-}
-
-/// A byte count from the command line: `1073741824`, `512MiB`, `8GiB`, `2GB`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let mult: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
-                ))
-            }
-        };
-        num.parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(mult))
-            .map(ByteSize)
-            .ok_or_else(|| format!("`{s}` is not a byte count"))
-    }
-}
-
-/// The `--dtype` choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeChoice {
-    Auto,
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DtypeChoice {
-    pub fn dtype(self) -> Option<candle_core::DType> {
-        match self {
-            DtypeChoice::Auto => None,
-            DtypeChoice::F32 => Some(candle_core::DType::F32),
-            DtypeChoice::Bf16 => Some(candle_core::DType::BF16),
-            DtypeChoice::F16 => Some(candle_core::DType::F16),
-        }
-    }
-}
-
-/// The `--device` choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    /// Open the device models load on.
-    pub fn open(self) -> Result<Device, String> {
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda => open_cuda(),
-            DeviceChoice::Auto if cfg!(feature = "cuda") => open_cuda().or_else(|e| {
-                tracing::warn!("{e}; running on the CPU (--device cuda makes this an error)");
-                Ok(Device::Cpu)
-            }),
-            DeviceChoice::Auto => Ok(Device::Cpu),
-        }
-    }
-}
-
-/// Every GPU a chat model's layers are split across: `first` (from [`DeviceChoice::open`]) and, when
-/// it is a GPU, every other GPU CUDA_VISIBLE_DEVICES leaves visible.
-pub fn all_devices(first: &Device) -> Result<Vec<Device>, String> {
-    #[cfg(feature = "cuda")]
-    if first.is_cuda() {
-        use candle_core::cuda_backend::cudarc::driver::CudaContext;
-        let count = CudaContext::device_count()
-            .map_err(|e| format!("cannot count the visible GPUs: {e}"))?;
-        let mut devices = vec![first.clone()];
-        for ordinal in 1..count.max(1) as usize {
-            devices.push(
-                Device::new_cuda(ordinal)
-                    .map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?,
-            );
-        }
-        return Ok(devices);
-    }
-    Ok(vec![first.clone()])
-}
-
-/// CUDA numbers the GPUs that CUDA_VISIBLE_DEVICES leaves visible from 0 (in Kubernetes, the ones
-/// the device plugin allocated), so ordinal 0 is always the first GPU this process may use.
-#[cfg(feature = "cuda")]
-fn open_cuda() -> Result<Device, String> {
-    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
-    Device::new_cuda(0)
-        .map_err(|e| format!("cannot open CUDA device 0 (CUDA_VISIBLE_DEVICES={visible}): {e}"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_cuda() -> Result<Device, String> {
-    Err("--device cuda needs a glm-inference built with `--features cuda`".into())
 }
 
 impl FromStr for ModelSpec {
@@ -454,9 +350,17 @@ impl Args {
         }
     }
 
+    /// Queue and batch bounds of every embedding model.
+    pub fn batcher_config(&self) -> BatcherConfig {
+        BatcherConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_queued_inputs: self.max_queued_inputs,
+        }
+    }
+
     /// Limits of every chat model's engine.
-    pub fn engine_config(&self) -> crate::engine::EngineConfig {
-        crate::engine::EngineConfig {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
             max_batch_size: self.chat_max_batch_size,
             max_batch_tokens: self.chat_max_batch_tokens,
             max_waiting: self.chat_max_waiting,
@@ -465,254 +369,4 @@ impl Args {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_specs_parse_and_reject_garbage() {
-        let m: ModelSpec = "minilm=.models/all-MiniLM-L6-v2".parse().unwrap();
-        assert_eq!(m.name, "minilm");
-        assert_eq!(m.path, PathBuf::from(".models/all-MiniLM-L6-v2"));
-        // Only the first '=' separates: paths may contain '='.
-        let m: ModelSpec = "a=/x=y".parse().unwrap();
-        assert_eq!(m.path, PathBuf::from("/x=y"));
-        assert!("noequals".parse::<ModelSpec>().is_err());
-        assert!("=path".parse::<ModelSpec>().is_err());
-        assert!("name=".parse::<ModelSpec>().is_err());
-    }
-
-    #[test]
-    fn flags_parse_with_defaults_and_duplicates_are_refused() {
-        let args =
-            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "b=/y"]).unwrap();
-        assert_eq!(args.models.len(), 2);
-        assert_eq!(args.port, 8200);
-        assert!(args.validate().is_ok());
-        let args =
-            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--model", "a=/y"]).unwrap();
-        assert!(args.validate().unwrap_err().contains("`a`"));
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--max-batch-tokens",
-            "0",
-        ])
-        .unwrap();
-        assert!(args.validate().unwrap_err().contains("--max-batch-tokens"));
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--max-client-batch-size",
-            "9",
-            "--max-queued-inputs",
-            "8",
-        ])
-        .unwrap();
-        assert!(args
-            .validate()
-            .unwrap_err()
-            .contains("--max-queued-inputs (8)"));
-        assert!(
-            Args::try_parse_from(["glm-inference"]).is_err(),
-            "--model is required"
-        );
-    }
-
-    #[test]
-    fn limit_flags_default_to_the_library_defaults_and_parse() {
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
-        let (limits, defaults) = (args.limits(), Limits::default());
-        assert_eq!(limits.keyword, defaults.keyword);
-        assert_eq!(limits.chat, defaults.chat);
-        assert_eq!(limits.body_read_timeout, defaults.body_read_timeout);
-        assert_eq!(
-            (limits.max_client_batch_size, limits.max_body_bytes),
-            (defaults.max_client_batch_size, defaults.max_body_bytes)
-        );
-        assert_eq!(args.serve_config(), ServeConfig::default());
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--keyword-max-candidates",
-            "7",
-            "--chat-max-tokens",
-            "99",
-            "--header-read-timeout-secs",
-            "3",
-        ])
-        .unwrap();
-        assert_eq!(args.limits().keyword.max_candidates, 7);
-        assert_eq!(args.limits().chat.max_tokens, 99);
-        assert_eq!(
-            args.serve_config().header_read_timeout,
-            Duration::from_secs(3)
-        );
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--body-read-timeout-secs",
-            "0",
-        ])
-        .unwrap();
-        assert!(args
-            .validate()
-            .unwrap_err()
-            .contains("--body-read-timeout-secs"));
-    }
-
-    #[test]
-    fn an_empty_api_key_is_refused() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["glm-inference", "--model", "a=/x"];
-            argv.extend_from_slice(extra);
-            Args::try_parse_from(argv).unwrap()
-        };
-        assert!(parse(&["--api-key", ""]).check_api_key(false).is_err());
-        assert!(parse(&["--api-key", "  "]).check_api_key(false).is_err());
-        // API_KEY= in the environment: clap reports no value, the variable exists.
-        let err = parse(&[]).check_api_key(true).unwrap_err();
-        assert!(err.contains("API_KEY"), "{err}");
-        assert!(parse(&[]).check_api_key(false).is_ok());
-        assert!(parse(&["--api-key", "k"]).check_api_key(true).is_ok());
-    }
-
-    #[test]
-    fn device_choice_parses_and_cpu_builds_refuse_cuda() {
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
-        assert_eq!(args.device, DeviceChoice::Auto);
-        let args =
-            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--device", "cpu"]).unwrap();
-        assert!(matches!(args.device.open(), Ok(Device::Cpu)));
-        assert!(
-            Args::try_parse_from(["glm-inference", "--model", "a=/x", "--device", "gpu"]).is_err()
-        );
-        #[cfg(not(feature = "cuda"))]
-        {
-            assert!(matches!(DeviceChoice::Auto.open(), Ok(Device::Cpu)));
-            let err = DeviceChoice::Cuda.open().unwrap_err();
-            assert!(err.contains("--features cuda"), "{err}");
-        }
-    }
-
-    #[test]
-    fn kv_memory_load_format_and_dtype_parse() {
-        assert_eq!("1048576".parse::<ByteSize>(), Ok(ByteSize(1 << 20)));
-        assert_eq!("8GiB".parse::<ByteSize>(), Ok(ByteSize(8 << 30)));
-        assert_eq!("2 GB".parse::<ByteSize>(), Ok(ByteSize(2_000_000_000)));
-        assert!("8 parsecs"
-            .parse::<ByteSize>()
-            .unwrap_err()
-            .contains("unit"));
-        assert!("GiB".parse::<ByteSize>().is_err());
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--kv-cache-memory",
-            "64MiB",
-            "--load-format",
-            "dummy",
-            "--dtype",
-            "bf16",
-        ])
-        .unwrap();
-        let o = args.chat_load_options(vec![Device::Cpu]);
-        assert_eq!(o.kv_cache_memory, Some(64 << 20));
-        assert_eq!(o.load_format, crate::models::chat::LoadFormat::Dummy);
-        assert_eq!(o.dtype(), candle_core::DType::BF16);
-        let defaults = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
-        let o = defaults.chat_load_options(vec![Device::Cpu]);
-        assert_eq!(
-            (o.kv_cache_memory, o.dtype()),
-            (None, candle_core::DType::F32)
-        );
-        assert!(Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--load-format",
-            "random"
-        ])
-        .is_err());
-    }
-
-    #[test]
-    fn embed_kernels_default_to_packed_and_reject_unknown_values() {
-        use crate::models::embed::EncoderKernels;
-        let parse = |extra: &[&str]| {
-            Args::try_parse_from(["glm-inference", "--model", "a=/x"].iter().chain(extra))
-                .map(|a| a.embed_kernels)
-                .map_err(|e| e.to_string())
-        };
-        assert_eq!(parse(&[]), Ok(EncoderKernels::Packed));
-        assert_eq!(
-            parse(&["--embed-kernels", "candle"]),
-            Ok(EncoderKernels::Candle)
-        );
-        let err = parse(&["--embed-kernels", "onnx"]).unwrap_err();
-        assert!(err.contains("not one of packed, candle"), "{err}");
-    }
-
-    #[test]
-    fn gguf_mode_defaults_to_auto_and_rejects_unknown_values() {
-        use crate::models::chat::gguf::GgufMode;
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
-        assert_eq!(args.gguf_mode, GgufMode::Auto);
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--gguf-mode",
-            "quantized",
-        ])
-        .unwrap();
-        assert_eq!(args.gguf_mode, GgufMode::Quantized);
-        let err = Args::try_parse_from(["glm-inference", "--model", "a=/x", "--gguf-mode", "q4"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("not one of auto, quantized, dequantized"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn chat_engine_limits_come_from_flags_and_must_be_positive() {
-        let args = Args::try_parse_from(["glm-inference", "--model", "a=/x"]).unwrap();
-        assert_eq!(args.engine_config(), crate::engine::EngineConfig::default());
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--chat-max-batch-size",
-            "2",
-            "--chat-max-batch-tokens",
-            "64",
-            "--chat-max-waiting",
-            "3",
-        ])
-        .unwrap();
-        let config = args.engine_config();
-        assert_eq!(
-            (
-                config.max_batch_size,
-                config.max_batch_tokens,
-                config.max_waiting
-            ),
-            (2, 64, 3)
-        );
-        let args = Args::try_parse_from([
-            "glm-inference",
-            "--model",
-            "a=/x",
-            "--chat-max-waiting",
-            "0",
-        ])
-        .unwrap();
-        assert!(args.validate().unwrap_err().contains("--chat-max-waiting"));
-    }
-}
+mod tests;

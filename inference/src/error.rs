@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::engine::EngineError;
 use crate::models::ModelError;
+use crate::registry::RegistryError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -78,6 +79,26 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// A registry refusal for a request to `route` (the registry knows nothing of routes).
+    pub fn registry(e: RegistryError, route: &'static str) -> Self {
+        match e {
+            RegistryError::NotFound { model, available } => {
+                ApiError::ModelNotFound { model, available }
+            }
+            RegistryError::WrongKind { model, is } => ApiError::WrongModelKind {
+                model,
+                is_chat: is.is_chat(),
+                route,
+            },
+            RegistryError::NoDefault { kind, available } => ApiError::NoDefaultModel {
+                kind: kind.as_str(),
+                available,
+            },
+        }
+    }
+}
+
 /// Every engine refusal maps here once: the HTTP routes never match on engine errors themselves.
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
@@ -89,7 +110,7 @@ impl From<EngineError> for ApiError {
             EngineError::EmptyPrompt
             | EngineError::NoChatTemplate(_)
             | EngineError::Template(_) => ApiError::BadRequest(e.to_string()),
-            EngineError::Tokenizer(_) => ApiError::Internal(e.to_string()),
+            EngineError::Tokenizer(_) | EngineError::Failed(_) => ApiError::Internal(e.to_string()),
             EngineError::Stopped(_) => ApiError::Unavailable(e.to_string()),
         }
     }

@@ -4,6 +4,7 @@
 //! - `http/`     axum routes, request/response types, validation, the OpenAI error envelope;
 //!   knows nothing of tensors.
 //! - `registry`  served model name -> loaded model (embedding or chat), built from `--model NAME=PATH`.
+//! - `embedding` the embedding service: tokenize -> queue -> post-process, keywords, warm-up.
 //! - `batcher`   embeddings: token-budget dynamic batching, admission control, cancellation.
 //! - `engine/`   chat: queue, scheduler, sampling, stop strings, streaming detokenizer, templates.
 //! - `models/`   one module per model family (candle); traits `Embedder` and `CausalLM`.
@@ -13,6 +14,7 @@
 //! - `liveness`  whether worker threads still run (`/ready`, `/health`).
 pub mod batcher;
 pub mod config;
+pub mod embedding;
 pub mod engine;
 pub mod error;
 pub mod http;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use glm_inference::batcher::BatcherConfig;
 use glm_inference::config::Args;
 use glm_inference::http::{self, AppState};
 use glm_inference::metrics::Metrics;
@@ -42,10 +41,7 @@ async fn serve(args: Args) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot create metrics: {e}"))?);
     let device = args.device.open()?;
     let options = LoadOptions {
-        batching: BatcherConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            max_queued_inputs: args.max_queued_inputs,
-        },
+        batching: args.batcher_config(),
         engine: args.engine_config(),
         chat: args.chat_load_options(glm_inference::config::all_devices(&device)?),
         embed_kernels: args.embed_kernels,
@@ -57,11 +53,11 @@ async fn serve(args: Args) -> Result<(), String> {
         metrics.clone(),
     );
     let registry = tokio::task::spawn_blocking(move || {
-        Registry::load(&specs, default_chat, &device, &options, &m)
+        Registry::load(&specs, default_chat, &device, &options, &m).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| format!("model loading panicked: {e}"))??;
-    registry.warm_up().await?;
+    registry.warm_up().await.map_err(|e| e.to_string())?;
     let registry = Arc::new(registry);
 
     let state = AppState::new(

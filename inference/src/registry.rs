@@ -1,53 +1,63 @@
 //! Served model name -> loaded model, built once from `--model NAME=PATH` before the server listens.
-//! Every model is either an embedding model (tokenizer + batcher) or a chat model (served by
-//! `crate::engine`); routes ask the registry for the kind they serve and get a precise error otherwise.
+//! Every model is either an embedding model (`crate::embedding`) or a chat model (`crate::engine`);
+//! callers ask the registry for the kind they serve and get a [`RegistryError`] otherwise, which
+//! the HTTP layer words for its route.
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-use crate::batcher::{Batcher, BatcherConfig};
+use crate::batcher::BatcherConfig;
 use crate::config::ModelSpec;
-use crate::engine::{ChatEngine, EngineConfig, Event, GenerateRequest, SamplingParams, StopParams};
-use crate::error::ApiError;
+use crate::embedding::{EmbedError, EmbeddingService};
+use crate::engine::{ChatEngine, EngineConfig, EngineError};
 use crate::metrics::Metrics;
-use crate::models::{self, Device, EmbedOutputs, EmbedderInfo, Family, LoadedEmbedder, ModelKind};
+use crate::models::{self, Device, ModelError, ModelKind};
 
-/// An embedding model ready to serve.
-pub struct EmbeddingModel {
-    pub name: String,
-    pub info: EmbedderInfo,
-    pub tokenizer: Arc<Tokenizer>,
-    /// Ids below this are valid token-id inputs (tokenizer vocabulary with added tokens).
-    pub vocab_size: usize,
-    pub batcher: Batcher,
+/// A name that does not lead to a model of the kind asked for.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the model `{model}` does not exist; served models: {}", .available.join(", "))]
+    NotFound {
+        model: String,
+        available: Vec<String>,
+    },
+    /// `model` is of the other kind than the one asked for.
+    #[error("the model `{model}` is {} model", if .is.is_chat() { "a chat" } else { "an embedding" })]
+    WrongKind { model: String, is: ModelKind },
+    #[error("no {} model is served (served models: {})", .kind.as_str(), .available.join(", "))]
+    NoDefault {
+        kind: ModelKind,
+        available: Vec<String>,
+    },
 }
 
-impl EmbeddingModel {
-    pub fn new(
-        name: &str,
-        loaded: LoadedEmbedder,
-        config: BatcherConfig,
-        metrics: &Metrics,
-    ) -> Result<Self, String> {
-        let info = loaded.embedder.info().clone();
-        // An id the tokenizer knows but the embedding table lacks would fail inside the model.
-        let vocab_size = loaded.tokenizer.get_vocab_size(true).min(info.vocab_size);
-        let batcher = Batcher::new(name, loaded.embedder, config, metrics)
-            .map_err(|e| format!("cannot start the batching thread of `{name}`: {e}"))?;
-        Ok(EmbeddingModel {
-            name: name.to_string(),
-            info,
-            tokenizer: Arc::new(loaded.tokenizer),
-            vocab_size,
-            batcher,
-        })
-    }
+/// Why the server cannot start with its `--model`s.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load model `{name}`: {source}")]
+    Model { name: String, source: ModelError },
+    #[error("cannot load model `{name}`: {source}")]
+    Engine { name: String, source: EngineError },
+    #[error("cannot load model `{name}`: cannot start the batching thread of `{name}`: {source}")]
+    Batcher {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("GLM_MODEL / --default-chat-model names `{name}`, which is not a served chat model (chat models: [{}])", .chat_models.join(", "))]
+    DefaultChat {
+        name: String,
+        chat_models: Vec<String>,
+    },
+    #[error("warm-up of `{name}` failed: {source}")]
+    EmbedWarmUp { name: String, source: EmbedError },
+    #[error("warm-up of `{name}` failed: {source}")]
+    ChatWarmUp { name: String, source: EngineError },
 }
 
 /// What a served name refers to.
 pub enum ServedModel {
-    Embedding(Arc<EmbeddingModel>),
+    Embedding(Arc<EmbeddingService>),
     /// A chat model behind its continuous-batching engine (its own scheduler thread).
     Chat(Arc<ChatEngine>),
 }
@@ -94,7 +104,7 @@ pub struct Registry {
 
 impl Registry {
     /// Build from already loaded entries (in `--model` order). `default_chat` must name a chat entry.
-    pub fn new(entries: Vec<ModelEntry>, default_chat: Option<String>) -> Result<Self, String> {
+    pub fn new(entries: Vec<ModelEntry>, default_chat: Option<String>) -> Result<Self, LoadError> {
         let chat_names: Vec<&str> = entries
             .iter()
             .filter(|e| e.model.kind() == ModelKind::Chat)
@@ -102,10 +112,10 @@ impl Registry {
             .collect();
         let default_chat = match default_chat {
             Some(name) if !chat_names.contains(&name.as_str()) => {
-                return Err(format!(
-                    "GLM_MODEL / --default-chat-model names `{name}`, which is not a served chat model (chat models: [{}])",
-                    chat_names.join(", ")
-                ))
+                return Err(LoadError::DefaultChat {
+                    name,
+                    chat_models: chat_names.iter().map(|s| s.to_string()).collect(),
+                })
             }
             Some(name) => Some(name),
             None => chat_names.first().map(|s| s.to_string()),
@@ -124,12 +134,11 @@ impl Registry {
         device: &Device,
         options: &LoadOptions,
         metrics: &Metrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LoadError> {
         let mut entries = Vec::with_capacity(specs.len());
         for spec in specs {
             let started = std::time::Instant::now();
-            let model = load_one(spec, device, options, metrics)
-                .map_err(|e| format!("cannot load model `{}`: {e}", spec.name))?;
+            let model = load_one(spec, device, options, metrics)?;
             tracing::info!(
                 model = %spec.name,
                 path = %spec.path.display(),
@@ -148,28 +157,21 @@ impl Registry {
 
     /// Run one tiny input through every model (the whole path: tokenizer or chat template, queue,
     /// forward pass, sampling), so that the first client does not pay for lazy initialisation.
-    pub async fn warm_up(&self) -> Result<(), String> {
+    pub async fn warm_up(&self) -> Result<(), LoadError> {
         for entry in &self.entries {
-            if let ServedModel::Chat(engine) = &entry.model {
-                warm_up_chat(engine).await?;
-            }
-            if let ServedModel::Embedding(m) = &entry.model {
-                let enc = m
-                    .tokenizer
-                    .encode("warm up", true)
-                    .map_err(|e| format!("`{}`: {e}", m.name))?;
-                let out = m
-                    .batcher
-                    .embed(vec![enc.get_ids().to_vec()], EmbedOutputs::default())
-                    .await
-                    .map_err(|e| format!("warm-up of `{}` failed: {e}", m.name))?;
-                let dims = out.first().map(|e| e.dense.len()).unwrap_or(0);
-                if dims != m.info.dimensions {
-                    return Err(format!(
-                        "warm-up of `{}` returned {dims} dimensions, the model declares {}",
-                        m.name, m.info.dimensions
-                    ));
+            let name = entry.name.clone();
+            match &entry.model {
+                ServedModel::Chat(engine) => {
+                    let usage = engine
+                        .warm_up()
+                        .await
+                        .map_err(|source| LoadError::ChatWarmUp { name, source })?;
+                    tracing::debug!(model = %entry.name, ?usage, "chat engine warmed up");
                 }
+                ServedModel::Embedding(m) => m
+                    .warm_up()
+                    .await
+                    .map_err(|source| LoadError::EmbedWarmUp { name, source })?,
             }
         }
         Ok(())
@@ -203,58 +205,48 @@ impl Registry {
             .collect()
     }
 
-    pub fn get(&self, name: &str) -> Result<&ModelEntry, ApiError> {
+    pub fn get(&self, name: &str) -> Result<&ModelEntry, RegistryError> {
         self.entries
             .iter()
             .find(|e| e.name == name)
-            .ok_or_else(|| ApiError::ModelNotFound {
+            .ok_or_else(|| RegistryError::NotFound {
                 model: name.to_string(),
                 available: self.names(),
             })
     }
 
     /// The embedding model a request names, or the first embedding model when it names none.
-    pub fn embedding(
-        &self,
-        name: Option<&str>,
-        route: &'static str,
-    ) -> Result<Arc<EmbeddingModel>, ApiError> {
+    pub fn embedding(&self, name: Option<&str>) -> Result<Arc<EmbeddingService>, RegistryError> {
         let entry = match name.filter(|n| !n.is_empty()) {
             Some(name) => self.get(name)?,
             None => self.first_of(ModelKind::Embedding)?,
         };
         match &entry.model {
             ServedModel::Embedding(m) => Ok(m.clone()),
-            ServedModel::Chat(_) => Err(ApiError::WrongModelKind {
+            ServedModel::Chat(_) => Err(RegistryError::WrongKind {
                 model: entry.name.clone(),
-                is_chat: true,
-                route,
+                is: ModelKind::Chat,
             }),
         }
     }
 
     /// The chat model a request names, or the default chat model (GLM_MODEL) when it names none.
-    pub fn chat(
-        &self,
-        name: Option<&str>,
-        route: &'static str,
-    ) -> Result<Arc<ChatEngine>, ApiError> {
+    pub fn chat(&self, name: Option<&str>) -> Result<Arc<ChatEngine>, RegistryError> {
         let entry = match (name.filter(|n| !n.is_empty()), &self.default_chat) {
             (Some(name), _) => self.get(name)?,
             (None, Some(default)) => self.get(default)?,
             (None, None) => {
-                return Err(ApiError::NoDefaultModel {
-                    kind: "chat",
+                return Err(RegistryError::NoDefault {
+                    kind: ModelKind::Chat,
                     available: self.names_of(ModelKind::Chat),
                 })
             }
         };
         match &entry.model {
             ServedModel::Chat(engine) => Ok(engine.clone()),
-            ServedModel::Embedding(_) => Err(ApiError::WrongModelKind {
+            ServedModel::Embedding(_) => Err(RegistryError::WrongKind {
                 model: entry.name.clone(),
-                is_chat: false,
-                route,
+                is: ModelKind::Embedding,
             }),
         }
     }
@@ -265,7 +257,7 @@ impl Registry {
 
     /// The model whose tokenizer `/tokenize` uses: the named one, else the default chat model (the
     /// seed tokenized for its chat model), else the first embedding model.
-    pub fn tokenizer_model(&self, name: Option<&str>) -> Result<&ModelEntry, ApiError> {
+    pub fn tokenizer_model(&self, name: Option<&str>) -> Result<&ModelEntry, RegistryError> {
         match name.filter(|n| !n.is_empty()) {
             Some(name) => self.get(name),
             None => match &self.default_chat {
@@ -275,15 +267,12 @@ impl Registry {
         }
     }
 
-    fn first_of(&self, kind: ModelKind) -> Result<&ModelEntry, ApiError> {
+    fn first_of(&self, kind: ModelKind) -> Result<&ModelEntry, RegistryError> {
         self.entries
             .iter()
             .find(|e| e.model.kind() == kind)
-            .ok_or_else(|| ApiError::NoDefaultModel {
-                kind: match kind {
-                    ModelKind::Embedding => "embedding",
-                    ModelKind::Chat => "chat",
-                },
+            .ok_or_else(|| RegistryError::NoDefault {
+                kind,
                 available: self.names(),
             })
     }
@@ -294,66 +283,39 @@ fn load_one(
     device: &Device,
     options: &LoadOptions,
     metrics: &Metrics,
-) -> Result<ServedModel, String> {
-    let path = models::source::resolve(&spec.path).map_err(|e| e.to_string())?;
-    let family: Family = models::detect_family(&path).map_err(|e| e.to_string())?;
+) -> Result<ServedModel, LoadError> {
+    let name = spec.name.clone();
+    let model_error = |source| LoadError::Model {
+        name: name.clone(),
+        source,
+    };
+    let path = models::source::resolve(&spec.path).map_err(model_error)?;
+    let family = models::detect_family(&path).map_err(model_error)?;
     match family.kind() {
         ModelKind::Embedding => {
             let loaded = models::embed::load_with(&path, family, device, options.embed_kernels)
-                .map_err(|e| e.to_string())?;
-            let model = EmbeddingModel::new(&spec.name, loaded, options.batching, metrics)?;
+                .map_err(model_error)?;
+            let model = EmbeddingService::new(&spec.name, loaded, options.batching, metrics)
+                .map_err(|source| LoadError::Batcher {
+                    name: name.clone(),
+                    source,
+                })?;
             Ok(ServedModel::Embedding(Arc::new(model)))
         }
         ModelKind::Chat => {
             let loaded =
-                models::chat::load_with(&path, family, &options.chat).map_err(|e| e.to_string())?;
+                models::chat::load_with(&path, family, &options.chat).map_err(model_error)?;
             let engine = ChatEngine::start_with_metrics(
                 &spec.name,
                 loaded,
                 options.engine.clone(),
                 metrics.engine(&spec.name),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| LoadError::Engine {
+                name: name.clone(),
+                source,
+            })?;
             Ok(ServedModel::Chat(Arc::new(engine)))
         }
     }
-}
-
-/// Generate one greedy token from a one-message chat (or a raw prompt for template-less models):
-/// checks the template renders and runs a prefill and a decode step before `/ready` turns 200.
-async fn warm_up_chat(engine: &ChatEngine) -> Result<(), String> {
-    let name = engine.name();
-    let ids = match engine.chat_prompt(
-        &[serde_json::json!({"role": "user", "content": "Hi"})],
-        None,
-    ) {
-        Ok(prompt) => prompt.ids,
-        Err(crate::engine::EngineError::NoChatTemplate(_)) => {
-            engine.encode("Hi").map_err(|e| e.to_string())?
-        }
-        Err(e) => return Err(format!("warm-up of `{name}`: {e}")),
-    };
-    let request = GenerateRequest {
-        prompt_ids: ids,
-        sampling: SamplingParams::default(),
-        stop: StopParams {
-            max_tokens: Some(1),
-            ..StopParams::default()
-        },
-        reasoning: None,
-    };
-    let mut generation = engine
-        .submit(request)
-        .map_err(|e| format!("warm-up of `{name}`: {e}"))?;
-    while let Some(event) = generation.events.recv().await {
-        match event {
-            Event::Delta(_) => {}
-            Event::Finish { usage, .. } => {
-                tracing::debug!(model = %name, ?usage, "chat engine warmed up");
-                return Ok(());
-            }
-            Event::Error(e) => return Err(format!("warm-up of `{name}` failed: {e}")),
-        }
-    }
-    Err(format!("warm-up of `{name}`: the engine stopped"))
 }

@@ -63,6 +63,55 @@ fn prefix(text: &str, len: usize) -> &str {
     &text[..cut]
 }
 
+/// Why one text could not be encoded within a limit.
+#[derive(Debug)]
+pub enum EncodeError {
+    /// `tokens` with special tokens; `exact` false when only a prefix was tokenized (then the
+    /// text has more than that).
+    TooLong {
+        tokens: usize,
+        exact: bool,
+    },
+    Tokenizer(String),
+}
+
+/// Encode `text` with the tokenizer's special tokens. Beyond `max_len` tokens (specials included)
+/// fail with the length, or with `truncate` keep the first tokens and still add the specials
+/// (what sentence-transformers does at `max_seq_length`). Only as much of the text is tokenized
+/// as that needs (see [`encode_head`]), so a huge input costs no more than a long one.
+pub fn encode_bounded(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    max_len: usize,
+    truncate: bool,
+) -> Result<tokenizers::Encoding, EncodeError> {
+    use tokenizers::{PostProcessor, TruncationDirection};
+    let added = tok
+        .get_post_processor()
+        .map_or(0, |p| p.added_tokens(false));
+    let (mut enc, exact) = encode_head(tok, text, max_len.saturating_sub(added))
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    let total = enc.len() + added;
+    if total > max_len {
+        if !truncate {
+            return Err(EncodeError::TooLong {
+                tokens: if exact { total } else { max_len },
+                exact,
+            });
+        }
+        enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
+        enc.take_overflowing();
+    }
+    tok.post_process(enc, None, true)
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))
+}
+
+/// Where the first id outside a vocabulary of `vocab` ids is (one would index past the embedding
+/// matrix).
+pub fn first_out_of_vocab(ids: &[u32], vocab: usize) -> Option<usize> {
+    ids.iter().position(|&id| id as usize >= vocab)
+}
+
 /// Whether the tokenizer is byte-level (GPT-2 style BPE: GLM-4, Qwen2, Llama 3, DeepSeek, the GGUF
 /// and tiktoken tokenizers): its vocabulary spells bytes with stand-in characters (`Ġ` for a
 /// space, `ä¸Ń` for "中"), which mean nothing to a reader.
@@ -227,5 +276,28 @@ mod tests {
             assert!(complete);
             assert_eq!(enc.get_ids(), tok.encode(short, false).unwrap().get_ids());
         }
+    }
+
+    #[test]
+    fn encoding_is_bounded_with_specials_kept_on_truncation() {
+        let tok = fixture("bert");
+        let text = "a b c d e f g h";
+        let full = tok.encode(text, true).unwrap();
+        let n = full.len();
+        let same = encode_bounded(&tok, text, n, false).ok().unwrap();
+        assert_eq!(
+            same.get_ids(),
+            full.get_ids(),
+            "within the limit: identical to encode(text, true)"
+        );
+        assert!(
+            matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong { tokens, exact: true }) if tokens == n)
+        );
+        let cut = encode_bounded(&tok, text, 5, true).ok().unwrap();
+        let ids = cut.get_ids();
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ids[0], full.get_ids()[0], "leading special kept");
+        assert_eq!(ids[4], full.get_ids()[n - 1], "trailing special kept");
+        assert_eq!(&ids[1..4], &full.get_ids()[1..4]);
     }
 }

@@ -1,9 +1,10 @@
 //! The chat engine: prompt building (chat templates), a bounded queue, a continuous-batching
 //! scheduler on its own thread, sampling, stop handling and streaming detokenization.
 //!
-//! [`ChatEngine`] is the handle the HTTP layer holds: it renders and tokenizes prompts and submits
-//! [`GenerateRequest`]s; every request gets its own channel of [`Event`]s. Dropping the receiver
-//! cancels the request within one scheduler step.
+//! [`ChatEngine`] is the handle the HTTP layer holds. Its entry point, [`ChatEngine::generate`],
+//! takes a validated chat request, renders and tokenizes it and queues it (after TGI's
+//! `Infer::generate_stream`); every request gets its own channel of [`Event`]s. Dropping the
+//! receiver cancels the request within one scheduler step.
 pub mod detokenizer;
 pub mod reasoning;
 pub mod sampler;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge};
-use serde::Serialize;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -91,6 +91,9 @@ pub enum EngineError {
     /// HTTP 503.
     #[error("the engine of model '{0}' has stopped")]
     Stopped(String),
+    /// A generation that ended with an error event (warm-up).
+    #[error("generation failed: {0}")]
+    Failed(String),
 }
 
 /// Prometheus series the scheduler thread updates, already labelled with the model's name
@@ -139,6 +142,8 @@ pub struct Prompt {
 #[derive(Debug)]
 pub struct Generation {
     pub prompt_tokens: usize,
+    /// The events split `<think>` text into `reasoning_content` (reasoning models).
+    pub reasoning: bool,
     pub events: UnboundedReceiver<Event>,
 }
 
@@ -289,18 +294,58 @@ impl ChatEngine {
         self.counters.waiting.load(Ordering::Relaxed)
     }
 
+    /// The one way a chat request enters the engine: render its messages, tokenize them, queue
+    /// the result. CPU work (template and tokenizer): call it off the async workers.
+    pub fn generate(&self, request: ChatGenerateRequest) -> Result<Generation, EngineError> {
+        let prompt = self.chat_prompt(&request.messages)?;
+        self.submit(GenerateRequest {
+            prompt_ids: prompt.ids,
+            sampling: request.sampling,
+            stop: request.stop,
+            reasoning: prompt.reasoning,
+        })
+    }
+
+    /// Generate one greedy token from a one-message chat (or a raw prompt for template-less
+    /// models): checks the template renders and runs a prefill and a decode step, so that the
+    /// first client does not pay for lazy initialisation.
+    pub async fn warm_up(&self) -> Result<Usage, EngineError> {
+        let stop = StopParams {
+            max_tokens: Some(1),
+            ..StopParams::default()
+        };
+        let chat = ChatGenerateRequest {
+            messages: vec![PromptMessage::user("Hi")],
+            sampling: SamplingParams::default(),
+            stop: stop.clone(),
+        };
+        let mut generation = match self.generate(chat) {
+            Err(EngineError::NoChatTemplate(_)) => self.submit(GenerateRequest {
+                prompt_ids: self.encode("Hi")?,
+                sampling: SamplingParams::default(),
+                stop,
+                reasoning: None,
+            })?,
+            other => other?,
+        };
+        while let Some(event) = generation.events.recv().await {
+            match event {
+                Event::Delta(_) => {}
+                Event::Finish { usage, .. } => return Ok(usage),
+                Event::Error(e) => return Err(EngineError::Failed(e)),
+            }
+        }
+        Err(EngineError::Stopped(self.name.clone()))
+    }
+
     /// Render `messages` with the model's chat template (generation prompt added) and tokenize the
     /// text without adding special tokens: the template already wrote BOS / `[gMASK]<sop>`.
-    pub fn chat_prompt<M: Serialize>(
-        &self,
-        messages: &[M],
-        tools: Option<&serde_json::Value>,
-    ) -> Result<Prompt, EngineError> {
+    pub fn chat_prompt(&self, messages: &[PromptMessage]) -> Result<Prompt, EngineError> {
         let template = self
             .template
             .as_ref()
             .ok_or_else(|| EngineError::NoChatTemplate(self.name.clone()))?;
-        let text = template.render(messages, tools, true)?;
+        let text = template.render(messages, None, true)?;
         let ids = self.encode_for_context(&text)?;
         let reasoning = self
             .reasoning
@@ -351,6 +396,7 @@ impl ChatEngine {
                 max_context,
             });
         }
+        let reasoning = request.reasoning.is_some();
         let room = max_context - prompt_tokens;
         let max_new_tokens = request.stop.max_tokens.map_or(room, |m| m.clamp(1, room));
         self.reserve_slot()?;
@@ -367,6 +413,7 @@ impl ChatEngine {
         }
         Ok(Generation {
             prompt_tokens,
+            reasoning,
             events,
         })
     }

@@ -2,6 +2,9 @@
 //! (a stream of [`Event`]s).
 use std::time::Duration;
 
+use serde::Serialize;
+use serde_json::Value;
+
 /// How to pick each next token. Defaults give greedy decoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -57,7 +60,42 @@ pub struct StopParams {
     pub skip_special_tokens: bool,
 }
 
-/// One generation request for the engine.
+/// What a chat template sees of a message: `content` is a string or null; `tool_calls` only when
+/// present (DeepSeek's template tests `'tool_calls' in message`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptMessage {
+    pub role: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl PromptMessage {
+    pub fn user(content: &str) -> Self {
+        PromptMessage {
+            role: "user".into(),
+            content: Some(content.into()),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A validated chat request, as [`super::ChatEngine::generate`] takes it: messages to render with
+/// the model's template, how to sample and when to stop.
+#[derive(Debug, Clone)]
+pub struct ChatGenerateRequest {
+    pub messages: Vec<PromptMessage>,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+}
+
+/// One tokenized generation request for the engine's queue.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,

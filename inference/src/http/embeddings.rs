@@ -3,18 +3,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::tokens::{parse_input, tokenize_inputs, Input};
-use super::{respond, AppState, JsonBody};
+use super::tokens::parse_input;
+use super::{labelled, AppState, JsonBody};
 use crate::batcher::BatchError;
+use crate::embedding::{EmbedError, EmbedRequest, EmbeddingService, Input};
 use crate::error::ApiError;
 use crate::models::{EmbedOutputs, Embedding};
-use crate::registry::EmbeddingModel;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,47 +86,49 @@ pub async fn openai(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<EmbeddingsRequest>,
 ) -> Response {
-    let mut label = None;
-    let result = openai_inner(&state, req, &mut label).await;
-    respond(result, label)
+    match state.registry.embedding(req.model.as_deref()) {
+        Ok(model) => labelled(&model.name, openai_inner(&state, &model, req).await),
+        Err(e) => ApiError::registry(e, "/v1/embeddings").into_response(),
+    }
 }
 
 async fn openai_inner(
     state: &AppState,
+    model: &Arc<EmbeddingService>,
     req: EmbeddingsRequest,
-    label: &mut Option<String>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
-    let model = state
-        .registry
-        .embedding(req.model.as_deref(), "/v1/embeddings")?;
-    *label = Some(model.name.clone());
     let inputs = parse_input(&req.input, "input")?;
     check_batch_size(state, inputs.len())?;
-    let dimensions = check_dimensions(&model, req.dimensions)?;
-    let outputs = EmbedOutputs {
-        sparse: req.return_sparse,
-        colbert: req.return_colbert,
-    };
-    check_outputs(&model, outputs)?;
     if let Some(user) = &req.user {
         tracing::debug!(user, model = %model.name, "embeddings request");
     }
-    let truncate = req.truncate.unwrap_or(state.limits.auto_truncate);
-    let tokenized = tokenize_inputs(&model, inputs, truncate, "input").await?;
-    let embeddings = run(&model, tokenized.ids, outputs).await?;
+    let request = EmbedRequest {
+        inputs,
+        truncate: req.truncate.unwrap_or(state.limits.auto_truncate),
+        outputs: EmbedOutputs {
+            sparse: req.return_sparse,
+            colbert: req.return_colbert,
+        },
+        dimensions: req.dimensions,
+    };
+    let embedded = model
+        .embed_pooled(request)
+        .await
+        .map_err(|e| api_error(e, "input"))?;
     let format = req.encoding_format.unwrap_or_default();
-    let data = embeddings
+    let data = embedded
+        .embeddings
         .into_iter()
         .enumerate()
-        .map(|(index, emb)| item(index, emb, dimensions, format))
+        .map(|(index, emb)| item(index, emb, format))
         .collect();
     Ok(Json(EmbeddingsResponse {
         object: "list",
         data,
         model: model.name.clone(),
         usage: Usage {
-            prompt_tokens: tokenized.tokens,
-            total_tokens: tokenized.tokens,
+            prompt_tokens: embedded.prompt_tokens,
+            total_tokens: embedded.prompt_tokens,
         },
     }))
 }
@@ -148,20 +150,17 @@ struct SeedResponse {
 }
 
 pub async fn seed(State(state): State<AppState>, JsonBody(req): JsonBody<SeedRequest>) -> Response {
-    let mut label = None;
-    let result = seed_inner(&state, req, &mut label).await;
-    respond(result, label)
+    match state.registry.embedding(req.model.as_deref()) {
+        Ok(model) => labelled(&model.name, seed_inner(&state, &model, req).await),
+        Err(e) => ApiError::registry(e, "/embedding").into_response(),
+    }
 }
 
 async fn seed_inner(
     state: &AppState,
+    model: &Arc<EmbeddingService>,
     req: SeedRequest,
-    label: &mut Option<String>,
 ) -> Result<Json<SeedResponse>, ApiError> {
-    let model = state
-        .registry
-        .embedding(req.model.as_deref(), "/embedding")?;
-    *label = Some(model.name.clone());
     let inputs = parse_input(&req.prompt, "prompt")?;
     if inputs.iter().any(|i| matches!(i, Input::Ids(_))) {
         return Err(ApiError::invalid(
@@ -170,30 +169,79 @@ async fn seed_inner(
         ));
     }
     check_batch_size(state, inputs.len())?;
-    let tokenized = tokenize_inputs(&model, inputs, true, "prompt").await?;
-    let embeddings = run(&model, tokenized.ids, EmbedOutputs::default()).await?;
+    let request = EmbedRequest {
+        inputs,
+        truncate: true,
+        outputs: EmbedOutputs::default(),
+        dimensions: None,
+    };
+    let embedded = model
+        .embed_pooled(request)
+        .await
+        .map_err(|e| api_error(e, "prompt"))?;
     Ok(Json(SeedResponse {
-        data: embeddings.into_iter().map(|e| e.dense).collect(),
+        data: embedded.embeddings.into_iter().map(|e| e.dense).collect(),
         model: model.name.clone(),
         object: "embedding",
     }))
 }
 
-/// Embed through the model's batcher, mapping queue outcomes to HTTP errors.
-pub async fn run(
-    model: &Arc<EmbeddingModel>,
-    ids: Vec<Vec<u32>>,
-    outputs: EmbedOutputs,
-) -> Result<Vec<Embedding>, ApiError> {
-    model
-        .batcher
-        .embed(ids, outputs)
-        .await
-        .map_err(|e| match e {
-            BatchError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
-            BatchError::ShuttingDown => ApiError::Unavailable(e.to_string()),
-            BatchError::Model { .. } => ApiError::Internal(e.to_string()),
-        })
+/// The embedding service's refusals in OpenAI's envelope; `param` is the request field that
+/// carried the inputs (`input`, `prompt`).
+pub(super) fn api_error(e: EmbedError, param: &str) -> ApiError {
+    let name = |input: Option<usize>| match input {
+        Some(i) => format!("{param}[{i}]"),
+        None => param.to_owned(),
+    };
+    match e {
+        EmbedError::TooLong {
+            input,
+            model,
+            tokens,
+            exact,
+            limit,
+        } => ApiError::InputTooLong {
+            param: name(input),
+            model,
+            tokens,
+            exact,
+            limit,
+        },
+        EmbedError::Untokenizable { input, message } => {
+            ApiError::invalid(name(input), format!("cannot be tokenized: {message}"))
+        }
+        EmbedError::InvalidTokenId {
+            input,
+            position,
+            model,
+            id,
+            vocab,
+        } => ApiError::InvalidTokenId {
+            param: format!("{}[{position}]", name(input)),
+            model,
+            id: id.to_string(),
+            vocab,
+        },
+        EmbedError::ZeroDimensions | EmbedError::TooManyDimensions { .. } => {
+            ApiError::invalid("dimensions", e.to_string())
+        }
+        EmbedError::NoSparseHead(_) => ApiError::invalid("return_sparse", e.to_string()),
+        EmbedError::NoColbertHead(_) => ApiError::invalid("return_colbert", e.to_string()),
+        EmbedError::Keyword(err) => {
+            // The seed's field names, not KeyBERT's.
+            let option = match err.option() {
+                "top_n" => "top",
+                "docs" => "input",
+                other => other,
+            };
+            ApiError::invalid(option, err.to_string())
+        }
+        EmbedError::Batch(BatchError::QueueFull { .. }) => ApiError::Overloaded(e.to_string()),
+        EmbedError::Batch(BatchError::ShuttingDown) => ApiError::Unavailable(e.to_string()),
+        EmbedError::Batch(BatchError::Model { .. })
+        | EmbedError::WrongDimensions { .. }
+        | EmbedError::Task { .. } => ApiError::Internal(e.to_string()),
+    }
 }
 
 fn check_batch_size(state: &AppState, n: usize) -> Result<(), ApiError> {
@@ -204,52 +252,10 @@ fn check_batch_size(state: &AppState, n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_dimensions(
-    model: &EmbeddingModel,
-    dimensions: Option<usize>,
-) -> Result<Option<usize>, ApiError> {
-    match dimensions {
-        Some(0) => Err(ApiError::invalid("dimensions", "must be at least 1")),
-        Some(d) if d > model.info.dimensions => Err(ApiError::invalid(
-            "dimensions",
-            format!(
-                "{d} is more than the {} dimensions of `{}`",
-                model.info.dimensions, model.name
-            ),
-        )),
-        other => Ok(other),
-    }
-}
-
-fn check_outputs(model: &EmbeddingModel, outputs: EmbedOutputs) -> Result<(), ApiError> {
-    if outputs.sparse && !model.info.sparse {
-        return Err(ApiError::invalid(
-            "return_sparse",
-            format!("`{}` has no sparse (lexical) head", model.name),
-        ));
-    }
-    if outputs.colbert && !model.info.colbert {
-        return Err(ApiError::invalid(
-            "return_colbert",
-            format!("`{}` has no ColBERT head", model.name),
-        ));
-    }
-    Ok(())
-}
-
-fn item(
-    index: usize,
-    emb: Embedding,
-    dimensions: Option<usize>,
-    format: EncodingFormat,
-) -> EmbeddingItem {
-    let dense = match dimensions {
-        Some(d) => shorten(emb.dense, d),
-        None => emb.dense,
-    };
+fn item(index: usize, emb: Embedding, format: EncodingFormat) -> EmbeddingItem {
     let embedding = match format {
-        EncodingFormat::Float => Vector::Float(dense),
-        EncodingFormat::Base64 => Vector::Base64(encode_base64(&dense)),
+        EncodingFormat::Float => Vector::Float(emb.dense),
+        EncodingFormat::Base64 => Vector::Base64(encode_base64(&emb.dense)),
     };
     EmbeddingItem {
         object: "embedding",
@@ -264,16 +270,6 @@ fn item(
     }
 }
 
-/// OpenAI's `dimensions`: keep the first `d` components and L2-normalise again.
-fn shorten(mut v: Vec<f32>, d: usize) -> Vec<f32> {
-    v.truncate(d);
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
 pub fn encode_base64(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -282,17 +278,6 @@ pub fn encode_base64(v: &[f32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shortening_renormalises() {
-        let v = shorten(vec![3.0, 4.0, 12.0], 2);
-        assert_eq!(v, vec![0.6, 0.8]);
-        assert_eq!(
-            shorten(vec![0.0, 0.0, 1.0], 2),
-            vec![0.0, 0.0],
-            "zero vector stays zero, no NaN"
-        );
-    }
 
     #[test]
     fn base64_is_little_endian_f32() {

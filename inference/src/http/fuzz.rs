@@ -11,9 +11,9 @@ use proptest::test_runner::{Config, RngSeed};
 use serde_json::{Map, Value};
 
 use super::chat::ChatRequest;
-use super::chat_policy::ChatLimits;
 use super::extract::parse;
 use super::tests::{post, send, state_with};
+use super::ChatLimits;
 use super::{router, Limits};
 
 const FIELDS: &[&str] = &[

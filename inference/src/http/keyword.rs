@@ -1,22 +1,19 @@
-//! `POST /keyword`: the seed's KeyBERT endpoint. Candidates come from `keyword::plan` (within the
-//! `--keyword-*` limits), the document and the candidates are embedded through the model's batcher
-//! a client batch at a time, and `keyword::select` ranks them (plain cosine, MMR or Max Sum) on the
-//! blocking pool.
+//! `POST /keyword`: the seed's KeyBERT endpoint, over the embedding service's
+//! [`EmbeddingService::keywords`] (embedding a client batch at a time, so that one keyword request
+//! never holds more than `--max-client-batch-size` places of the queue that other requests share).
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use std::sync::Arc;
 
-use super::embeddings::run;
-use super::tokens::{tokenize_inputs, Input};
-use super::{respond, AppState, JsonBody};
+use super::embeddings::api_error;
+use super::{labelled, AppState, JsonBody};
+use crate::embedding::EmbeddingService;
 use crate::error::ApiError;
-use crate::keyword::{self as kw, KeywordError};
-use crate::models::{EmbedOutputs, Embedding};
-use crate::registry::EmbeddingModel;
+use crate::keyword as kw;
 
 #[derive(Debug, Deserialize)]
 pub struct KeywordRequest {
@@ -69,86 +66,37 @@ pub async fn keyword(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<KeywordRequest>,
 ) -> Response {
-    let mut label = None;
-    let result = keyword_inner(&state, req, &mut label).await;
-    respond(result, label)
+    match state.registry.embedding(req.model.as_deref()) {
+        Ok(model) => labelled(&model.name, keyword_inner(&state, &model, req).await),
+        Err(e) => ApiError::registry(e, "/keyword").into_response(),
+    }
 }
 
 async fn keyword_inner(
     state: &AppState,
+    model: &Arc<EmbeddingService>,
     req: KeywordRequest,
-    label: &mut Option<String>,
 ) -> Result<Json<KeywordResponse>, ApiError> {
-    let model = state.registry.embedding(req.model.as_deref(), "/keyword")?;
-    *label = Some(model.name.clone());
     if req.input.trim().is_empty() {
         return Err(ApiError::EmptyInput {
             param: "input".into(),
         });
     }
     let opts = options(&req)?;
-    let (doc, plan_opts) = (req.input, opts.clone());
-    let (limits, dims) = (state.limits.keyword, model.info.dimensions);
-    let plan = blocking("keyword planning", move || {
-        kw::plan(&doc, &plan_opts, &limits, dims)
-    })
-    .await?
-    .map_err(keyword_error)?;
-    if plan.candidates.is_empty() {
-        return Ok(Json(KeywordResponse {
-            model: model.name.clone(),
-            keywords: Vec::new(),
-        }));
-    }
-    // KeyBERT embeds through sentence-transformers, which truncates at max_seq_length.
-    let inputs = std::iter::once(&plan.doc)
-        .chain(&plan.candidates)
-        .map(|s| Input::Text(s.clone()))
-        .collect();
-    let tokenized = tokenize_inputs(&model, inputs, true, "input").await?;
-    let mut vectors = embed_in_chunks(state, &model, tokenized.ids)
-        .await?
-        .into_iter()
-        .map(|e| e.dense);
-    let doc_vec = vectors
-        .next()
-        .ok_or_else(|| ApiError::Internal("no document embedding".into()))?;
-    let candidate_vecs: Vec<Vec<f32>> = vectors.collect();
-    // MMR and Max Sum are CPU work bounded by --keyword-max-selection-cost: off the async workers.
-    let keywords = blocking("keyword selection", move || {
-        kw::select(&plan, &doc_vec, &candidate_vecs, &opts)
-    })
-    .await?;
+    let limits = &state.limits;
+    let keywords = model
+        .keywords(
+            req.input,
+            opts,
+            limits.keyword,
+            limits.max_client_batch_size,
+        )
+        .await
+        .map_err(|e| api_error(e, "input"))?;
     Ok(Json(KeywordResponse {
         model: model.name.clone(),
         keywords,
     }))
-}
-
-/// Embed through the model's queue a client batch at a time, so that one keyword request never
-/// holds more than `--max-client-batch-size` places of the queue that other requests share.
-async fn embed_in_chunks(
-    state: &AppState,
-    model: &Arc<EmbeddingModel>,
-    ids: Vec<Vec<u32>>,
-) -> Result<Vec<Embedding>, ApiError> {
-    let chunk = state.limits.max_client_batch_size.max(1);
-    let mut out = Vec::with_capacity(ids.len());
-    let mut ids = ids.into_iter().peekable();
-    while ids.peek().is_some() {
-        let part: Vec<Vec<u32>> = ids.by_ref().take(chunk).collect();
-        out.extend(run(model, part, EmbedOutputs::default()).await?);
-    }
-    Ok(out)
-}
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::Internal(format!("{what} failed: {e}")))
 }
 
 /// The request's fields as KeyBERT's options. The option rules (ranges, Max Sum's cost cap) live
@@ -165,16 +113,6 @@ fn options(req: &KeywordRequest) -> Result<kw::KeywordOptions, ApiError> {
         stop_words: stop_words(&req.stop_words)?,
         vocab: req.vocab.clone(),
     })
-}
-
-/// Name the request field (the seed's names, not KeyBERT's) that a keyword error is about.
-fn keyword_error(err: KeywordError) -> ApiError {
-    let param = match err.option() {
-        "top_n" => "top",
-        "docs" => "input",
-        other => other,
-    };
-    ApiError::invalid(param, err.to_string())
 }
 
 fn stop_words(value: &Value) -> Result<kw::StopWords, ApiError> {

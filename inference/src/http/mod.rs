@@ -3,7 +3,6 @@
 //! (tokenizers, batchers, the chat engine) and never touches tensors.
 mod admission;
 pub mod chat;
-pub mod chat_policy;
 mod embeddings;
 mod extract;
 mod keyword;
@@ -24,7 +23,7 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use admission::{Pools, RouteClass};
-pub use chat_policy::ChatLimits;
+pub use chat::policy::ChatLimits;
 pub use extract::JsonBody;
 pub use middleware::ModelLabel;
 
@@ -157,18 +156,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Attach the resolved model name (for metrics) to a handler's outcome.
-pub(crate) fn respond<T: IntoResponse>(
-    result: Result<T, ApiError>,
-    model: Option<String>,
-) -> Response {
+/// A handler's outcome, with the model it resolved attached for the metrics labels.
+pub(crate) fn labelled<T: IntoResponse>(model: &str, result: Result<T, ApiError>) -> Response {
     let mut resp = match result {
         Ok(ok) => ok.into_response(),
         Err(err) => err.into_response(),
     };
-    if let Some(model) = model {
-        resp.extensions_mut().insert(ModelLabel(model));
-    }
+    resp.extensions_mut().insert(ModelLabel(model.to_owned()));
     resp
 }
 

@@ -3,17 +3,18 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::Uri;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::chat::{template_messages, ChatMessage};
-use super::tokens::{check_ids, encode_bounded, EncodeError};
-use super::{respond, AppState, JsonBody};
+use super::chat::types::ChatMessage;
+use super::chat::validate::template_messages;
+use super::tokens::check_ids;
+use super::{labelled, AppState, JsonBody};
 use crate::error::ApiError;
 use crate::models::ModelKind;
 use crate::registry::{ModelEntry, ServedModel};
-use crate::tokenizer::{encode_head, readable_tokens};
+use crate::tokenizer::{encode_bounded, encode_head, readable_tokens, EncodeError};
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -72,7 +73,11 @@ pub async fn get_one(
             });
         }
     };
-    state.registry.get(&id).map(|e| Json(card(e)))
+    state
+        .registry
+        .get(&id)
+        .map(|e| Json(card(e)))
+        .map_err(|e| ApiError::registry(e, "/v1/models"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,18 +121,17 @@ pub async fn tokenize(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Response {
-    let mut label = None;
-    let result = tokenize_inner(&state, req, &mut label).await;
-    respond(result, label)
+    match state.registry.tokenizer_model(req.model.as_deref()) {
+        Ok(entry) => labelled(&entry.name, tokenize_inner(&state, entry, req).await),
+        Err(e) => ApiError::registry(e, "/tokenize").into_response(),
+    }
 }
 
 async fn tokenize_inner(
     state: &AppState,
+    entry: &ModelEntry,
     req: TokenizeRequest,
-    label: &mut Option<String>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let entry = state.registry.tokenizer_model(req.model.as_deref())?;
-    *label = Some(entry.name.clone());
     let cap = state.limits.tokenize_max_tokens;
     match req.max_tokens {
         Some(0) => return Err(ApiError::invalid("max_tokens", "must be at least 1")),
@@ -225,7 +229,7 @@ async fn tokenize_messages(
     }
     let messages = template_messages(messages)?;
     let engine = engine.clone();
-    let prompt = tokio::task::spawn_blocking(move || engine.chat_prompt(&messages, None))
+    let prompt = tokio::task::spawn_blocking(move || engine.chat_prompt(&messages))
         .await
         .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))??;
     let tok = entry.model.tokenizer();
@@ -265,18 +269,17 @@ pub async fn detokenize(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Response {
-    let mut label = None;
-    let result = detokenize_inner(&state, req, &mut label).await;
-    respond(result, label)
+    match state.registry.tokenizer_model(req.model.as_deref()) {
+        Ok(entry) => labelled(&entry.name, detokenize_inner(&state, entry, req).await),
+        Err(e) => ApiError::registry(e, "/detokenize").into_response(),
+    }
 }
 
 async fn detokenize_inner(
     state: &AppState,
+    entry: &ModelEntry,
     req: DetokenizeRequest,
-    label: &mut Option<String>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let entry = state.registry.tokenizer_model(req.model.as_deref())?;
-    *label = Some(entry.name.clone());
     let tok = entry.model.tokenizer().clone();
     let vocab = tok.get_vocab_size(true);
     let cap = state.limits.tokenize_max_tokens;

@@ -12,9 +12,10 @@ use tower::ServiceExt;
 
 use super::{router, AppState, Limits};
 use crate::batcher::BatcherConfig;
+use crate::embedding::EmbeddingService;
 use crate::metrics::Metrics;
 use crate::models::{EmbedOutputs, Embedder, EmbedderInfo, Embedding, LoadedEmbedder, ModelError};
-use crate::registry::{EmbeddingModel, ModelEntry, Registry, ServedModel};
+use crate::registry::{ModelEntry, Registry, ServedModel};
 
 /// A deterministic stand-in: 4 dimensions derived from the ids, L2-normalised.
 struct Fake(EmbedderInfo);
@@ -93,7 +94,7 @@ pub(super) fn state_with(
         max_batch_tokens: 256,
         max_queued_inputs: 64,
     };
-    let model = EmbeddingModel::new(name, loaded, cfg, &metrics).unwrap();
+    let model = EmbeddingService::new(name, loaded, cfg, &metrics).unwrap();
     let entry = ModelEntry {
         name: name.into(),
         path: dir,

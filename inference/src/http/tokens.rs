@@ -1,20 +1,10 @@
-//! Turning request inputs into token ids: the OpenAI `input` union, length limits and truncation,
-//! token-id validation. Tokenization runs on the blocking pool (it is CPU work).
-use std::sync::Arc;
-
+//! Request inputs as the wire carries them: the OpenAI `input` union and token-id lists.
+//! Tokenization itself is the embedding service's (`crate::embedding`).
 use serde_json::Value;
-use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
+use crate::embedding::Input;
 use crate::error::ApiError;
-use crate::registry::EmbeddingModel;
-use crate::tokenizer::encode_head;
-
-/// One embedding input: text, or token ids used as given (no special tokens added).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Text(String),
-    Ids(Vec<u32>),
-}
+use crate::tokenizer::first_out_of_vocab;
 
 const INPUT_SHAPE: &str =
     "must be a string, an array of strings, an array of token ids or an array of token id arrays";
@@ -97,130 +87,10 @@ fn ids(items: &[Value], param: &str) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
-/// Tokenized inputs ready for the batcher.
-pub struct Tokenized {
-    pub ids: Vec<Vec<u32>>,
-    /// Tokens over all inputs, special tokens included (`usage.prompt_tokens`).
-    pub tokens: usize,
-}
-
-/// Why one text could not be encoded within a limit.
-pub enum EncodeError {
-    /// `tokens` with special tokens; `exact` false when only a prefix was tokenized (then the
-    /// text has more than that).
-    TooLong {
-        tokens: usize,
-        exact: bool,
-    },
-    Tokenizer(String),
-}
-
-/// Encode `text` with the tokenizer's special tokens. Beyond `max_len` tokens (specials included)
-/// fail with the length, or with `truncate` keep the first tokens and still add the specials
-/// (what sentence-transformers does at `max_seq_length`). Only as much of the text is tokenized
-/// as that needs (see [`encode_head`]), so a huge input costs no more than a long one.
-pub fn encode_bounded(
-    tok: &Tokenizer,
-    text: &str,
-    max_len: usize,
-    truncate: bool,
-) -> Result<Encoding, EncodeError> {
-    let added = tok
-        .get_post_processor()
-        .map_or(0, |p| p.added_tokens(false));
-    let (mut enc, exact) = encode_head(tok, text, max_len.saturating_sub(added))
-        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-    let total = enc.len() + added;
-    if total > max_len {
-        if !truncate {
-            return Err(EncodeError::TooLong {
-                tokens: if exact { total } else { max_len },
-                exact,
-            });
-        }
-        enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
-        enc.take_overflowing();
-    }
-    tok.post_process(enc, None, true)
-        .map_err(|e| EncodeError::Tokenizer(e.to_string()))
-}
-
-/// Tokenize and bound every input for `model`, on the blocking pool.
-pub async fn tokenize_inputs(
-    model: &Arc<EmbeddingModel>,
-    inputs: Vec<Input>,
-    truncate: bool,
-    param: &'static str,
-) -> Result<Tokenized, ApiError> {
-    let model = model.clone();
-    tokio::task::spawn_blocking(move || tokenize_blocking(&model, inputs, truncate, param))
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))?
-}
-
-fn tokenize_blocking(
-    model: &EmbeddingModel,
-    inputs: Vec<Input>,
-    truncate: bool,
-    param: &str,
-) -> Result<Tokenized, ApiError> {
-    let max_len = model.info.max_input_tokens;
-    let single = inputs.len() == 1;
-    let name = |i: usize| {
-        if single {
-            param.to_string()
-        } else {
-            format!("{param}[{i}]")
-        }
-    };
-    let mut out = Vec::with_capacity(inputs.len());
-    for (i, input) in inputs.into_iter().enumerate() {
-        let ids = match input {
-            Input::Text(text) => match encode_bounded(&model.tokenizer, &text, max_len, truncate) {
-                Ok(enc) => enc.get_ids().to_vec(),
-                Err(EncodeError::TooLong { tokens, exact }) => {
-                    return Err(ApiError::InputTooLong {
-                        param: name(i),
-                        model: model.name.clone(),
-                        tokens,
-                        exact,
-                        limit: max_len,
-                    })
-                }
-                Err(EncodeError::Tokenizer(msg)) => {
-                    return Err(ApiError::invalid(
-                        name(i),
-                        format!("cannot be tokenized: {msg}"),
-                    ))
-                }
-            },
-            Input::Ids(mut ids) => {
-                check_ids(&ids, model.vocab_size, &model.name, &name(i))?;
-                if ids.len() > max_len {
-                    if !truncate {
-                        return Err(ApiError::InputTooLong {
-                            param: name(i),
-                            model: model.name.clone(),
-                            tokens: ids.len(),
-                            exact: true,
-                            limit: max_len,
-                        });
-                    }
-                    ids.truncate(max_len);
-                }
-                ids
-            }
-        };
-        out.push(ids);
-    }
-    let tokens = out.iter().map(Vec::len).sum();
-    Ok(Tokenized { ids: out, tokens })
-}
-
 /// Every id must index the model's vocabulary (an out-of-range id would index past the embedding
 /// matrix).
 pub fn check_ids(ids: &[u32], vocab: usize, model: &str, param: &str) -> Result<(), ApiError> {
-    match ids.iter().position(|&id| id as usize >= vocab) {
+    match first_out_of_vocab(ids, vocab) {
         Some(pos) => Err(ApiError::InvalidTokenId {
             param: format!("{param}[{pos}]"),
             model: model.to_string(),
@@ -312,31 +182,5 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn encoding_is_bounded_with_specials_kept_on_truncation() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/tiny/bert");
-        let tok = crate::tokenizer::load_tokenizer(&dir)
-            .expect("fixture tiny/bert tokenizer (see /work/shared/fixtures)");
-        let text = "a b c d e f g h";
-        let full = tok.encode(text, true).unwrap();
-        let n = full.len();
-        let same = encode_bounded(&tok, text, n, false).ok().unwrap();
-        assert_eq!(
-            same.get_ids(),
-            full.get_ids(),
-            "within the limit: identical to encode(text, true)"
-        );
-        assert!(
-            matches!(encode_bounded(&tok, text, n - 1, false), Err(EncodeError::TooLong { tokens, exact: true }) if tokens == n)
-        );
-        let cut = encode_bounded(&tok, text, 5, true).ok().unwrap();
-        let ids = cut.get_ids();
-        assert_eq!(ids.len(), 5);
-        assert_eq!(ids[0], full.get_ids()[0], "leading special kept");
-        assert_eq!(ids[4], full.get_ids()[n - 1], "trailing special kept");
-        assert_eq!(&ids[1..4], &full.get_ids()[1..4]);
     }
 }

@@ -11,6 +11,19 @@ pub enum ModelKind {
     Chat,
 }
 
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Embedding => "embedding",
+            ModelKind::Chat => "chat",
+        }
+    }
+
+    pub fn is_chat(self) -> bool {
+        self == ModelKind::Chat
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// BertModel (text2vec-large-chinese, text2vec-base-multilingual, all-MiniLM-L6-v2).
@@ -55,11 +68,7 @@ pub fn detect_family(path: &Path) -> Result<Family, ModelError> {
     if !path.is_dir() {
         return Err(ModelError::load(path, "does not exist"));
     }
-    let cfg_path = path.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| ModelError::load(path, format!("cannot read config.json: {e}")))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::load(path, format!("config.json is not valid JSON: {e}")))?;
+    let cfg: serde_json::Value = super::ModelDir::new(path).config()?;
     family_from_config(&cfg).ok_or_else(|| {
         let mt = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
         let arch = cfg.get("architectures").map(|v| v.to_string()).unwrap_or_else(|| "<missing>".into());

@@ -2,6 +2,7 @@
 //! sees them only through the [`Embedder`] and [`CausalLM`] traits.
 pub mod chat;
 pub mod detect;
+pub mod dir;
 pub mod embed;
 pub mod source;
 
@@ -10,6 +11,8 @@ use std::sync::Arc;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use detect::{detect_family, Family, ModelKind};
+pub(crate) use dir::read_json;
+pub use dir::ModelDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -98,15 +101,6 @@ pub struct LoadedEmbedder {
 // ---------------------------------------------------------------------------------------------
 
 pub use chat::kv::{BlockAllocator, SeqCache};
-
-/// Read a JSON file of a model folder; errors name the file.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
-    file: &std::path::Path,
-) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| ModelError::load(file, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::load(file, format!("invalid JSON: {e}")))
-}
 
 #[derive(Debug, Clone)]
 pub struct CausalLMInfo {

@@ -18,7 +18,8 @@ use super::snapshot::load_chat_assets_with;
 use super::tiktoken::{self, TokenizerSpec, GLM4_PATTERN};
 use super::weights::{SafetensorsWeights, Weights};
 use super::{ChatLoadOptions, LoadFormat};
-use crate::models::{read_json, LoadedChat, ModelError};
+use crate::models::dir::ModelDir;
+use crate::models::{LoadedChat, ModelError};
 
 /// The special tokens of THUDM's `tokenization_chatglm.py`, numbered after the ranks, for folders
 /// whose `tokenizer_config.json` lacks `added_tokens_decoder`.
@@ -45,9 +46,9 @@ const GLM4_PREFIX: [&str; 2] = ["[gMASK]", "<sop>"];
 /// Load a THUDM-layout GLM-4 folder: `config.json` (`ChatGLMConfig`), safetensors weights, and
 /// `tokenizer.json` when present, else the tiktoken `tokenizer.model`.
 pub fn load(dir: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelError> {
-    let cfg_path = dir.join("config.json");
-    let raw: Value = read_json(&cfg_path)?;
-    let cfg = config(&raw).map_err(|m| ModelError::load(&cfg_path, m))?;
+    let model_dir = ModelDir::new(dir);
+    let raw: Value = model_dir.config()?;
+    let cfg = config(&raw).map_err(|m| ModelError::load(model_dir.file("config.json"), m))?;
     let dtype = options.dtype();
     let device = options.devices.first().cloned().unwrap_or(Device::Cpu);
     let st = match options.load_format {
@@ -300,29 +301,19 @@ fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
 /// Special tokens from `tokenizer_config.json`'s `added_tokens_decoder` (id -> content), or THUDM's
 /// fixed list numbered from `first_id`.
 fn special_tokens(dir: &Path, first_id: usize) -> Result<Vec<(String, u32)>, ModelError> {
-    let path = dir.join("tokenizer_config.json");
-    let decoder = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let cfg: Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::load(&path, format!("invalid JSON: {e}")))?;
-            cfg.get("added_tokens_decoder")
-                .and_then(Value::as_object)
-                .cloned()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(ModelError::load(&path, e)),
-    };
-    if let Some(decoder) = decoder {
+    let model_dir = ModelDir::new(dir);
+    let path = model_dir.file("tokenizer_config.json");
+    if let Some(decoder) = model_dir.tokenizer_config()?.added_tokens_decoder {
         return decoder
-            .iter()
+            .into_iter()
             .map(|(id, tok)| {
                 let id = id
                     .parse::<u32>()
                     .map_err(|_| ModelError::load(&path, format!("added token id {id:?}")))?;
-                let content = tok.get("content").and_then(Value::as_str).ok_or_else(|| {
+                let content = tok.content.ok_or_else(|| {
                     ModelError::load(&path, format!("added token {id} has no content"))
                 })?;
-                Ok((content.to_owned(), id))
+                Ok((content, id))
             })
             .collect();
     }

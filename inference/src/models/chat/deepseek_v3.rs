@@ -24,8 +24,8 @@ use super::kv::{BlockAllocator, KvPool};
 use super::layers::StepLayout;
 use super::placement::{self, ModelBytes, Placement};
 use super::snapshot::load_chat_assets;
-use super::weights::safetensors_files;
 use super::{ChatLoadOptions, LoadFormat};
+use crate::models::dir::ModelDir;
 use crate::models::{CausalLM, CausalLMInfo, LoadedChat, ModelError, SeqStep};
 
 enum FeedForward {
@@ -235,17 +235,15 @@ fn load_model_with(
     path: &Path,
     options: &ChatLoadOptions,
 ) -> Result<(DeepseekV3, usize), ModelError> {
-    let cfg_path = path.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::load(&cfg_path, e))?;
-    let cfg: DeepseekV3Config = serde_json::from_str(&text)
-        .map_err(|e| ModelError::load(&cfg_path, format!("invalid config: {e}")))?;
+    let dir = ModelDir::new(path);
+    let cfg: DeepseekV3Config = dir.config()?;
     cfg.validate()
-        .map_err(|msg| ModelError::load(&cfg_path, msg))?;
+        .map_err(|msg| ModelError::load(dir.file("config.json"), msg))?;
     let dtype = options.dtype();
     let placement = super::plan(path, &model_bytes(&cfg, dtype), options)?;
     let vbs = match options.load_format {
         LoadFormat::Auto => {
-            let files = safetensors_files(path)?;
+            let files = dir.safetensors_files()?;
             placement
                 .devices
                 .iter()

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::{read_json, Device, Family, LoadedChat, ModelError};
+use super::dir::ModelDir;
+use super::{Device, Family, LoadedChat, ModelError};
 
 /// Where the weights come from (`--load-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,7 +117,7 @@ fn load_dense(
     family: Family,
     options: &ChatLoadOptions,
 ) -> Result<LoadedChat, ModelError> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
+    let raw: serde_json::Value = ModelDir::new(dir).config()?;
     let cfg = decoder::DecoderConfig::from_hf(&raw, family, dir)?;
     let dtype = options.dtype();
     let weights: Box<dyn weights::Weights> = match options.load_format {

@@ -3,8 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::Value;
-
+use crate::models::dir::{GenerationConfig, ModelDir, SpecialToken};
 use crate::models::{CausalLM, LoadedChat, ModelError};
 
 /// Tokenizer-side assets of a chat snapshot folder.
@@ -42,78 +41,32 @@ pub fn load_chat_assets_with(
     dir: &Path,
     tokenizer: tokenizers::Tokenizer,
 ) -> Result<ChatAssets, ModelError> {
-    let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
-    let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
-    let bos_token = special_token(&tok_cfg, "bos_token");
-    let eos_token = special_token(&tok_cfg, "eos_token");
-    let mut eos_token_ids = ids_of(gen_cfg.get("eos_token_id"));
+    let dir = ModelDir::new(dir);
+    let tok_cfg = dir.tokenizer_config()?;
+    let bos_token = tok_cfg.token(SpecialToken::Bos).map(str::to_owned);
+    let eos_token = tok_cfg.token(SpecialToken::Eos).map(str::to_owned);
+    let mut eos_token_ids = dir.generation_config()?.eos_token_ids();
     if eos_token_ids.is_empty() {
         // Snapshots without generation_config.json often list the same ids in config.json.
-        let model_cfg = read_json_opt(&dir.join("config.json"))?.unwrap_or(Value::Null);
-        eos_token_ids = ids_of(model_cfg.get("eos_token_id"));
+        let model_cfg: Option<GenerationConfig> = dir.config_opt()?;
+        eos_token_ids = model_cfg.unwrap_or_default().eos_token_ids();
     }
     if eos_token_ids.is_empty() {
         eos_token_ids.extend(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
     }
     if eos_token_ids.is_empty() {
         return Err(ModelError::load(
-            dir,
+            dir.path(),
             "no eos_token_id in generation_config.json or config.json, and no eos_token in tokenizer_config.json",
         ));
     }
     Ok(ChatAssets {
         tokenizer,
-        chat_template: chat_template(&tok_cfg),
+        chat_template: tok_cfg.chat_template().map(str::to_owned),
         bos_token,
         eos_token,
         eos_token_ids,
     })
-}
-
-fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| ModelError::load(path, format!("invalid JSON: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ModelError::load(path, e)),
-    }
-}
-
-/// `bos_token` may be a plain string or an AddedToken object `{"content": ...}`.
-fn special_token(cfg: &Value, key: &str) -> Option<String> {
-    match cfg.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
-        _ => None,
-    }
-}
-
-/// `chat_template` is a string, or a list of `{name, template}` where "default" is the chat one.
-fn chat_template(cfg: &Value) -> Option<String> {
-    match cfg.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(items) => items
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
-        _ => None,
-    }
-}
-
-fn ids_of(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .into_iter()
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok()))
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 #[cfg(test)]

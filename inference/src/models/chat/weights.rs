@@ -8,7 +8,8 @@ use candle_nn::VarBuilder;
 
 use super::dummy::{DummyBackend, DummyWeights};
 use super::layers::{Embedding, Linear};
-use crate::models::{read_json, ModelError};
+use crate::models::dir::ModelDir;
+use crate::models::ModelError;
 
 pub trait Weights {
     /// A dense tensor `{name}.weight` of the given shape, in the compute dtype.
@@ -39,7 +40,7 @@ enum Source {
 
 impl SafetensorsWeights {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        let files = safetensors_files(dir)?;
+        let files = ModelDir::new(dir).safetensors_files()?;
         Self::from_source(dir, Source::Files(files), dtype, device)
     }
 
@@ -133,38 +134,4 @@ impl Weights for SafetensorsWeights {
     fn on_device(&self, device: &Device) -> Result<Box<dyn Weights + '_>, ModelError> {
         Ok(Box::new(self.on(device)?))
     }
-}
-
-/// `model.safetensors`, or the shards listed in `model.safetensors.index.json` (all must exist).
-pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let json: serde_json::Value = read_json(&index)?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::load(&index, "no weight_map object"))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-            return Err(ModelError::load(
-                missing,
-                "listed in model.safetensors.index.json but missing",
-            ));
-        }
-        return Ok(files);
-    }
-    Err(ModelError::load(
-        dir,
-        "no model.safetensors or model.safetensors.index.json",
-    ))
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 
 use super::pooling::l2_normalize;
-use super::weights::Weights;
+use super::weights::Checkpoint;
 use crate::models::ModelError;
 
 /// The optional heads of a folder.
@@ -55,7 +55,7 @@ fn head_file(dir: &Path, stem: &str) -> Option<PathBuf> {
 }
 
 fn read_linear(file: &Path, out: usize, inp: usize, device: &Device) -> Result<Linear, ModelError> {
-    let w = Weights::open(file, DType::F32, device)?;
+    let w = Checkpoint::open(file, DType::F32, device)?;
     Ok(Linear::new(
         w.get("weight", (out, inp))?,
         Some(w.get("bias", out)?),

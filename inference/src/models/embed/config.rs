@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::models::ModelError;
+use crate::models::{ModelDir, ModelError};
 
 /// Feed-forward activation, as transformers' `ACT2FN` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,15 +110,18 @@ pub struct EncoderConfig {
 impl EncoderConfig {
     /// Read and validate `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let file = dir.join("config.json");
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| ModelError::load(&file, format!("cannot read: {e}")))?;
-        Self::parse(&text).map_err(|msg| ModelError::load(&file, msg))
+        let dir = ModelDir::new(dir);
+        Self::from_raw(dir.config()?).map_err(|msg| ModelError::load(dir.file("config.json"), msg))
     }
 
+    #[cfg(test)]
     fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| format!("invalid encoder config: {e}"))?;
+        Self::from_raw(
+            serde_json::from_str(text).map_err(|e| format!("invalid encoder config: {e}"))?,
+        )
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Self, String> {
         let activation = Activation::parse(&raw.hidden_act)
             .ok_or_else(|| format!("unsupported hidden_act `{}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu)", raw.hidden_act))?;
         if let Some(kind) = raw

@@ -7,7 +7,7 @@ use candle_nn::Linear;
 
 use super::config::{Activation, EncoderConfig};
 use super::fast;
-use super::weights::Weights;
+use super::weights::Checkpoint;
 use super::EncoderKernels;
 use crate::models::ModelError;
 
@@ -45,7 +45,7 @@ struct Norm {
 }
 
 impl Norm {
-    fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
+    fn load(w: &Checkpoint, prefix: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
         let (weight, bias) = w.norm_names(prefix);
         Ok(Self {
             weight: w.get(&weight, size)?,
@@ -59,7 +59,7 @@ impl Norm {
     }
 }
 
-fn linear(w: &Weights, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
+fn linear(w: &Checkpoint, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
     Ok(Linear::new(
         w.get(&format!("{prefix}.weight"), (out, inp))?,
         Some(w.get(&format!("{prefix}.bias"), out)?),
@@ -80,7 +80,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(w: &Weights, i: usize, cfg: &EncoderConfig) -> Result<Self, ModelError> {
+    fn load(w: &Checkpoint, i: usize, cfg: &EncoderConfig) -> Result<Self, ModelError> {
         let p = format!("encoder.layer.{i}");
         let h = cfg.hidden_size;
         let [q, k, v] =
@@ -173,7 +173,7 @@ impl Encoder {
     /// With [`EncoderKernels::Packed`] on the CPU the layers run on [`fast`]; else on candle's ops.
     pub fn load(
         cfg: &EncoderConfig,
-        w: &Weights,
+        w: &Checkpoint,
         flavour: Flavour,
         kernels: EncoderKernels,
     ) -> Result<Self, ModelError> {

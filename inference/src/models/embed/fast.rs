@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::config::{Activation, EncoderConfig};
-use super::weights::Weights;
+use super::weights::Checkpoint;
 use crate::kernels::rows::{add_layer_norm, softmax_rows};
 use crate::kernels::sgemm::{self, par_matmul, PackedB};
 use crate::kernels::{Isa, SyncPtr};
@@ -48,14 +48,14 @@ pub struct Layers {
     activation: Activation,
 }
 
-fn floats(w: &Weights, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+fn floats(w: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
     let t = w.get(name, shape)?;
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| ModelError::load(w.file(), format!("{name}: {e}")))
 }
 
-fn norm(w: &Weights, prefix: &str, h: usize) -> Result<Norm, ModelError> {
+fn norm(w: &Checkpoint, prefix: &str, h: usize) -> Result<Norm, ModelError> {
     let (weight, bias) = w.norm_names(prefix);
     Ok(Norm {
         weight: floats(w, &weight, &[h])?,
@@ -63,14 +63,14 @@ fn norm(w: &Weights, prefix: &str, h: usize) -> Result<Norm, ModelError> {
     })
 }
 
-fn linear(w: &Weights, prefix: &str, out: usize, inp: usize) -> Result<PackedB, ModelError> {
+fn linear(w: &Checkpoint, prefix: &str, out: usize, inp: usize) -> Result<PackedB, ModelError> {
     let weight = floats(w, &format!("{prefix}.weight"), &[out, inp])?;
     let bias = floats(w, &format!("{prefix}.bias"), &[out])?;
     Ok(PackedB::from_weight(&weight, out, inp, inp, Some(&bias)))
 }
 
 impl Layers {
-    pub fn load(w: &Weights, cfg: &EncoderConfig) -> Result<Self, ModelError> {
+    pub fn load(w: &Checkpoint, cfg: &EncoderConfig) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let layers = (0..cfg.num_layers)
             .map(|i| {

@@ -17,7 +17,8 @@ use self::bge_m3::M3Heads;
 use self::config::EncoderConfig;
 use self::encoder::{Encoder, Flavour, Positions};
 use self::pooling::Pooling;
-use self::weights::Weights;
+use self::weights::Checkpoint;
+use super::dir::{ModelDir, SpecialToken, TokenizerConfig};
 use super::{
     Device, EmbedOutputs, Embedder, EmbedderInfo, Embedding, Family, LoadedEmbedder, ModelError,
 };
@@ -156,7 +157,7 @@ fn open_encoder(
         task_type: flavour.task_type && cfg.use_task_id,
         ..flavour
     };
-    let mut weights = Weights::open_model(path, DType::F32, device)?;
+    let mut weights = Checkpoint::open_model(path, DType::F32, device)?;
     weights.detect_prefix("embeddings.word_embeddings.weight")?;
     Encoder::load(cfg, &weights, flavour, kernels)
 }
@@ -166,37 +167,28 @@ fn open_encoder(
 fn max_input_tokens(dir: &Path, capacity: usize) -> Result<usize, ModelError> {
     let configured = match pooling::max_seq_length(dir)? {
         Some(n) => Some(n),
-        None => tokenizer_config(dir)
-            .and_then(|c| c.get("model_max_length")?.as_u64())
-            .map(|n| n as usize),
+        None => tokenizer_config(dir).model_max_length().map(|n| n as usize),
     };
     Ok(configured.map_or(capacity, |n| n.min(capacity)))
 }
 
-fn tokenizer_config(dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    serde_json::from_str(&text).ok()
+/// A `tokenizer_config.json` that cannot be read counts as absent: its keys only refine defaults.
+fn tokenizer_config(dir: &Path) -> TokenizerConfig {
+    ModelDir::new(dir).tokenizer_config().unwrap_or_default()
 }
 
 /// Ids of the CLS, EOS, PAD and UNK tokens (FlagEmbedding drops them from lexical weights), named
 /// as `tokenizer_config.json` names them, XLM-R's defaults otherwise.
 fn special_ids(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
     let cfg = tokenizer_config(dir);
-    let name = |key: &str, default: &str| -> String {
-        let v = cfg.as_ref().and_then(|c| c.get(key));
-        // A token is either a string or an AddedToken object with `content`.
-        v.and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
-            .unwrap_or(default)
-            .to_string()
-    };
     [
-        ("cls_token", "<s>"),
-        ("eos_token", "</s>"),
-        ("pad_token", "<pad>"),
-        ("unk_token", "<unk>"),
+        (SpecialToken::Cls, "<s>"),
+        (SpecialToken::Eos, "</s>"),
+        (SpecialToken::Pad, "<pad>"),
+        (SpecialToken::Unk, "<unk>"),
     ]
-    .iter()
-    .filter_map(|(key, default)| tokenizer.token_to_id(&name(key, default)))
+    .into_iter()
+    .filter_map(|(which, default)| tokenizer.token_to_id(cfg.token(which).unwrap_or(default)))
     .collect()
 }
 

@@ -1,12 +1,11 @@
 //! Reading a checkpoint's tensors by name, whatever the file layout (one safetensors file, sharded
 //! safetensors, or a torch pickle), with errors that name the file and the missing or misshapen tensor.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{pickle::PthTensors, DType, Device, Shape, Tensor};
 
-use crate::models::ModelError;
+use crate::models::{ModelDir, ModelError};
 
 enum Store {
     Safetensors(MmapedSafetensors),
@@ -14,7 +13,7 @@ enum Store {
 }
 
 /// The tensors of one checkpoint, loaded on demand as `dtype` on `device`.
-pub struct Weights {
+pub struct Checkpoint {
     /// File named in errors (the single file, or the shard index).
     file: PathBuf,
     store: Store,
@@ -25,7 +24,7 @@ pub struct Weights {
     device: Device,
 }
 
-impl Weights {
+impl Checkpoint {
     /// Open the model weights of a Hugging Face folder: `model.safetensors`, then the shards listed in
     /// `model.safetensors.index.json`, then `pytorch_model.bin`.
     pub fn open_model(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
@@ -35,7 +34,7 @@ impl Weights {
         }
         let index = dir.join("model.safetensors.index.json");
         if index.is_file() {
-            let shards = shard_files(&index)?;
+            let shards = ModelDir::new(dir).safetensors_files()?;
             // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them not
             // being truncated while the server runs.
             let st = unsafe { MmapedSafetensors::multi(&shards) }
@@ -170,25 +169,4 @@ impl Weights {
         };
         t.to_dtype(self.dtype).map_err(bad)
     }
-}
-
-/// The distinct shard files named by a `model.safetensors.index.json`.
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: HashMap<String, String>,
-    }
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| ModelError::load(index, format!("cannot read: {e}")))?;
-    let parsed: Index = serde_json::from_str(&text)
-        .map_err(|e| ModelError::load(index, format!("invalid shard index: {e}")))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = parsed
-        .weight_map
-        .into_values()
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
 }

@@ -5,7 +5,7 @@
 //! value that leaves the output as it would be without them (`"best_of": 1`, `"echo": false`, ...).
 use serde_json::{Map, Value};
 
-use super::chat::Invalid;
+use super::Invalid;
 
 /// Server-side bounds of one chat request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
