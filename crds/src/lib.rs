@@ -15,6 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod routing;
+pub use routing::{RoutingSpec, RoutingStrategy, DEFAULT_PREFIX_CHARS};
+
 pub const GROUP: &str = "kubeglm.io";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "GLMModel";
@@ -71,6 +74,7 @@ pub mod condition {
 )]
 #[x_kube(validation = Rule::new("!has(self.cache) || self.source.startsWith('hf://')").message("cache applies only to hf:// sources (downloaded weights)").field_path(".cache"))]
 #[x_kube(validation = Rule::new("!has(self.gguf) || self.task == 'chat'").message("gguf applies only to chat models").field_path(".gguf"))]
+#[x_kube(validation = Rule::new("!has(self.routing) || !has(self.routing.strategy) || self.routing.strategy != 'PrefixHash' || self.task == 'chat'").message("routing.strategy PrefixHash applies only to chat models").field_path(".routing.strategy"))]
 #[x_kube(validation = Rule::new("!has(self.cache) || !has(self.cache.accessModes) || !('ReadWriteOncePod' in self.cache.accessModes) || self.replicas <= 1").message("a ReadWriteOncePod cache is mounted by one pod only: replicas must be at most 1 (use ReadWriteMany to share it)").field_path(".replicas"))]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.cache) || !has(self.cache.accessModes) || !('ReadWriteOncePod' in self.cache.accessModes) || self.autoscaling.maxReplicas <= 1").message("a ReadWriteOncePod cache is mounted by one pod only: autoscaling.maxReplicas must be at most 1 (use ReadWriteMany to share it)").field_path(".autoscaling.maxReplicas"))]
 #[serde(rename_all = "camelCase")]
@@ -153,6 +157,10 @@ pub struct GLMModelSpec {
     /// Extra command-line arguments for `glm-inference`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+
+    /// How the gateway balances requests over the pods and holds them while none is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
 
     /// Keep downloaded weights on a PVC so restarts do not download again.
     #[serde(default, skip_serializing_if = "Option::is_none")]

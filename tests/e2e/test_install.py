@@ -68,10 +68,13 @@ def test_the_autoscaler_lists_the_gateways_endpoint_slices_only_in_its_namespace
     assert not can(k, CONTROLLER_SA, "update", "glmmodels.kubeglm.io/scale")
 
 
-def test_the_gateway_only_reads_models(k, chart):
-    assert can(k, GATEWAY_SA, "watch", "glmmodels.kubeglm.io")
-    for verb, resource in [("patch", "glmmodels.kubeglm.io/status"), ("list", "pods"),
-                           ("get", "secrets"), ("create", "leases.coordination.k8s.io")]:
+def test_the_gateway_reads_models_and_endpoints_and_may_only_scale(k, chart):
+    for verb, resource in [("watch", "glmmodels.kubeglm.io"), ("watch", "endpointslices.discovery.k8s.io"),
+                           ("get", "glmmodels.kubeglm.io/scale"), ("patch", "glmmodels.kubeglm.io/scale")]:
+        assert can(k, GATEWAY_SA, verb, resource), (verb, resource)
+    for verb, resource in [("patch", "glmmodels.kubeglm.io/status"), ("patch", "glmmodels.kubeglm.io"),
+                           ("update", "glmmodels.kubeglm.io"), ("list", "pods"), ("get", "secrets"),
+                           ("create", "leases.coordination.k8s.io"), ("patch", "endpointslices.discovery.k8s.io")]:
         assert not can(k, GATEWAY_SA, verb, resource), (verb, resource)
 
 

@@ -73,7 +73,11 @@ AUTOSCALER_GRANTS = grants("kubeglm.io", ["glmmodels/scale"], ["patch"])
 AUTOSCALER_DISCOVERY_GRANTS = grants("discovery.k8s.io", ["endpointslices"], ["list"])
 
 
-GATEWAY_GRANTS = grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
+GATEWAY_GRANTS = (
+    grants("kubeglm.io", ["glmmodels"], ["get", "list", "watch"])
+    | grants("kubeglm.io", ["glmmodels/scale"], ["get", "patch"])
+    | grants("discovery.k8s.io", ["endpointslices"], ["list", "watch"])
+)
 
 
 def named(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -90,7 +94,8 @@ def test_default_rbac_is_cluster_wide_and_least_privilege():
     roles = named(docs, "ClusterRole")
     assert set(roles) == {"glm-glm-operator", "glm-glm-operator-gateway"}
     assert rules_of(roles["glm-glm-operator"]) == EXPECTED_OPERATOR_GRANTS
-    # The gateway only reads GLMModels, with its own ServiceAccount.
+    # The gateway reads GLMModels and EndpointSlices and scales from zero, with its own
+    # ServiceAccount.
     assert rules_of(roles["glm-glm-operator-gateway"]) == GATEWAY_GRANTS
     bindings = named(docs, "ClusterRoleBinding")
     for name, binding in bindings.items():
@@ -202,6 +207,23 @@ def test_gateway_drains_within_its_grace_period():
     assert (env["GLM_GATEWAY_SHUTDOWN_DELAY"], env["GLM_GATEWAY_DRAIN_TIMEOUT"]) == ("7", "120")
     assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 7 + 120 + 10
     assert gateway["spec"]["replicas"] == 2
+
+
+def test_gateway_routing_flags_and_api_key_secret():
+    docs = render("gateway.maxAttempts=5", "gateway.holdTimeoutSeconds=60", "gateway.maxHeld=10",
+                  "gateway.apiKeys.secretName=openai-keys")
+    [gateway] = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-gateway")]
+    env = env_of(gateway)
+    assert (env["GLM_GATEWAY_MAX_ATTEMPTS"], env["GLM_GATEWAY_HOLD_TIMEOUT"], env["GLM_GATEWAY_MAX_HELD"]) == ("5", "60", "10")
+    assert env["GLM_GATEWAY_API_KEYS_SECRET"] == "glm-system/openai-keys"
+    role = named(docs, "Role")["glm-glm-operator-gateway-api-keys"]
+    assert role["metadata"]["namespace"] == "glm-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["openai-keys"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = named(docs, "RoleBinding")["glm-glm-operator-gateway-api-keys"]
+    assert binding["subjects"][0]["name"] == "glm-glm-operator-gateway"
+    assert "GLM_GATEWAY_API_KEYS_SECRET" not in env_of(
+        [d for d in by_kind(render(), "Deployment") if d["metadata"]["name"].endswith("-gateway")][0])
 
 
 def test_gateway_service_is_glm_gateway_on_the_gateway_pods():
@@ -401,6 +423,11 @@ CEL_MODEL = {
         ({"cache": {"size": "1Gi", "accessModes": ["ReadWriteOncePod"]},
           "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "targetInFlight": 1}},
          "spec.autoscaling.maxReplicas", "ReadWriteOncePod"),
+        ({"task": "embedding", "cache": {"size": "1Gi"}, "routing": {"strategy": "PrefixHash"}},
+         "spec.routing.strategy", "PrefixHash applies only to chat models"),
+        ({"routing": {"prefixChars": 64}}, "spec.routing.prefixChars", "only to strategy PrefixHash"),
+        ({"routing": {"strategy": "LeastLoad", "prefixChars": 64}}, "spec.routing.prefixChars",
+         "only to strategy PrefixHash"),
     ],
 )
 def test_cel_rules_refuse_bad_specs_naming_the_field(tmp_path, change, field, words):

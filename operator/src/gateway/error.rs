@@ -31,7 +31,27 @@ pub enum GatewayError {
     UpstreamTimeout { model: String, reason: String },
     #[error("Upstream for model `{model}` failed: {reason}")]
     UpstreamFailed { model: String, reason: String },
+    #[error("No pod of model `{model}` answered after {attempts} attempts (--gateway-max-attempts); last error: {reason}")]
+    AllAttemptsFailed {
+        model: String,
+        attempts: usize,
+        reason: String,
+    },
+    #[error("No pod of model `{model}` became ready within {}s (spec.routing.holdTimeoutSeconds or --gateway-hold-timeout); retry later.", .waited.as_secs())]
+    HoldTimeout {
+        model: String,
+        waited: std::time::Duration,
+    },
+    #[error(
+        "Too many requests are waiting for models to start ({0}, --gateway-max-held); retry later."
+    )]
+    TooManyHeld(usize),
+    #[error("Invalid or missing API key: send `Authorization: Bearer <key>`.")]
+    Unauthorized,
 }
+
+/// Seconds a client is told to wait (Retry-After) when no pod became ready in time.
+const HOLD_RETRY_AFTER_SECS: u64 = 10;
 
 fn available_list(names: &[String]) -> String {
     if names.is_empty() {
@@ -66,12 +86,18 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::AllAttemptsFailed { .. } => StatusCode::BAD_GATEWAY,
+            Self::HoldTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyHeld(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 
     /// OpenAI's `type`: client mistakes are `invalid_request_error`, ours are `server_error`.
     fn kind(&self) -> &'static str {
-        if self.status().is_client_error() {
+        if matches!(self, Self::Unauthorized) {
+            "authentication_error"
+        } else if self.status().is_client_error() && !matches!(self, Self::TooManyHeld(_)) {
             "invalid_request_error"
         } else {
             "server_error"
@@ -89,14 +115,19 @@ impl GatewayError {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_error",
+            Self::AllAttemptsFailed { .. } => "upstream_unavailable",
+            Self::HoldTimeout { .. } => "model_not_ready",
+            Self::TooManyHeld(_) => "too_many_held_requests",
+            Self::Unauthorized => "invalid_api_key",
         }
     }
 
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::ModelNotFound { .. } | Self::ModelNotReady(_) | Self::ModelRequired(_) => {
-                Some("model")
-            }
+            Self::ModelNotFound { .. }
+            | Self::ModelNotReady(_)
+            | Self::ModelRequired(_)
+            | Self::HoldTimeout { .. } => Some("model"),
             _ => None,
         }
     }
@@ -112,7 +143,15 @@ impl IntoResponse for GatewayError {
                 code: self.code(),
             },
         };
-        (self.status(), Json(envelope)).into_response()
+        let retry_after = matches!(self, Self::HoldTimeout { .. } | Self::TooManyHeld(_));
+        let mut response = (self.status(), Json(envelope)).into_response();
+        if retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(HOLD_RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 

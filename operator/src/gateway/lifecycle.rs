@@ -4,31 +4,68 @@
 //! in-flight requests (streams included) up to a deadline.
 
 use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
 
-/// Readiness of one gateway process: synced with the cluster and not shutting down.
-#[derive(Clone, Debug, Default)]
+/// What must be listed once before the gateway is ready.
+const MODELS: u8 = 1;
+const ENDPOINTS: u8 = 2;
+const KEYS: u8 = 4;
+
+/// Readiness of one gateway process: synced with the cluster (GLMModels, EndpointSlices and, when
+/// API keys are on, their Secret) and not shutting down.
+#[derive(Clone, Debug)]
 pub struct Readiness {
-    synced: Arc<AtomicBool>,
+    required: Arc<AtomicU8>,
+    synced: Arc<AtomicU8>,
     draining: Arc<AtomicBool>,
 }
 
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            required: Arc::new(AtomicU8::new(MODELS | ENDPOINTS)),
+            synced: Arc::default(),
+            draining: Arc::default(),
+        }
+    }
+}
+
 impl Readiness {
-    /// Ready from the start: for a routing table that does not come from a watch.
+    /// Ready from the start: for routing data that does not come from a watch.
     pub fn synced() -> Self {
         let readiness = Self::default();
         readiness.mark_synced();
         readiness
     }
 
-    /// The first full list of GLMModels is in the routing table.
+    /// Everything is listed (tests and static tables).
     pub fn mark_synced(&self) {
-        self.synced.store(true, Ordering::SeqCst);
+        self.synced
+            .store(MODELS | ENDPOINTS | KEYS, Ordering::SeqCst);
+    }
+
+    /// The first full list of GLMModels is in the routing table.
+    pub fn mark_models_synced(&self) {
+        self.synced.fetch_or(MODELS, Ordering::SeqCst);
+    }
+
+    /// The first full list of EndpointSlices is in the endpoint index.
+    pub fn mark_endpoints_synced(&self) {
+        self.synced.fetch_or(ENDPOINTS, Ordering::SeqCst);
+    }
+
+    pub fn mark_keys_synced(&self) {
+        self.synced.fetch_or(KEYS, Ordering::SeqCst);
+    }
+
+    /// API keys are on: wait for their Secret too.
+    pub fn require_keys(&self) {
+        self.required.fetch_or(KEYS, Ordering::SeqCst);
     }
 
     pub fn mark_draining(&self) {
@@ -37,10 +74,16 @@ impl Readiness {
 
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
+        let required = self.required.load(Ordering::SeqCst);
+        let missing = required & !self.synced.load(Ordering::SeqCst);
         if self.draining.load(Ordering::SeqCst) {
             Some("draining")
-        } else if !self.synced.load(Ordering::SeqCst) {
-            Some("syncing")
+        } else if missing & MODELS != 0 {
+            Some("syncing GLMModels")
+        } else if missing & ENDPOINTS != 0 {
+            Some("syncing EndpointSlices")
+        } else if missing & KEYS != 0 {
+            Some("syncing the API key Secret")
         } else {
             None
         }
@@ -174,8 +217,14 @@ mod tests {
     #[test]
     fn readiness_needs_a_sync_and_ends_with_draining() {
         let r = Readiness::default();
-        assert_eq!(r.not_ready_reason(), Some("syncing"));
-        r.mark_synced();
+        assert_eq!(r.not_ready_reason(), Some("syncing GLMModels"));
+        r.mark_models_synced();
+        assert_eq!(r.not_ready_reason(), Some("syncing EndpointSlices"));
+        r.mark_endpoints_synced();
+        assert_eq!(r.not_ready_reason(), None);
+        r.require_keys();
+        assert_eq!(r.not_ready_reason(), Some("syncing the API key Secret"));
+        r.mark_keys_synced();
         assert_eq!(r.not_ready_reason(), None);
         r.mark_draining();
         assert_eq!(r.not_ready_reason(), Some("draining"));

@@ -1,24 +1,33 @@
 //! The OpenAI-compatible gateway: one in-cluster address (`Service glm-gateway`) for every ready
 //! GLMModel.
 //!
-//! - [`watch`] keeps a [`routing::RoutingTable`] of ready models (served name and aliases ->
-//!   `status.endpoint`) from a reflector over GLMModel objects;
-//! - [`proxy`] serves `/v1/models` from that table and forwards model requests to the endpoint
-//!   named by their `model` field, streaming responses (SSE) through unbuffered.
+//! - [`watch`] keeps a [`routing::RoutingTable`] of models (served name and aliases -> GLMModel)
+//!   from a reflector over GLMModel objects; [`endpoints`] keeps the ready pods of each model's
+//!   Service from a reflector over EndpointSlices;
+//! - [`proxy`] serves `/v1/models` and forwards model requests to a pod of the model named by
+//!   their `model` field ([`balancer`]: least load or prefix hash), holding them while no pod is
+//!   ready and scaling from zero ([`hold`]), retrying busy or unreachable pods ([`upstream`]),
+//!   streaming responses (SSE) through unbuffered; [`auth`] checks optional API keys.
 
 use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use glm_crds::GLMModel;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+pub mod auth;
+pub mod balancer;
+pub mod endpoints;
 pub mod error;
+pub mod hold;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod upstream;
 pub mod watch;
 
 #[cfg(test)]
@@ -100,6 +109,38 @@ pub struct GatewayConfig {
         value_delimiter = ','
     )]
     pub gateway_connect_to: Vec<String>,
+
+    /// Most pods one request is sent to: a failed connection or a 503/429 answer (before any
+    /// byte reached the client) moves it to another ready pod, up to this many attempts.
+    #[arg(
+        long = "gateway-max-attempts",
+        env = "GLM_GATEWAY_MAX_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u16).range(1..=100)
+    )]
+    pub gateway_max_attempts: u16,
+
+    /// Seconds a request waits for a ready pod of its model (scale from zero, rollouts) before
+    /// 503 with Retry-After; a GLMModel's spec.routing.holdTimeoutSeconds overrides it.
+    #[arg(
+        long = "gateway-hold-timeout",
+        env = "GLM_GATEWAY_HOLD_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub gateway_hold_timeout_secs: u64,
+
+    /// Requests held at once waiting for pods, over all models; past it, 429.
+    #[arg(
+        long = "gateway-max-held",
+        env = "GLM_GATEWAY_MAX_HELD",
+        default_value_t = 1024
+    )]
+    pub gateway_max_held: usize,
+
+    /// `NAMESPACE/NAME` of a Secret whose data entries are API keys (entry name = key name in
+    /// metrics). Unset: no authentication.
+    #[arg(long = "gateway-api-keys-secret", env = "GLM_GATEWAY_API_KEYS_SECRET")]
+    pub gateway_api_keys_secret: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -114,6 +155,10 @@ impl Default for GatewayConfig {
             gateway_shutdown_delay_secs: 5,
             gateway_drain_timeout_secs: 300,
             gateway_connect_to: Vec::new(),
+            gateway_max_attempts: 3,
+            gateway_hold_timeout_secs: 300,
+            gateway_max_held: 1024,
+            gateway_api_keys_secret: None,
         }
     }
 }
@@ -141,21 +186,50 @@ pub async fn run(
     let connect_to = ConnectTo::parse(&cfg.gateway_connect_to).map_err(anyhow::Error::msg)?;
     let metrics = GatewayMetrics::new().context("registering gateway metrics")?;
     let readiness = Readiness::default();
+    let mut watchers = Vec::new();
+
     let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(RoutingTable::default()));
-    let api: Api<GLMModel> = match &cfg.gateway_namespace {
-        Some(namespace) => Api::namespaced(client, namespace),
-        None => Api::all(client),
-    };
-    let watcher = tokio::spawn(watch::maintain_table(
-        api,
+    let models: Api<GLMModel> = scoped(&client, cfg.gateway_namespace.as_deref());
+    watchers.push(tokio::spawn(watch::maintain_table(
+        models,
         table_tx,
         metrics.clone(),
         readiness.clone(),
-    ));
+    )));
+    let (index_tx, index_rx) = tokio::sync::watch::channel(Arc::default());
+    let slices: Api<EndpointSlice> = scoped(&client, cfg.gateway_namespace.as_deref());
+    watchers.push(tokio::spawn(endpoints::maintain_index(
+        slices,
+        index_tx,
+        metrics.clone(),
+        readiness.clone(),
+    )));
+    let api_keys = match cfg.gateway_api_keys_secret.as_deref() {
+        None => auth::ApiKeys::disabled(),
+        Some(raw) => {
+            let (namespace, name) = auth::parse_secret_ref(raw).map_err(anyhow::Error::msg)?;
+            readiness.require_keys();
+            let (keys_tx, keys_rx) = tokio::sync::watch::channel(Arc::default());
+            let secrets = Api::namespaced(client.clone(), &namespace);
+            watchers.push(tokio::spawn(auth::maintain_keys(
+                secrets,
+                name,
+                keys_tx,
+                metrics.clone(),
+                readiness.clone(),
+            )));
+            auth::ApiKeys::watched(keys_rx)
+        }
+    };
 
     let upstream = cfg
         .upstream_client()
         .context("building the upstream HTTP client")?;
+    let holder = hold::Holder::new(
+        cfg.gateway_max_held,
+        Duration::from_secs(cfg.gateway_hold_timeout_secs),
+        Some(Arc::new(hold::KubeScaler(client))),
+    );
     let state = GatewayState::new(
         table_rx,
         upstream,
@@ -163,7 +237,11 @@ pub async fn run(
         cfg.gateway_max_body_bytes,
         readiness.clone(),
     )
-    .with_connect_to(connect_to);
+    .with_connect_to(connect_to)
+    .with_endpoints(index_rx)
+    .with_holder(holder)
+    .with_max_attempts(usize::from(cfg.gateway_max_attempts))
+    .with_api_keys(api_keys);
     let app = router(state).layer(TraceLayer::new_for_http());
 
     let address = (cfg.gateway_bind_address, cfg.gateway_port);
@@ -176,6 +254,20 @@ pub async fn run(
         timeout: Duration::from_secs(cfg.gateway_drain_timeout_secs),
     };
     let served = lifecycle::serve_with_drain(listener, app, readiness, drain, shutdown).await;
-    watcher.abort();
+    for watcher in watchers {
+        watcher.abort();
+    }
     served.context("gateway server failed")
+}
+
+/// An API over one namespace, or all of them.
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
 }

@@ -1,29 +1,37 @@
 //! The HTTP side of the gateway: model listing and request forwarding.
 //!
-//! Forwarding reads the (bounded) request body once, looks only at its `model` field, and streams
-//! the upstream response back untouched: status, content type and bytes as they arrive, so SSE
-//! chunks reach the client one by one. Dropping the response (client gone) drops the upstream
-//! request, which closes its connection and lets the model server cancel the generation.
+//! Forwarding reads the (bounded) request body once, looks only at its `model` field (and, for
+//! `PrefixHash` chat models, its messages), waits for a ready pod if there is none
+//! ([`super::hold`]), sends it to a pod ([`super::upstream`]) and streams the answer back
+//! untouched: status, content type and bytes as they arrive, so SSE chunks reach the client one
+//! by one. Dropping the response (client gone) drops the upstream request, which closes its
+//! connection and lets the model server cancel the generation.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{
-    body::{Body, Bytes},
+    body::Bytes,
     extract::{Path, Request, State},
-    http::{header, HeaderMap, HeaderName, Method, StatusCode},
+    http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
-use futures::StreamExt;
+use glm_crds::RoutingStrategy;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
+    auth::ApiKeys,
+    balancer::{Balancer, Pick},
+    endpoints::EndpointIndex,
     error::GatewayError,
+    hold::{labels, Holder},
     lifecycle::{ConnectTo, Readiness},
     metrics::{GatewayMetrics, UNROUTED},
     routing::{Lookup, Route, RoutingTable},
+    upstream::{prompt_key, send_with_retries, stream_back, Outgoing},
 };
 
 /// Paths forwarded to the model named in the body: the inference server's own routes.
@@ -38,14 +46,22 @@ pub const FORWARDED_PATHS: [&str; 8] = [
     "/keyword",
 ];
 
+/// Paths whose bodies are chat prompts (`PrefixHash` applies to them only).
+const CHAT_PATHS: [&str; 2] = ["/v1/chat/completions", "/chat"];
+
 #[derive(Clone)]
 pub struct GatewayState {
     table: watch::Receiver<Arc<RoutingTable>>,
+    endpoints: watch::Receiver<Arc<EndpointIndex>>,
     client: reqwest::Client,
     metrics: GatewayMetrics,
     max_body_bytes: usize,
     readiness: Readiness,
     connect_to: Arc<ConnectTo>,
+    balancer: Balancer,
+    holder: Holder,
+    max_attempts: usize,
+    api_keys: ApiKeys,
 }
 
 impl GatewayState {
@@ -56,13 +72,19 @@ impl GatewayState {
         max_body_bytes: usize,
         readiness: Readiness,
     ) -> Self {
+        let (_, endpoints) = watch::channel(Arc::default());
         Self {
             table,
+            endpoints,
             client,
             metrics,
             max_body_bytes,
             readiness,
             connect_to: Arc::default(),
+            balancer: Balancer::default(),
+            holder: Holder::new(1024, Duration::from_secs(300), None),
+            max_attempts: 3,
+            api_keys: ApiKeys::disabled(),
         }
     }
 
@@ -71,8 +93,63 @@ impl GatewayState {
         self
     }
 
+    /// The ready pods of each model's Service.
+    pub fn with_endpoints(mut self, endpoints: watch::Receiver<Arc<EndpointIndex>>) -> Self {
+        self.endpoints = endpoints;
+        self
+    }
+
+    pub fn with_holder(mut self, holder: Holder) -> Self {
+        self.holder = holder;
+        self
+    }
+
+    pub fn with_max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
+        self.api_keys = keys;
+        self
+    }
+
     fn table(&self) -> Arc<RoutingTable> {
         Arc::clone(&self.table.borrow())
+    }
+
+    pub(super) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(super) fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
+    }
+
+    pub(super) fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    pub(super) fn max_attempts(&self) -> usize {
+        self.max_attempts
+    }
+
+    /// The route's ready pods now; `None` when it has none.
+    pub(super) fn ready_pods(&self, route: &Route) -> Option<Vec<String>> {
+        let pods = self.endpoints.borrow().ready(&route.service_key()).to_vec();
+        (!pods.is_empty()).then_some(pods)
+    }
+
+    /// Base URL for a pod. A `--gateway-connect-to` naming the model's Service (`status.endpoint`)
+    /// wins: a gateway outside the cluster cannot reach pod IPs, only what the override names.
+    pub(super) fn upstream_base(&self, route: &Route, pod: &str) -> String {
+        if let Some(service) = &route.endpoint {
+            let overridden = self.connect_to.apply(service.as_str());
+            if overridden != service.as_str() {
+                return overridden;
+            }
+        }
+        self.connect_to.apply(&format!("http://{pod}"))
     }
 }
 
@@ -128,7 +205,7 @@ async fn list_models(State(state): State<GatewayState>) -> Json<ModelList> {
     let table = state.table();
     Json(ModelList {
         object: "list".into(),
-        data: table.routes().map(card).collect(),
+        data: table.ready_routes().map(card).collect(),
     })
 }
 
@@ -138,8 +215,8 @@ async fn get_model(
 ) -> Result<Json<ModelCard>, GatewayError> {
     let table = state.table();
     match table.lookup(&model) {
-        Lookup::Ready(route) => Ok(Json(card(route))),
-        Lookup::NotReady => Err(GatewayError::ModelNotReady(model)),
+        Lookup::Found(route) if route.ready => Ok(Json(card(route))),
+        Lookup::Found(_) => Err(GatewayError::ModelNotReady(model)),
         Lookup::Unknown => Err(not_found(&table, model)),
     }
 }
@@ -190,6 +267,12 @@ struct ModelField {
 
 async fn forward(state: GatewayState, route_label: &'static str, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    if let Err(err) = state.api_keys.check(&parts.headers, &state.metrics) {
+        state
+            .metrics
+            .record_status(UNROUTED, route_label, err.status().as_u16());
+        return err.into_response();
+    }
     let outcome = async {
         let body = axum::body::to_bytes(body, state.max_body_bytes)
             .await
@@ -210,29 +293,41 @@ async fn forward(state: GatewayState, route_label: &'static str, request: Reques
             return err.into_response();
         }
     };
-
-    let model = route.served_name.as_str();
-    let timer = state.metrics.timer(model, route_label);
+    let model_labels = labels(&route);
+    state.metrics.model_request(&model_labels);
+    let timer = state.metrics.timer(&route.served_name, route_label);
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or(route_label, |pq| pq.as_str());
-    let response = match send_upstream(
-        &state,
-        &route,
-        parts.method,
-        &parts.headers,
+    let pick = match route.settings.strategy {
+        RoutingStrategy::PrefixHash if CHAT_PATHS.contains(&route_label) => {
+            prompt_key(&body, route.settings.prefix_chars).map_or(Pick::LeastLoad, Pick::Hash)
+        }
+        _ => Pick::LeastLoad,
+    };
+    let out = Outgoing {
+        method: parts.method,
+        headers: &parts.headers,
         path_and_query,
         body,
-    )
-    .await
-    {
-        Ok(upstream) => stream_back(&state, model, upstream, timer),
-        Err(err) => err.into_response(),
+        pick,
     };
+    let response = async {
+        let mut endpoints = state.endpoints.clone();
+        let pods = state
+            .holder
+            .wait_for_pods(&route, &mut endpoints, &state.metrics)
+            .await?;
+        let in_flight = state.metrics.in_flight(&model_labels);
+        let answer = send_with_retries(&state, &route, pods, &out).await?;
+        Ok::<_, GatewayError>(stream_back(&state, &route, answer, in_flight, timer))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
-        .record_status(model, route_label, response.status().as_u16());
+        .record_status(&route.served_name, route_label, response.status().as_u16());
     response
 }
 
@@ -255,8 +350,7 @@ fn resolve<'t>(table: &'t RoutingTable, body: &[u8]) -> Result<&'t Route, Gatewa
         });
     };
     match table.lookup(&model) {
-        Lookup::Ready(route) => Ok(route),
-        Lookup::NotReady => Err(GatewayError::ModelNotReady(model)),
+        Lookup::Found(route) => Ok(route),
         Lookup::Unknown => Err(not_found(table, model)),
     }
 }
@@ -272,118 +366,4 @@ fn rewrite_alias(route: &Route, body: Bytes) -> Result<Bytes, GatewayError> {
     serde_json::to_vec(&object)
         .map(Bytes::from)
         .map_err(|err| GatewayError::InvalidBody(err.to_string()))
-}
-
-async fn send_upstream(
-    state: &GatewayState,
-    route: &Route,
-    method: Method,
-    headers: &HeaderMap,
-    path_and_query: &str,
-    body: Bytes,
-) -> Result<reqwest::Response, GatewayError> {
-    let model = route.served_name.as_str();
-    // Concatenate rather than Url::join so an endpoint with a path prefix keeps it.
-    let endpoint = state.connect_to.apply(route.endpoint.as_str());
-    let url = format!("{}{}", endpoint.trim_end_matches('/'), path_and_query);
-    let mut forwarded = forwardable(headers);
-    forwarded.remove(header::CONTENT_LENGTH);
-    tracing::debug!(model, %url, "forwarding");
-    state
-        .client
-        .request(method, url)
-        .headers(forwarded)
-        .body(body)
-        .send()
-        .await
-        .map_err(|err| {
-            let reason = error_chain(&err);
-            if err.is_connect() {
-                state.metrics.upstream_error(model, "connect");
-                GatewayError::UpstreamUnreachable {
-                    model: model.to_owned(),
-                    reason,
-                }
-            } else if err.is_timeout() {
-                state.metrics.upstream_error(model, "timeout");
-                GatewayError::UpstreamTimeout {
-                    model: model.to_owned(),
-                    reason,
-                }
-            } else {
-                state.metrics.upstream_error(model, "request");
-                GatewayError::UpstreamFailed {
-                    model: model.to_owned(),
-                    reason,
-                }
-            }
-        })
-}
-
-fn stream_back(
-    state: &GatewayState,
-    model: &str,
-    upstream: reqwest::Response,
-    timer: super::metrics::RequestTimer,
-) -> Response {
-    let status = upstream.status();
-    let mut headers = forwardable(upstream.headers());
-    // The body is re-chunked by our server; a stale length would corrupt the framing.
-    headers.remove(header::CONTENT_LENGTH);
-    let metrics = state.metrics.clone();
-    let model = model.to_owned();
-    let body = upstream.bytes_stream().map(move |chunk| {
-        // The timer lives as long as the stream: it records when the body ends or is dropped.
-        let _timer = &timer;
-        chunk.inspect_err(|err| {
-            metrics.upstream_error(&model, "body");
-            tracing::warn!(model = %model, error = %error_chain(err), "upstream body failed mid-stream");
-        })
-    });
-    let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
-}
-
-/// End-to-end headers: everything except hop-by-hop ones (RFC 9110 §7.6.1) and `Host`.
-fn forwardable(headers: &HeaderMap) -> HeaderMap {
-    const HOP_BY_HOP: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    let named_by_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    headers
-        .iter()
-        .filter(|(name, _)| {
-            *name != header::HOST
-                && !HOP_BY_HOP.contains(&name.as_str())
-                && !named_by_connection.contains(name)
-        })
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect()
-}
-
-/// reqwest's Display hides the cause ("error sending request"); the chain says why.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

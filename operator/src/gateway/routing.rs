@@ -1,26 +1,44 @@
-//! The routing table: which upstream serves which model name.
+//! The routing table: which GLMModel serves which model name, and how to route to it.
 //!
 //! Pure data, built from a snapshot of [`ModelRecord`]s (one per GLMModel) so that every rule here is
 //! unit-testable without a cluster. The gateway rebuilds the whole table on each watch event: tables
-//! are small (one entry per model) and a rebuild keeps the rules in one place.
+//! are small (one entry per model) and a rebuild keeps the rules in one place. Which pods serve a
+//! route comes from EndpointSlices ([`super::endpoints`]), joined at request time by
+//! [`Route::service_key`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
+use glm_crds::RoutingStrategy;
 use reqwest::Url;
+
+/// Per-model routing settings (`spec.routing`), resolved against the gateway's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteSettings {
+    pub strategy: RoutingStrategy,
+    /// Characters of the chat prompt hashed by `PrefixHash`.
+    pub prefix_chars: usize,
+    /// `spec.routing.holdTimeoutSeconds`; `None`: the gateway's `--gateway-hold-timeout`.
+    pub hold_timeout: Option<Duration>,
+}
 
 /// What the gateway needs to know about one GLMModel, independent of the CRD's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRecord {
     pub namespace: String,
-    /// `metadata.name` of the GLMModel.
+    /// `metadata.name` of the GLMModel; its Service has the same name.
     pub name: String,
     /// The name clients use in `"model"`: `spec.name`, defaulting to `metadata.name`.
     pub served_name: String,
     pub aliases: Vec<String>,
-    /// `status.endpoint`, the base URL of the model's Service.
+    /// `status.endpoint`, the base URL of the model's Service (used to match
+    /// `--gateway-connect-to` overrides, never to route in-cluster).
     pub endpoint: Option<String>,
     /// `status.conditions[type=Ready].status == "True"`.
     pub ready: bool,
+    /// `spec.replicas`: 0 means a request must scale the model up first.
+    pub replicas: i32,
+    pub settings: RouteSettings,
     /// Seconds since the epoch of `metadata.creationTimestamp` (0 when unknown).
     pub created: i64,
 }
@@ -39,10 +57,17 @@ pub struct Route {
     pub requested: String,
     /// The model's primary served name: the name the upstream knows it by.
     pub served_name: String,
-    pub endpoint: Url,
+    /// `metadata.name` of the GLMModel (and of its Service).
+    pub name: String,
+    pub namespace: String,
+    /// `status.endpoint`, parsed; only for `--gateway-connect-to` overrides.
+    pub endpoint: Option<Url>,
+    /// The GLMModel's `Ready` condition: only ready models are listed by `/v1/models`.
+    pub ready: bool,
+    pub replicas: i32,
+    pub settings: RouteSettings,
     /// `namespace/name` of the GLMModel behind the route.
     pub source: String,
-    pub namespace: String,
     pub created: i64,
 }
 
@@ -51,18 +76,23 @@ impl Route {
     pub fn is_alias(&self) -> bool {
         self.requested != self.served_name
     }
+
+    /// The model's Service, as EndpointSlices name it (`kubernetes.io/service-name`).
+    pub fn service_key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
 }
 
 /// Result of looking a requested model name up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<'a> {
-    Ready(&'a Route),
-    /// The name belongs to a GLMModel that exists but is not ready (yet).
-    NotReady,
+    /// A GLMModel has this name, ready or not: requests wait for a ready pod (see
+    /// [`super::hold`]).
+    Found(&'a Route),
     Unknown,
 }
 
-/// A name claimed by more than one ready GLMModel; `winner` got it.
+/// A name claimed by more than one GLMModel; `winner` got it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     pub name: String,
@@ -73,13 +103,14 @@ pub struct Conflict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutingTable {
     routes: BTreeMap<String, Route>,
-    not_ready: BTreeSet<String>,
     conflicts: Vec<Conflict>,
 }
 
 /// One claim of a name by one model; ordered so that the best claim sorts first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
+    /// A ready model beats one that is not.
+    not_ready: bool,
     /// A model's own served name beats another model's alias of the same name.
     is_alias: bool,
     /// Then the oldest model keeps the name, so a newcomer cannot hijack traffic.
@@ -89,31 +120,19 @@ struct Claim {
 }
 
 impl RoutingTable {
-    /// Builds the table. Only ready models with a valid endpoint are routable; names of the other
-    /// models are remembered so that a request for them gets 503 (not ready) rather than 404.
+    /// Builds the table. Every model is routable (one that is not ready gets its requests held
+    /// until a pod is ready); `/v1/models` lists the ready ones.
     ///
-    /// When several ready models claim one name the winner is, in order: the model whose served
-    /// name it is (over one that lists it as an alias), the oldest, the smallest `namespace/name`.
+    /// When several models claim one name the winner is, in order: a ready model, the model
+    /// whose served name it is (over one that lists it as an alias), the oldest, the smallest
+    /// `namespace/name`.
     pub fn build(records: &[ModelRecord]) -> Self {
         let mut claims: BTreeMap<String, Vec<(Claim, Route)>> = BTreeMap::new();
-        let mut not_ready = BTreeSet::new();
-
         for record in records {
-            let endpoint = if record.ready {
-                record.endpoint.as_deref().and_then(parse_endpoint)
-            } else {
-                None
-            };
-            let Some(endpoint) = endpoint else {
-                if record.ready {
-                    tracing::warn!(model = %record.key(), endpoint = ?record.endpoint,
-                        "GLMModel is Ready but has no usable http(s) status.endpoint; not routed");
-                }
-                not_ready.extend(record_names(record).map(|(name, _)| name.to_owned()));
-                continue;
-            };
+            let endpoint = record.endpoint.as_deref().and_then(parse_endpoint);
             for (name, is_alias) in record_names(record) {
                 let claim = Claim {
+                    not_ready: !record.ready,
                     is_alias,
                     created: record.created,
                     source: record.key(),
@@ -121,9 +140,13 @@ impl RoutingTable {
                 let route = Route {
                     requested: name.to_owned(),
                     served_name: record.served_name.clone(),
-                    endpoint: endpoint.clone(),
-                    source: record.key(),
+                    name: record.name.clone(),
                     namespace: record.namespace.clone(),
+                    endpoint: endpoint.clone(),
+                    ready: record.ready,
+                    replicas: record.replicas,
+                    settings: record.settings.clone(),
+                    source: record.key(),
                     created: record.created,
                 };
                 claims
@@ -143,7 +166,10 @@ impl RoutingTable {
             let Some((_, winner)) = named.next() else {
                 continue;
             };
-            let losers: Vec<String> = named.map(|(claim, _)| claim.source).collect();
+            let losers: Vec<String> = named
+                .filter(|(claim, _)| !claim.not_ready)
+                .map(|(claim, _)| claim.source)
+                .collect();
             if !losers.is_empty() {
                 conflicts.push(Conflict {
                     name: name.clone(),
@@ -153,20 +179,12 @@ impl RoutingTable {
             }
             routes.insert(name, winner);
         }
-        // A name served by a ready model is never "not ready", whatever other models claim it.
-        not_ready.retain(|name| !routes.contains_key(name));
-
-        Self {
-            routes,
-            not_ready,
-            conflicts,
-        }
+        Self { routes, conflicts }
     }
 
     pub fn lookup(&self, name: &str) -> Lookup<'_> {
         match self.routes.get(name) {
-            Some(route) => Lookup::Ready(route),
-            None if self.not_ready.contains(name) => Lookup::NotReady,
+            Some(route) => Lookup::Found(route),
             None => Lookup::Unknown,
         }
     }
@@ -174,16 +192,22 @@ impl RoutingTable {
     /// The route to use when a request names no model: only unambiguous when exactly one model
     /// is ready (the seed's `/tokenize` has no `model` field).
     pub fn sole_route(&self) -> Option<&Route> {
-        let mut routes = self.routes.values();
+        let mut routes = self.ready_routes();
         let first = routes.next()?;
         routes.all(|r| r.source == first.source).then_some(first)
     }
 
-    /// Every routable name (primary names and aliases), sorted.
+    /// Every name of a ready model (primary names and aliases), sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.routes.keys().map(String::as_str)
+        self.ready_routes().map(|r| r.requested.as_str())
     }
 
+    /// Routes of ready models, by name.
+    pub fn ready_routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values().filter(|r| r.ready)
+    }
+
+    /// Every route, ready or not.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.routes.values()
     }
@@ -192,12 +216,13 @@ impl RoutingTable {
         &self.conflicts
     }
 
+    /// Names of ready models.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.ready_routes().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len() == 0
     }
 }
 
@@ -232,54 +257,59 @@ mod tests {
             aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
             endpoint: Some(format!("http://{name}.{ns}.svc:8080")),
             ready,
+            replicas: 1,
+            settings: RouteSettings::default(),
             created: 100,
         }
     }
 
-    fn endpoint_of(table: &RoutingTable, name: &str) -> Option<String> {
+    fn source_of(table: &RoutingTable, name: &str) -> Option<String> {
         match table.lookup(name) {
-            Lookup::Ready(route) => Some(route.endpoint.to_string()),
-            _ => None,
+            Lookup::Found(route) => Some(route.source.clone()),
+            Lookup::Unknown => None,
         }
     }
 
     #[test]
-    fn ready_model_is_routed_by_served_name_and_aliases() {
+    fn model_is_routed_by_served_name_and_aliases() {
         let table = RoutingTable::build(&[record("ml", "glm4", "glm-4-9b-chat", &["glm4"], true)]);
         assert_eq!(
-            endpoint_of(&table, "glm-4-9b-chat").as_deref(),
-            Some("http://glm4.ml.svc:8080/")
+            source_of(&table, "glm-4-9b-chat").as_deref(),
+            Some("ml/glm4")
         );
-        let Lookup::Ready(alias) = table.lookup("glm4") else {
+        let Lookup::Found(alias) = table.lookup("glm4") else {
             panic!("alias must be routed");
         };
         assert!(alias.is_alias());
         assert_eq!(alias.served_name, "glm-4-9b-chat");
+        assert_eq!(alias.service_key(), ("ml".to_owned(), "glm4".to_owned()));
+        assert_eq!(
+            alias.endpoint.as_ref().map(Url::as_str),
+            Some("http://glm4.ml.svc:8080/")
+        );
         assert_eq!(table.names().collect::<Vec<_>>(), ["glm-4-9b-chat", "glm4"]);
     }
 
     #[test]
-    fn not_ready_model_is_not_routed_but_known() {
+    fn not_ready_model_is_routed_for_holding_but_not_listed() {
         let table = RoutingTable::build(&[record("ml", "bge", "bge-m3", &["bge"], false)]);
-        assert_eq!(table.lookup("bge-m3"), Lookup::NotReady);
-        assert_eq!(table.lookup("bge"), Lookup::NotReady);
+        assert_eq!(source_of(&table, "bge-m3").as_deref(), Some("ml/bge"));
+        assert_eq!(source_of(&table, "bge").as_deref(), Some("ml/bge"));
         assert_eq!(table.lookup("gpt-4"), Lookup::Unknown);
         assert!(table.is_empty());
+        assert_eq!(table.names().count(), 0);
+        assert_eq!(table.routes().count(), 2);
     }
 
     #[test]
-    fn ready_without_valid_endpoint_is_not_routed() {
-        let mut no_endpoint = record("ml", "a", "a", &[], true);
-        no_endpoint.endpoint = None;
+    fn an_unusable_status_endpoint_is_ignored() {
         let mut bad_scheme = record("ml", "b", "b", &[], true);
         bad_scheme.endpoint = Some("grpc://b:9000".into());
         let mut garbage = record("ml", "c", "c", &[], true);
         garbage.endpoint = Some("not a url".into());
-        let table = RoutingTable::build(&[no_endpoint, bad_scheme, garbage]);
-        assert!(table.is_empty());
-        for name in ["a", "b", "c"] {
-            assert_eq!(table.lookup(name), Lookup::NotReady, "{name}");
-        }
+        let table = RoutingTable::build(&[bad_scheme, garbage]);
+        assert!(table.routes().all(|r| r.endpoint.is_none()));
+        assert_eq!(table.len(), 2);
     }
 
     #[test]
@@ -288,10 +318,7 @@ mod tests {
         young.created = 200;
         let old = record("z", "old", "qwen", &[], true);
         let table = RoutingTable::build(&[young.clone(), old.clone()]);
-        assert_eq!(
-            endpoint_of(&table, "qwen").as_deref(),
-            Some("http://old.z.svc:8080/")
-        );
+        assert_eq!(source_of(&table, "qwen").as_deref(), Some("z/old"));
         assert_eq!(
             table.conflicts(),
             [Conflict {
@@ -305,10 +332,7 @@ mod tests {
         young.created = old.created;
         for records in [[young.clone(), old.clone()], [old.clone(), young.clone()]] {
             let table = RoutingTable::build(&records);
-            assert_eq!(
-                endpoint_of(&table, "qwen").as_deref(),
-                Some("http://young.a.svc:8080/")
-            );
+            assert_eq!(source_of(&table, "qwen").as_deref(), Some("a/young"));
         }
     }
 
@@ -318,27 +342,26 @@ mod tests {
         aliasing.created = 1; // older, yet an alias still loses to a served name
         let owner = record("b", "owner", "small", &[], true);
         let table = RoutingTable::build(&[aliasing, owner]);
-        assert_eq!(
-            endpoint_of(&table, "small").as_deref(),
-            Some("http://owner.b.svc:8080/")
-        );
-        assert_eq!(
-            endpoint_of(&table, "big").as_deref(),
-            Some("http://aliasing.a.svc:8080/")
-        );
+        assert_eq!(source_of(&table, "small").as_deref(), Some("b/owner"));
+        assert_eq!(source_of(&table, "big").as_deref(), Some("a/aliasing"));
     }
 
     #[test]
     fn ready_claim_wins_over_not_ready_duplicate() {
-        let table = RoutingTable::build(&[
-            record("a", "down", "m", &[], false),
-            record("b", "up", "m", &[], true),
-        ]);
-        assert_eq!(
-            endpoint_of(&table, "m").as_deref(),
-            Some("http://up.b.svc:8080/")
-        );
-        assert!(table.conflicts().is_empty());
+        for records in [
+            [
+                record("a", "down", "m", &[], false),
+                record("b", "up", "m", &[], true),
+            ],
+            [
+                record("b", "up", "m", &[], true),
+                record("a", "down", "m", &[], false),
+            ],
+        ] {
+            let table = RoutingTable::build(&records);
+            assert_eq!(source_of(&table, "m").as_deref(), Some("b/up"));
+            assert!(table.conflicts().is_empty());
+        }
     }
 
     #[test]
@@ -346,7 +369,7 @@ mod tests {
         let table = RoutingTable::build(&[record("a", "m", "m", &["m", "", " "], true)]);
         assert_eq!(table.names().collect::<Vec<_>>(), ["m"]);
         assert!(table.conflicts().is_empty());
-        let Lookup::Ready(route) = table.lookup("m") else {
+        let Lookup::Found(route) = table.lookup("m") else {
             panic!("m must be routed");
         };
         assert!(!route.is_alias());
@@ -354,7 +377,10 @@ mod tests {
 
     #[test]
     fn sole_route_only_when_one_model_is_ready() {
-        let one = RoutingTable::build(&[record("a", "m", "m", &["alias"], true)]);
+        let one = RoutingTable::build(&[
+            record("a", "m", "m", &["alias"], true),
+            record("a", "cold", "cold", &[], false),
+        ]);
         assert_eq!(one.sole_route().map(|r| r.served_name.as_str()), Some("m"));
         let two = RoutingTable::build(&[
             record("a", "m", "m", &[], true),

@@ -20,9 +20,11 @@ use tokio::{
 use tokio_stream_shim::ReceiverStream;
 
 use super::{
+    endpoints::EndpointIndex,
+    hold::Holder,
     metrics::GatewayMetrics,
     proxy::{router, GatewayState, ModelList},
-    routing::{ModelRecord, RoutingTable},
+    routing::{ModelRecord, RouteSettings, RoutingTable},
     GatewayConfig, Readiness,
 };
 
@@ -122,8 +124,52 @@ fn record(
         aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
         endpoint: Some(endpoint),
         ready,
+        replicas: 1,
+        settings: RouteSettings {
+            prefix_chars: 100,
+            ..RouteSettings::default()
+        },
         created: 1_700_000_000,
     }
+}
+
+/// Ready pods by GLMModel name (namespace `ml`), as EndpointSlices would list them.
+fn pods(entries: &[(&str, &[SocketAddr])]) -> EndpointIndex {
+    EndpointIndex::from_map(
+        entries
+            .iter()
+            .map(|(name, addrs)| {
+                (
+                    ("ml".to_owned(), (*name).to_owned()),
+                    addrs.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A gateway state over a fixed table and endpoint index; requests for a model without pods
+/// are held `hold` long.
+fn static_state(
+    records: &[ModelRecord],
+    index: EndpointIndex,
+    hold: Duration,
+    max_body_bytes: usize,
+    readiness: Readiness,
+) -> GatewayState {
+    let (_tx, table_rx) = watch::channel(Arc::new(RoutingTable::build(records)));
+    let (_tx, index_rx) = watch::channel(Arc::new(index));
+    GatewayState::new(
+        table_rx,
+        GatewayConfig::default()
+            .upstream_client()
+            .unwrap_or_else(|e| panic!("{e}")),
+        GatewayMetrics::new().unwrap_or_else(|e| panic!("{e}")),
+        max_body_bytes,
+        readiness,
+    )
+    .with_endpoints(index_rx)
+    .with_holder(Holder::new(16, hold, None))
 }
 
 /// A port nothing listens on: bind one, then let it go.
@@ -160,7 +206,7 @@ async fn harness(max_body_bytes: usize) -> Harness {
     let embed = serve(Router::new().route("/v1/embeddings", post(embeddings))).await;
     let down = closed_port().await;
 
-    let table = RoutingTable::build(&[
+    let records = [
         record(
             "glm4",
             "glm-4-9b-chat",
@@ -177,20 +223,16 @@ async fn harness(max_body_bytes: usize) -> Harness {
             "http://qwen2.ml.svc:8080".into(),
             false,
         ),
-    ]);
-    let (_tx, table_rx) = watch::channel(Arc::new(table));
-    let metrics = GatewayMetrics::new().unwrap_or_else(|e| panic!("{e}"));
-    let upstream = GatewayConfig::default()
-        .upstream_client()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let gateway = serve(router(GatewayState::new(
-        table_rx,
-        upstream,
-        metrics,
+    ];
+    let index = pods(&[("glm4", &[chat]), ("bge", &[embed]), ("gone", &[down])]);
+    let state = static_state(
+        &records,
+        index,
+        Duration::from_millis(300),
         max_body_bytes,
         Readiness::synced(),
-    )))
-    .await;
+    );
+    let gateway = serve(router(state)).await;
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(TIMEOUT)
@@ -389,7 +431,7 @@ async fn unknown_model_is_404_in_openai_envelope() {
 }
 
 #[tokio::test]
-async fn unreachable_upstream_is_502_and_not_ready_is_503() {
+async fn unreachable_upstream_is_502_and_no_ready_pod_is_503_after_the_hold() {
     let h = harness(1 << 20).await;
     let response = h
         .post(
@@ -406,7 +448,11 @@ async fn unreachable_upstream_is_502_and_not_ready_is_503() {
         .post("/v1/chat/completions", json!({"model": "qwen2"}))
         .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(json_of(response).await["error"]["code"], "model_not_ready");
+    assert_eq!(response.headers()["retry-after"], "10");
+    let body = json_of(response).await;
+    assert_eq!(body["error"]["code"], "model_not_ready");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--gateway-hold-timeout"), "{message}");
 }
 
 #[tokio::test]
@@ -501,4 +547,6 @@ async fn health_and_metrics() {
     );
 }
 
+mod backends;
 mod drain;
+mod hold;

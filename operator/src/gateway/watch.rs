@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use super::{
     lifecycle::Readiness,
     metrics::GatewayMetrics,
-    routing::{ModelRecord, RoutingTable},
+    routing::{ModelRecord, RouteSettings, RoutingTable},
 };
 
 /// The gateway's view of one GLMModel.
 pub fn record(model: &GLMModel) -> ModelRecord {
+    let routing = model.spec.routing.clone().unwrap_or_default();
     ModelRecord {
         namespace: model.namespace().unwrap_or_default(),
         name: model.name_any(),
@@ -26,6 +27,21 @@ pub fn record(model: &GLMModel) -> ModelRecord {
         aliases: model.spec.aliases.clone(),
         endpoint: model.status.as_ref().and_then(|s| s.endpoint.clone()),
         ready: model.is_ready(),
+        replicas: model.spec.replicas,
+        settings: RouteSettings {
+            strategy: routing.strategy.unwrap_or_default(),
+            prefix_chars: usize::try_from(
+                routing
+                    .prefix_chars
+                    .unwrap_or(glm_crds::DEFAULT_PREFIX_CHARS),
+            )
+            .unwrap_or(1)
+            .max(1),
+            hold_timeout: routing
+                .hold_timeout_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(std::time::Duration::from_secs),
+        },
         created: model.creation_timestamp().map_or(0, |t| t.0.as_second()),
     }
 }
@@ -35,43 +51,73 @@ pub fn table_from_models<'a>(models: impl IntoIterator<Item = &'a GLMModel>) -> 
     RoutingTable::build(&records)
 }
 
-/// Watches GLMModels until the task is dropped, publishing a new table whenever routing changes,
-/// and marks `readiness` synced once the first full list is in. Watch errors are retried with
-/// backoff: the last good table keeps serving meanwhile.
+/// Runs a reflector over `api` until the task is dropped. After every change `publish` gets the
+/// store's objects, and `synced` runs after each full list; while a (re)list is in flight the
+/// store still holds the previous full list, so nothing half-listed is ever published. Watch
+/// errors are retried with backoff: the last published state keeps serving meanwhile.
+pub async fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    metrics: GatewayMetrics,
+    mut publish: impl FnMut(Vec<Arc<K>>),
+    synced: impl Fn(),
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store::<K>();
+    let events = watcher(api, config.any_semantic())
+        .default_backoff()
+        .reflect(writer);
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Ok(event) => {
+                metrics.watch_event("ok");
+                publish(store.state());
+                if matches!(event, watcher::Event::InitDone) {
+                    synced();
+                }
+            }
+            Err(err) => {
+                metrics.watch_event("error");
+                tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err,
+                    "watch failed; retrying with backoff");
+            }
+        }
+    }
+}
+
+/// Watches GLMModels, publishing a new table whenever routing changes; marks `readiness` once
+/// the first full list is in.
 pub async fn maintain_table(
     api: Api<GLMModel>,
     table: watch::Sender<Arc<RoutingTable>>,
     metrics: GatewayMetrics,
     readiness: Readiness,
 ) {
-    let (store, writer) = reflector::store::<GLMModel>();
-    let events = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer);
-    futures::pin_mut!(events);
-    while let Some(event) = events.next().await {
-        match event {
-            // While a (re)list is in flight the store still holds the previous full list; wait
-            // for InitDone rather than publish a half-listed table.
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(event) => {
-                metrics.watch_event("ok");
-                let models = store.state();
-                publish(
-                    &table,
-                    table_from_models(models.iter().map(Arc::as_ref)),
-                    &metrics,
-                );
-                if matches!(event, watcher::Event::InitDone) {
-                    readiness.mark_synced();
-                }
-            }
-            Err(err) => {
-                metrics.watch_event("error");
-                tracing::warn!(error = %err, "GLMModel watch failed; retrying with backoff");
-            }
-        }
-    }
+    let m = metrics.clone();
+    reflect(
+        api,
+        watcher::Config::default(),
+        metrics,
+        |models| {
+            publish(
+                &table,
+                table_from_models(models.iter().map(Arc::as_ref)),
+                &m,
+            )
+        },
+        || readiness.mark_models_synced(),
+    )
+    .await;
 }
 
 fn publish(table: &watch::Sender<Arc<RoutingTable>>, next: RoutingTable, metrics: &GatewayMetrics) {
@@ -126,6 +172,11 @@ status:
                 aliases: vec!["glm4".into(), "gpt-4o".into()],
                 endpoint: Some("http://glm4.ml.svc.cluster.local:8080".into()),
                 ready: true,
+                replicas: 1,
+                settings: RouteSettings {
+                    prefix_chars: 100,
+                    ..RouteSettings::default()
+                },
                 created: 1_738_281_600,
             }
         );
@@ -146,7 +197,7 @@ status:
 "#,
         );
         let table = table_from_models([&bge]);
-        assert!(matches!(table.lookup("bge-m3"), Lookup::Ready(_)));
+        assert!(matches!(table.lookup("bge-m3"), Lookup::Found(r) if r.ready));
     }
 
     #[test]
@@ -164,8 +215,9 @@ status:
         for model in [not_ready, unknown, no_status] {
             let table = table_from_models([&model]);
             assert!(table.is_empty());
-            assert_eq!(table.lookup("glm-4-9b-chat"), Lookup::NotReady);
-            assert_eq!(table.lookup("gpt-4o"), Lookup::NotReady);
+            for name in ["glm-4-9b-chat", "gpt-4o"] {
+                assert!(matches!(table.lookup(name), Lookup::Found(r) if !r.ready));
+            }
         }
     }
 

@@ -13,21 +13,18 @@ struct Stoppable {
 
 async fn stoppable(drain: crate::gateway::Drain) -> Stoppable {
     let (chat, chunks_tx, _seen) = chat_upstream().await;
-    let table = RoutingTable::build(&[record(
+    let records = [record(
         "glm4",
         "glm-4-9b-chat",
         &[],
         format!("http://{chat}"),
         true,
-    )]);
-    let (_tx, table_rx) = watch::channel(Arc::new(table));
+    )];
     let readiness = Readiness::synced();
-    let state = GatewayState::new(
-        table_rx,
-        GatewayConfig::default()
-            .upstream_client()
-            .unwrap_or_else(|e| panic!("{e}")),
-        GatewayMetrics::new().unwrap_or_else(|e| panic!("{e}")),
+    let state = static_state(
+        &records,
+        pods(&[("glm4", &[chat])]),
+        Duration::from_secs(1),
         1 << 20,
         readiness.clone(),
     );
