@@ -14,9 +14,15 @@
 //! Profile that motivated it (perf, SmolLM2-135M Q4_1): candle's scalar `BlockQ4_1::vec_dot_unopt`
 //! was 72% of decode samples in quantized mode, and dequantized float32 weights (auto mode) made
 //! every decode step read ~540 MB instead of ~85 MB.
+mod q8;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q8;
+
+use q8::Q8Row;
+pub use q8::Q8Rows;
 
 use std::cell::RefCell;
 
@@ -83,6 +89,8 @@ pub struct QWeight {
     cols: usize,
     data: Vec<u8>,
     isa: Isa,
+    /// Quantize activations to 8 bits for the few-row products ([`QWeight::with_int8_activations`]).
+    int8: bool,
 }
 
 impl QWeight {
@@ -104,6 +112,7 @@ impl QWeight {
             cols,
             data,
             isa: Isa::detect(),
+            int8: false,
         })
     }
 
@@ -131,6 +140,14 @@ impl QWeight {
         }
         self.isa = isa;
         Ok(self)
+    }
+
+    /// Products of up to [`GEMV_MAX_ROWS`] activation rows quantize the activations to 8-bit
+    /// blocks and run integer kernels (ggml's numerics: faster, with an error of about 1/254 of
+    /// each block's largest activation); `false` keeps float32 activations.
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8 = on;
+        self
     }
 
     pub fn format(&self) -> QFormat {
@@ -182,14 +199,16 @@ impl QWeight {
         }
         if m > GEMV_MAX_ROWS {
             self.gemm(x, m, out)
+        } else if self.int8 {
+            self.gemv_q8(x, m, out)
         } else {
             self.gemv(x, m, out)
         }
     }
 
-    /// Fused kernels, weight rows split across the pool, four activation rows per pass.
+    /// Fused float32 kernels, four activation rows per pass.
     fn gemv(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.rows, self.cols);
+        let k = self.cols;
         let nb = k / QFormat::BLOCK;
         let sums: Vec<f32> = if self.format.has_sums() {
             x.chunks_exact(QFormat::BLOCK)
@@ -198,50 +217,66 @@ impl QWeight {
         } else {
             Vec::new()
         };
+        let xs = |r: usize| &x[r * k..(r + 1) * k];
+        let ss = |r: usize| {
+            if sums.is_empty() {
+                &[][..]
+            } else {
+                &sums[r * nb..(r + 1) * nb]
+            }
+        };
+        self.row_passes(m, out, &[4, 3, 2, 1], |w, r, res| match res.len() {
+            4 => res.copy_from_slice(&self.dot(
+                [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)],
+                [ss(r), ss(r + 1), ss(r + 2), ss(r + 3)],
+                w,
+            )),
+            3 => res.copy_from_slice(&self.dot(
+                [xs(r), xs(r + 1), xs(r + 2)],
+                [ss(r), ss(r + 1), ss(r + 2)],
+                w,
+            )),
+            2 => res.copy_from_slice(&self.dot([xs(r), xs(r + 1)], [ss(r), ss(r + 1)], w)),
+            _ => res[0] = self.dot([xs(r)], [ss(r)], w)[0],
+        });
+    }
+
+    /// Integer kernels on activations quantized once here, up to 16 activation rows per pass.
+    fn gemv_q8(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let q = Q8Rows::quantize(x, m, self.cols);
+        let q = (q.rows(), q);
+        self.row_passes(m, out, &[16, 8, 4, 2, 1], |w, r, res| match res.len() {
+            16 => res.copy_from_slice(&self.dot_q8::<16>(&q, r, w)),
+            8 => res.copy_from_slice(&self.dot_q8::<8>(&q, r, w)),
+            4 => res.copy_from_slice(&self.dot_q8::<4>(&q, r, w)),
+            2 => res.copy_from_slice(&self.dot_q8::<2>(&q, r, w)),
+            _ => res[0] = self.dot_q8::<1>(&q, r, w)[0],
+        });
+    }
+
+    /// Runs `dot(weight_row, first_activation_row, results)` over every weight row (split across
+    /// the pool) and every activation row, taking activation rows in the widest of `widths` that
+    /// is left, and writes `out[m, rows]`.
+    fn row_passes<F>(&self, m: usize, out: &mut [f32], widths: &[usize], dot: F)
+    where
+        F: Fn(&[u8], usize, &mut [f32]) + Sync,
+    {
+        let n = self.rows;
         let threads = rayon::current_num_threads();
         // Enough chunks to balance, big enough that scheduling stays small next to the work.
         let chunk = n.div_ceil(threads * 4).clamp(16, 256);
         let dst = SyncPtr(out.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(n);
+            let mut res = [0f32; 16];
             let mut r0 = 0;
             while r0 < m {
-                let take = (m - r0).min(4);
+                let take = widths.iter().copied().find(|&w| w <= m - r0).unwrap_or(1);
                 for j in rows.clone() {
-                    let w = self.row(j);
-                    let put = |r: usize, v: f32| {
+                    dot(self.row(j), r0, &mut res[..take]);
+                    for (r, v) in res[..take].iter().enumerate() {
                         // SAFETY: (r0 + r, j) is in bounds and written by this chunk only.
-                        unsafe { *dst.get().add((r0 + r) * n + j) = v }
-                    };
-                    let xs = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let ss = |r: usize| {
-                        if sums.is_empty() {
-                            &[][..]
-                        } else {
-                            &sums[(r0 + r) * nb..(r0 + r + 1) * nb]
-                        }
-                    };
-                    match take {
-                        4 => self
-                            .dot(
-                                [xs(0), xs(1), xs(2), xs(3)],
-                                [ss(0), ss(1), ss(2), ss(3)],
-                                w,
-                            )
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        3 => self
-                            .dot([xs(0), xs(1), xs(2)], [ss(0), ss(1), ss(2)], w)
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        2 => self
-                            .dot([xs(0), xs(1)], [ss(0), ss(1)], w)
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        _ => put(0, self.dot([xs(0)], [ss(0)], w)[0]),
+                        unsafe { *dst.get().add((r0 + r) * n + j) = *v }
                     }
                 }
                 r0 += take;
@@ -252,6 +287,32 @@ impl QWeight {
             (0..chunks).for_each(work);
         } else {
             (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+
+    fn dot_q8<const R: usize>(
+        &self,
+        (ptrs, q): &(Vec<Q8Row>, Q8Rows),
+        r0: usize,
+        row: &[u8],
+    ) -> [f32; R] {
+        let nb = self.cols / QFormat::BLOCK;
+        let Ok(xs) = <&[Q8Row; R]>::try_from(&ptrs[r0..r0 + R]) else {
+            unreachable!("a slice of R rows")
+        };
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `row` is one weight row (nb blocks); every row of `q` has nb blocks padded
+            // to an even count (Q8Rows::quantize of this weight's cols); features were checked.
+            Isa::Avx512 if super::has_vnni() => unsafe {
+                x86_q8::dot_q8_vnni(self.format, row.as_ptr(), nb, xs)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx512 | Isa::Avx2 => unsafe {
+                x86_q8::dot_q8_avx2(self.format, row.as_ptr(), nb, xs)
+            },
+            _ => scalar::dot_rows_q8(self.format, row, q, std::array::from_fn(|i| r0 + i)),
         }
     }
 

@@ -125,3 +125,108 @@ fn custom_op_keeps_leading_dims_and_refuses_other_dtypes() {
     let narrow = x.narrow(2, 0, 32).unwrap();
     assert!(narrow.apply_op1_no_bwd(&qw).is_err());
 }
+
+/// The integer kernels against the scalar reference of the same arithmetic (exact integer block
+/// dot products, then float scaling) and against the float32 product of the dequantized weights.
+///
+/// Against the reference the integer parts are exact; only the float32 scaling and summation
+/// order differ (lanes of four products are converted and scaled separately), bounded by
+/// `(nb + 32) * eps` times the sum of the magnitudes of the scaled terms. Against float32 the
+/// error is that of rounding each activation to its block's step `d_x`: at most `d_x / 2` per
+/// value, so `sum_b d_x,b / 2 * sum_i |w_i|` per output, plus the same float32 slack.
+fn check_int8(dtype: GgmlDType, m: usize, rows: usize, cols: usize) {
+    let q = quantized(dtype, rows, cols, (m * 17 + rows * 5 + cols) as u64);
+    let w: Vec<f32> = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let x = values(m * cols, 7 + m as u64);
+    let xq = Q8Rows::quantize(&x, m, cols);
+    let base = QWeight::from_qtensor(&q)
+        .unwrap()
+        .expect("covered format")
+        .with_int8_activations(true);
+    let format = base.format();
+    let nb = cols / 32;
+    for isa in isas() {
+        let qw = base.clone().with_isa(isa).unwrap();
+        let mut got = vec![f32::NAN; m * rows];
+        qw.matmul(&x, m, &mut got);
+        for r in 0..m {
+            for j in 0..rows {
+                let row = qw.row(j);
+                let want = scalar::dot_rows_q8(format, row, &xq, [r])[0];
+                let (mut scaled, mut step_err) = (0f32, 0f32);
+                for b in 0..nb {
+                    let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
+                    let (qx, dx, sx) = xq.block(r, b);
+                    let (_, d, mw) = scalar::int_dot(format, block, qx);
+                    let abs_qx: Vec<i8> = qx.iter().map(|v| v.saturating_abs()).collect();
+                    let abs_dot = abs_int_dot(format, block, &abs_qx);
+                    scaled += (d * dx).abs() * abs_dot as f32 + (mw * sx).abs();
+                    let wsum: f32 = w[j * cols + b * 32..j * cols + b * 32 + 32]
+                        .iter()
+                        .map(|v| v.abs())
+                        .sum();
+                    step_err += dx / 2.0 * wsum;
+                }
+                let tol = (nb + 32) as f32 * f32::EPSILON * scaled;
+                let g = got[r * rows + j];
+                assert!(
+                    (g - want).abs() <= tol,
+                    "{dtype:?} {isa:?} m={m} out[{r},{j}]: {g} vs int8 reference {want} (tol {tol})"
+                );
+                let exact: f64 = (0..cols)
+                    .map(|i| f64::from(x[r * cols + i]) * f64::from(w[j * cols + i]))
+                    .sum();
+                let bound = f64::from(step_err) * 1.0001 + f64::from(tol) * 2.0;
+                assert!(
+                    (f64::from(g) - exact).abs() <= bound,
+                    "{dtype:?} {isa:?} m={m} out[{r},{j}]: {g} vs float32 {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+/// `sum |q_w| * |q_x|` of a block (the 4-bit quants are unsigned, so `|q_w| = q_w`).
+fn abs_int_dot(format: QFormat, block: &[u8], abs_qx: &[i8]) -> i32 {
+    if format == QFormat::Q8_0 {
+        return block[2..34]
+            .iter()
+            .zip(abs_qx)
+            .map(|(&w, &x)| i32::from((w as i8).unsigned_abs()) * i32::from(x))
+            .sum();
+    }
+    scalar::int_dot(format, block, abs_qx).0
+}
+
+#[test]
+fn int8_kernels_match_their_reference_and_float32_within_the_rounding_step() {
+    for dtype in FORMATS {
+        // Odd and even block counts (the AVX-512 kernel pairs blocks), every pass width (16, 8,
+        // 4, 2, 1) and remainders of them.
+        for (m, rows, cols) in [(1, 37, 160), (1, 300, 576), (3, 29, 128), (7, 13, 96)] {
+            check_int8(dtype, m, rows, cols);
+        }
+        for m in [2, 5, 15, GEMV_MAX_ROWS] {
+            check_int8(dtype, m, 21, 224);
+        }
+    }
+}
+
+#[test]
+fn int8_activations_leave_prefill_on_the_float32_gemm() {
+    let q = quantized(GgmlDType::Q4_1, 45, 96, 5);
+    let f32w = QWeight::from_qtensor(&q).unwrap().unwrap();
+    let int8 = f32w.clone().with_int8_activations(true);
+    let m = GEMV_MAX_ROWS + 1;
+    let x = values(m * 96, 3);
+    let (mut a, mut b) = (vec![0f32; m * 45], vec![0f32; m * 45]);
+    f32w.matmul(&x, m, &mut a);
+    int8.matmul(&x, m, &mut b);
+    assert_eq!(a, b);
+}
