@@ -14,6 +14,7 @@
 //! Profile that motivated it (perf, SmolLM2-135M Q4_1): candle's scalar `BlockQ4_1::vec_dot_unopt`
 //! was 72% of decode samples in quantized mode, and dequantized float32 weights (auto mode) made
 //! every decode step read ~540 MB instead of ~85 MB.
+mod packed;
 mod q8;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -91,6 +92,8 @@ pub struct QWeight {
     isa: Isa,
     /// Quantize activations to 8 bits for the few-row products ([`QWeight::with_int8_activations`]).
     int8: bool,
+    /// `data` is in [`packed`] tiles (int8 activations on AVX-512 VNNI), not the file's rows.
+    packed: bool,
 }
 
 impl QWeight {
@@ -113,6 +116,7 @@ impl QWeight {
             data,
             isa: Isa::detect(),
             int8: false,
+            packed: false,
         })
     }
 
@@ -138,15 +142,25 @@ impl QWeight {
         if !isa.supported() {
             candle_core::bail!("this CPU cannot run {isa:?} kernels");
         }
+        if self.packed {
+            candle_core::bail!("choose the kernels' ISA before int8 activations repack weights");
+        }
         self.isa = isa;
         Ok(self)
     }
 
-    /// Products of up to [`GEMV_MAX_ROWS`] activation rows quantize the activations to 8-bit
-    /// blocks and run integer kernels (ggml's numerics: faster, with an error of about 1/254 of
-    /// each block's largest activation); `false` keeps float32 activations.
+    /// Products quantize the activations to 8-bit blocks and run integer kernels (ggml's
+    /// numerics: faster, with an error of up to half a step, 1/254 of each block's largest
+    /// activation, per value); `false` keeps float32 activations. With AVX-512 VNNI the weights
+    /// are repacked 16 rows a tile (same bytes) and every product runs on integers; otherwise
+    /// products of up to [`GEMV_MAX_ROWS`] rows do, and longer ones run float32 GEMM panels.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8 = on;
+        let vnni = self.isa == Isa::Avx512 && super::has_vnni();
+        if on && vnni && !self.packed {
+            self.data = packed::pack(self.format, self.rows, self.cols / 32, &self.data);
+            self.packed = true;
+        }
         self
     }
 
@@ -167,6 +181,7 @@ impl QWeight {
     }
 
     fn row(&self, i: usize) -> &[u8] {
+        debug_assert!(!self.packed, "file-layout row of packed weights");
         let n = self.row_bytes();
         &self.data[i * n..(i + 1) * n]
     }
@@ -174,6 +189,14 @@ impl QWeight {
     /// Row `i` as float32 (`out.len() == cols`).
     pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "dequantize_row: output length");
+        if self.packed {
+            let (nb, bytes) = (self.cols / 32, self.format.block_bytes());
+            for (b, out) in out.chunks_exact_mut(32).enumerate() {
+                let block = packed::file_block(self.format, nb, &self.data, i, b);
+                scalar::dequantize_row(self.format, &block[..bytes], out);
+            }
+            return;
+        }
         let row = self.row(i);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
@@ -197,7 +220,9 @@ impl QWeight {
         if m == 0 || self.rows == 0 {
             return;
         }
-        if m > GEMV_MAX_ROWS {
+        if self.packed {
+            self.gemm_packed(x, m, out)
+        } else if m > GEMV_MAX_ROWS {
             self.gemm(x, m, out)
         } else if self.int8 {
             self.gemv_q8(x, m, out)
@@ -290,6 +315,52 @@ impl QWeight {
         }
     }
 
+    /// Integer kernels on packed weights: activations quantized once here, eight activation
+    /// rows per pass over a group of 16 weight rows, groups split across the pool.
+    fn gemm_packed(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, nb) = (self.rows, self.cols / QFormat::BLOCK);
+        let q = Q8Rows::quantize(x, m, self.cols);
+        let ptrs = q.rows();
+        let groups = n.div_ceil(packed::GROUP);
+        let tile_group = nb * packed::GROUP * self.format.block_bytes();
+        let threads = rayon::current_num_threads();
+        let chunk = groups.div_ceil(threads * 4).clamp(1, 16);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let work = |c: usize| {
+            let mut r0 = 0;
+            while r0 < m {
+                let take = [8, 4, 2, 1].into_iter().find(|&w| w <= m - r0).unwrap_or(1);
+                for g in c * chunk..((c + 1) * chunk).min(groups) {
+                    let j = g * packed::GROUP;
+                    // SAFETY: rows r0..r0 + take of `out`, columns j..j + lanes: in bounds and
+                    // written by this task only (its groups).
+                    let outs = |r: usize| unsafe { dst.get().add((r0 + r) * n + j) };
+                    let tiles = self.data[g * tile_group..].as_ptr();
+                    let lanes = (n - j).min(packed::GROUP);
+                    let xs = &ptrs[r0..r0 + take];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `tiles` holds this group's nb tiles, every activation row has nb
+                    // blocks (padded to even), `outs` as above; VNNI was detected at packing.
+                    unsafe {
+                        match take {
+                            8 => group::<8>(self.format, tiles, nb, xs, outs, lanes),
+                            4 => group::<4>(self.format, tiles, nb, xs, outs, lanes),
+                            2 => group::<2>(self.format, tiles, nb, xs, outs, lanes),
+                            _ => group::<1>(self.format, tiles, nb, xs, outs, lanes),
+                        }
+                    }
+                }
+                r0 += take;
+            }
+        };
+        let chunks = groups.div_ceil(chunk);
+        if chunks == 1 || threads == 1 {
+            (0..chunks).for_each(work);
+        } else {
+            (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+
     fn dot_q8<const R: usize>(
         &self,
         (ptrs, q): &(Vec<Q8Row>, Q8Rows),
@@ -304,11 +375,6 @@ impl QWeight {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `row` is one weight row (nb blocks); every row of `q` has nb blocks padded
             // to an even count (Q8Rows::quantize of this weight's cols); features were checked.
-            Isa::Avx512 if super::has_vnni() => unsafe {
-                x86_q8::dot_q8_vnni(self.format, row.as_ptr(), nb, xs)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
             Isa::Avx512 | Isa::Avx2 => unsafe {
                 x86_q8::dot_q8_avx2(self.format, row.as_ptr(), nb, xs)
             },
@@ -402,6 +468,26 @@ impl QWeight {
             }
         })
     }
+}
+
+/// One group of packed weight rows times `R` activation rows (`xs.len() == R`).
+///
+/// # Safety
+/// As [`x86_q8::group_q8_vnni`]: `tiles` holds `nb` tiles, `xs` rows of `nb` (padded) blocks,
+/// `outs(r)` has room for `lanes` floats, and the CPU has AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+unsafe fn group<const R: usize>(
+    format: QFormat,
+    tiles: *const u8,
+    nb: usize,
+    xs: &[Q8Row],
+    outs: impl Fn(usize) -> *mut f32,
+    lanes: usize,
+) {
+    let Ok(xs) = <&[Q8Row; R]>::try_from(xs) else {
+        unreachable!("a slice of R rows")
+    };
+    x86_q8::group_q8_vnni(format, tiles, nb, xs, std::array::from_fn(outs), lanes)
 }
 
 /// `x.apply_op1_no_bwd(&weight)`: `[.., cols]` float32 -> `[.., rows]`.

@@ -3,13 +3,9 @@
 //! quantized once per matmul, then every weight block is multiplied with it as int8 x int8 (or
 //! 4-bit x int8) dot products, 4x the multiply-adds per instruction of float32 (`vpdpbusd`).
 //!
-//! Layout, shared by every instruction set: per row, blocks padded to an even count (the AVX-512
-//! kernel takes two blocks a step; padding blocks are zeros with scale 0), and each block's scale
-//! `d` and `s / 8` (`s = d * sum(q)`, for the 4-bit formats' offset term) stored eight times, so
-//! that a kernel's eight int32 lanes of one block load their scale without a shuffle.
-
-/// Floats per block in the replicated scale arrays.
-pub(super) const LANES: usize = 8;
+//! Layout, shared by every instruction set: per row, blocks padded to an even count (padding
+//! blocks are zeros with scale 0), each block's scale `d` and `s = d * sum(q)` (the offset term
+//! of formats with `w = d * q + m`).
 
 /// `m` activation rows of `nb` blocks, quantized.
 #[derive(Debug, Default)]
@@ -40,29 +36,28 @@ impl Q8Rows {
         let mut rows = Q8Rows {
             stride,
             q: vec![0; m * stride * 32],
-            d: vec![0.0; m * stride * LANES],
-            s: vec![0.0; m * stride * LANES],
+            d: vec![0.0; m * stride],
+            s: vec![0.0; m * stride],
         };
+        let block = block_quantizer();
         for (i, xb) in x.chunks_exact(32).enumerate() {
             let at = (i / nb) * stride + i % nb;
             let q: &mut [i8; 32] = (&mut rows.q[at * 32..at * 32 + 32]).try_into().unwrap();
-            let (d, s) = quantize_block(xb.try_into().unwrap(), q);
-            rows.d[at * LANES..(at + 1) * LANES].fill(d);
-            rows.s[at * LANES..(at + 1) * LANES].fill(s / LANES as f32);
+            (rows.d[at], rows.s[at]) = block(xb.try_into().unwrap(), q);
         }
         rows
     }
 
     /// Pointers to every row, for the kernels.
     pub(super) fn rows(&self) -> Vec<Q8Row> {
-        let m = self.d.len() / (self.stride * LANES).max(1);
+        let m = self.d.len() / self.stride.max(1);
         (0..m)
             .map(|r| {
                 let b = r * self.stride;
                 Q8Row {
                     q: self.q[b * 32..].as_ptr(),
-                    d: self.d[b * LANES..].as_ptr(),
-                    s: self.s[b * LANES..].as_ptr(),
+                    d: self.d[b..].as_ptr(),
+                    s: self.s[b..].as_ptr(),
                 }
             })
             .collect()
@@ -71,15 +66,51 @@ impl Q8Rows {
     /// Quants, scale and `d * sum(q)` of block `b` of row `r` (the scalar kernel's view).
     pub(super) fn block(&self, r: usize, b: usize) -> (&[i8], f32, f32) {
         let at = r * self.stride + b;
-        (
-            &self.q[at * 32..at * 32 + 32],
-            self.d[at * LANES],
-            self.s[at * LANES] * LANES as f32,
-        )
+        (&self.q[at * 32..at * 32 + 32], self.d[at], self.s[at])
     }
 }
 
 const ROUND: f32 = 12_582_912.0;
+
+type BlockFn = fn(&[f32; 32], &mut [i8; 32]) -> (f32, f32);
+
+/// The block quantizer this CPU runs best (all give identical results).
+fn block_quantizer() -> BlockFn {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::detect() == crate::Isa::Avx512 {
+        // SAFETY: AVX-512 was detected.
+        return |x, q| unsafe { quantize_block_avx512(x, q) };
+    }
+    quantize_block
+}
+
+/// [`quantize_block`] in AVX-512: the same operations on the same values, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_block_avx512(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let a = _mm512_loadu_ps(x.as_ptr());
+    let b = _mm512_loadu_ps(x.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    let round = _mm512_set1_ps(ROUND);
+    let qa = _mm512_cvtps_epi32(_mm512_sub_ps(
+        _mm512_add_ps(_mm512_mul_ps(a, id), round),
+        round,
+    ));
+    let qb = _mm512_cvtps_epi32(_mm512_sub_ps(
+        _mm512_add_ps(_mm512_mul_ps(b, id), round),
+        round,
+    ));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(qb),
+    );
+    (d, d * sum as f32)
+}
 
 /// One block: returns `(d, d * sum(q))`. Rounds half to even (a single SIMD rounding
 /// instruction; ggml's `roundf` rounds half away from zero, which only differs on exact ties).
@@ -129,6 +160,18 @@ mod tests {
         for b in [2, 3] {
             let (qs, d, s) = q.block(0, b);
             assert!(qs.iter().all(|&v| v == 0) && d == 0.0 && s == 0.0);
+        }
+    }
+
+    #[test]
+    fn the_simd_quantizer_gives_the_portable_bits() {
+        let x = crate::tests::values(32 * 64, 11);
+        for xb in x.chunks_exact(32) {
+            let xb: &[f32; 32] = xb.try_into().unwrap();
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            let want = quantize_block(xb, &mut a);
+            let got = block_quantizer()(xb, &mut b);
+            assert_eq!((got, b), (want, a));
         }
     }
 }
