@@ -84,7 +84,8 @@ pub(super) fn dot_rows<const R: usize>(
 }
 
 /// Dot products of one weight row with `R` rows of 8-bit activations: per block the exact integer
-/// dot product of the quants, scaled by `d_w * d_x`, plus the 4-bit formats' offset `m * s_x`.
+/// dot products with both planes, scaled by `d_w * d_x` and `d_w * d2_x`, plus the offset
+/// `m * s_x`.
 /// The reference the integer SIMD kernels are tested against.
 pub(super) fn dot_rows_q8<const R: usize>(
     format: QFormat,
@@ -96,9 +97,10 @@ pub(super) fn dot_rows_q8<const R: usize>(
     let bytes = format.block_bytes();
     for (b, block) in row.chunks_exact(bytes).enumerate() {
         for (r, &xr) in rows.iter().enumerate() {
-            let (q, dx, sx) = xs.block(xr, b);
-            let (dot, d, m) = int_dot(format, block, q);
-            acc[r] += (d * dx) * dot as f32 + m * sx;
+            let x = xs.block(xr, b);
+            let (dot, d, m) = int_dot(format, block, x.q);
+            let (dot2, _, _) = int_dot(format, block, x.q2);
+            acc[r] += (d * x.d) * dot as f32 + (d * x.d2) * dot2 as f32 + m * x.s;
         }
     }
     acc
