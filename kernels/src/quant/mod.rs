@@ -1,10 +1,16 @@
-//! Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) with float32 activations.
+//! Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0).
 //!
 //! Weights stay in the file's blocks (`w = d * q + m`, 32 weights a block), so memory is that of
-//! the file, and products are computed from the blocks as stored: the result is the product with
-//! the dequantized float32 weights up to summation order (transformers' numerics, unlike ggml's
-//! kernels, which also quantize the activations to 8 bits).
+//! the file. Two numerics:
+//! - float32 activations (`--gguf-mode auto`): products computed from the blocks as stored, equal
+//!   to the product with the dequantized float32 weights up to summation order (transformers'
+//!   numerics);
+//! - int8 activations ([`QWeight::with_int8_activations`], `--gguf-mode quantized`): activations
+//!   quantized once per matmul to two int8 planes ([`q8`]) and multiplied as integers; with
+//!   AVX-512 VNNI on weights repacked 16 rows a tile ([`packed`], same bytes) for every length,
+//!   else AVX2 / portable kernels on the file layout for up to [`GEMV_MAX_ROWS`] rows.
 //!
+//! Float32 activations:
 //! - Few activation rows (decode, batched decode): each weight block is unpacked once in registers
 //!   and multiplied with up to four activation rows; weight rows are split across the rayon pool.
 //!   AVX-512 or AVX2+FMA kernels are chosen at run time, with a portable fallback.

@@ -23,8 +23,8 @@ use crate::models::{LoadedChat, ModelError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
     /// Weights kept in their blocks (memory of the file). Q4_0, Q4_1 and Q8_0 run on our CPU
-    /// kernels, which quantize activations to 8 bits for decode steps (integer dot products, as
-    /// ggml does) and keep float32 for prefill; other types on candle's ggml-style kernels.
+    /// integer kernels (activations quantized to two int8 planes per matmul, see
+    /// `glm_kernels::quant`); other types on candle's ggml-style kernels.
     Quantized,
     /// Weights dequantized to the compute dtype at load: the reference path, 4-8x the memory.
     Dequantized,
