@@ -70,9 +70,9 @@ pub(super) unsafe fn group_q8_vnni<const R: usize>(
             let x = xs[r].q.add(b * 32) as *const i32;
             let x2 = xs[r].q2.add(b * 32) as *const i32;
             let (mut p0, mut p1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for c in 0..8 {
-                p0 = _mm512_dpbusd_epi32(p0, w[c], _mm512_set1_epi32(read_unaligned(x.add(c))));
-                p1 = _mm512_dpbusd_epi32(p1, w[c], _mm512_set1_epi32(read_unaligned(x2.add(c))));
+            for (c, &w) in w.iter().enumerate() {
+                p0 = _mm512_dpbusd_epi32(p0, w, _mm512_set1_epi32(read_unaligned(x.add(c))));
+                p1 = _mm512_dpbusd_epi32(p1, w, _mm512_set1_epi32(read_unaligned(x2.add(c))));
             }
             let dx = _mm512_set1_ps(*xs[r].d.add(b));
             let dx2 = _mm512_set1_ps(*xs[r].d2.add(b));
