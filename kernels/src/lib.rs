@@ -49,6 +49,22 @@ impl Isa {
     }
 }
 
+/// Whether the CPU has AVX-512 VNNI (`vpdpbusd` on 512-bit vectors), detected once.
+pub fn has_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Isa::detect() == Isa::Avx512
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// A raw output pointer shared by parallel tasks that each write their own disjoint elements
 /// (rows, columns or blocks of one output); every use says which.
 #[derive(Clone, Copy)]

@@ -1,10 +1,16 @@
-//! Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) with float32 activations.
+//! Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0).
 //!
 //! Weights stay in the file's blocks (`w = d * q + m`, 32 weights a block), so memory is that of
-//! the file, and products are computed from the blocks as stored: the result is the product with
-//! the dequantized float32 weights up to summation order (transformers' numerics, unlike ggml's
-//! kernels, which also quantize the activations to 8 bits).
+//! the file. Two numerics:
+//! - float32 activations (`--gguf-mode auto`): products computed from the blocks as stored, equal
+//!   to the product with the dequantized float32 weights up to summation order (transformers'
+//!   numerics);
+//! - int8 activations ([`QWeight::with_int8_activations`], `--gguf-mode quantized`): activations
+//!   quantized once per matmul to two int8 planes ([`q8`]) and multiplied as integers; with
+//!   AVX-512 VNNI on weights repacked 16 rows a tile ([`packed`], same bytes) for every length,
+//!   else AVX2 / portable kernels on the file layout for up to [`GEMV_MAX_ROWS`] rows.
 //!
+//! Float32 activations:
 //! - Few activation rows (decode, batched decode): each weight block is unpacked once in registers
 //!   and multiplied with up to four activation rows; weight rows are split across the rayon pool.
 //!   AVX-512 or AVX2+FMA kernels are chosen at run time, with a portable fallback.
@@ -14,9 +20,16 @@
 //! Profile that motivated it (perf, SmolLM2-135M Q4_1): candle's scalar `BlockQ4_1::vec_dot_unopt`
 //! was 72% of decode samples in quantized mode, and dequantized float32 weights (auto mode) made
 //! every decode step read ~540 MB instead of ~85 MB.
+mod packed;
+mod q8;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q8;
+
+use q8::Q8Row;
+pub use q8::Q8Rows;
 
 use std::cell::RefCell;
 
@@ -83,6 +96,10 @@ pub struct QWeight {
     cols: usize,
     data: Vec<u8>,
     isa: Isa,
+    /// Quantize activations to 8 bits for the few-row products ([`QWeight::with_int8_activations`]).
+    int8: bool,
+    /// `data` is in [`packed`] tiles (int8 activations on AVX-512 VNNI), not the file's rows.
+    packed: bool,
 }
 
 impl QWeight {
@@ -104,6 +121,8 @@ impl QWeight {
             cols,
             data,
             isa: Isa::detect(),
+            int8: false,
+            packed: false,
         })
     }
 
@@ -129,8 +148,26 @@ impl QWeight {
         if !isa.supported() {
             candle_core::bail!("this CPU cannot run {isa:?} kernels");
         }
+        if self.packed {
+            candle_core::bail!("choose the kernels' ISA before int8 activations repack weights");
+        }
         self.isa = isa;
         Ok(self)
+    }
+
+    /// Products quantize the activations to 8-bit blocks and run integer kernels (ggml's
+    /// numerics: faster, with an error of up to half a step, 1/254 of each block's largest
+    /// activation, per value); `false` keeps float32 activations. With AVX-512 VNNI the weights
+    /// are repacked 16 rows a tile (same bytes) and every product runs on integers; otherwise
+    /// products of up to [`GEMV_MAX_ROWS`] rows do, and longer ones run float32 GEMM panels.
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8 = on;
+        let vnni = self.isa == Isa::Avx512 && super::has_vnni();
+        if on && vnni && !self.packed {
+            self.data = packed::pack(self.format, self.rows, self.cols / 32, &self.data);
+            self.packed = true;
+        }
+        self
     }
 
     pub fn format(&self) -> QFormat {
@@ -150,6 +187,7 @@ impl QWeight {
     }
 
     fn row(&self, i: usize) -> &[u8] {
+        debug_assert!(!self.packed, "file-layout row of packed weights");
         let n = self.row_bytes();
         &self.data[i * n..(i + 1) * n]
     }
@@ -157,6 +195,14 @@ impl QWeight {
     /// Row `i` as float32 (`out.len() == cols`).
     pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "dequantize_row: output length");
+        if self.packed {
+            let (nb, bytes) = (self.cols / 32, self.format.block_bytes());
+            for (b, out) in out.chunks_exact_mut(32).enumerate() {
+                let block = packed::file_block(self.format, nb, &self.data, i, b);
+                scalar::dequantize_row(self.format, &block[..bytes], out);
+            }
+            return;
+        }
         let row = self.row(i);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
@@ -180,16 +226,20 @@ impl QWeight {
         if m == 0 || self.rows == 0 {
             return;
         }
-        if m > GEMV_MAX_ROWS {
+        if self.packed {
+            self.gemm_packed(x, m, out)
+        } else if m > GEMV_MAX_ROWS {
             self.gemm(x, m, out)
+        } else if self.int8 {
+            self.gemv_q8(x, m, out)
         } else {
             self.gemv(x, m, out)
         }
     }
 
-    /// Fused kernels, weight rows split across the pool, four activation rows per pass.
+    /// Fused float32 kernels, four activation rows per pass.
     fn gemv(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.rows, self.cols);
+        let k = self.cols;
         let nb = k / QFormat::BLOCK;
         let sums: Vec<f32> = if self.format.has_sums() {
             x.chunks_exact(QFormat::BLOCK)
@@ -198,50 +248,66 @@ impl QWeight {
         } else {
             Vec::new()
         };
+        let xs = |r: usize| &x[r * k..(r + 1) * k];
+        let ss = |r: usize| {
+            if sums.is_empty() {
+                &[][..]
+            } else {
+                &sums[r * nb..(r + 1) * nb]
+            }
+        };
+        self.row_passes(m, out, &[4, 3, 2, 1], |w, r, res| match res.len() {
+            4 => res.copy_from_slice(&self.dot(
+                [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)],
+                [ss(r), ss(r + 1), ss(r + 2), ss(r + 3)],
+                w,
+            )),
+            3 => res.copy_from_slice(&self.dot(
+                [xs(r), xs(r + 1), xs(r + 2)],
+                [ss(r), ss(r + 1), ss(r + 2)],
+                w,
+            )),
+            2 => res.copy_from_slice(&self.dot([xs(r), xs(r + 1)], [ss(r), ss(r + 1)], w)),
+            _ => res[0] = self.dot([xs(r)], [ss(r)], w)[0],
+        });
+    }
+
+    /// Integer kernels on activations quantized once here, up to 16 activation rows per pass.
+    fn gemv_q8(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let q = Q8Rows::quantize(x, m, self.cols);
+        let q = (q.rows(), q);
+        self.row_passes(m, out, &[16, 8, 4, 2, 1], |w, r, res| match res.len() {
+            16 => res.copy_from_slice(&self.dot_q8::<16>(&q, r, w)),
+            8 => res.copy_from_slice(&self.dot_q8::<8>(&q, r, w)),
+            4 => res.copy_from_slice(&self.dot_q8::<4>(&q, r, w)),
+            2 => res.copy_from_slice(&self.dot_q8::<2>(&q, r, w)),
+            _ => res[0] = self.dot_q8::<1>(&q, r, w)[0],
+        });
+    }
+
+    /// Runs `dot(weight_row, first_activation_row, results)` over every weight row (split across
+    /// the pool) and every activation row, taking activation rows in the widest of `widths` that
+    /// is left, and writes `out[m, rows]`.
+    fn row_passes<F>(&self, m: usize, out: &mut [f32], widths: &[usize], dot: F)
+    where
+        F: Fn(&[u8], usize, &mut [f32]) + Sync,
+    {
+        let n = self.rows;
         let threads = rayon::current_num_threads();
         // Enough chunks to balance, big enough that scheduling stays small next to the work.
         let chunk = n.div_ceil(threads * 4).clamp(16, 256);
         let dst = SyncPtr(out.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(n);
+            let mut res = [0f32; 16];
             let mut r0 = 0;
             while r0 < m {
-                let take = (m - r0).min(4);
+                let take = widths.iter().copied().find(|&w| w <= m - r0).unwrap_or(1);
                 for j in rows.clone() {
-                    let w = self.row(j);
-                    let put = |r: usize, v: f32| {
+                    dot(self.row(j), r0, &mut res[..take]);
+                    for (r, v) in res[..take].iter().enumerate() {
                         // SAFETY: (r0 + r, j) is in bounds and written by this chunk only.
-                        unsafe { *dst.get().add((r0 + r) * n + j) = v }
-                    };
-                    let xs = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let ss = |r: usize| {
-                        if sums.is_empty() {
-                            &[][..]
-                        } else {
-                            &sums[(r0 + r) * nb..(r0 + r + 1) * nb]
-                        }
-                    };
-                    match take {
-                        4 => self
-                            .dot(
-                                [xs(0), xs(1), xs(2), xs(3)],
-                                [ss(0), ss(1), ss(2), ss(3)],
-                                w,
-                            )
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        3 => self
-                            .dot([xs(0), xs(1), xs(2)], [ss(0), ss(1), ss(2)], w)
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        2 => self
-                            .dot([xs(0), xs(1)], [ss(0), ss(1)], w)
-                            .iter()
-                            .enumerate()
-                            .for_each(|(r, v)| put(r, *v)),
-                        _ => put(0, self.dot([xs(0)], [ss(0)], w)[0]),
+                        unsafe { *dst.get().add((r0 + r) * n + j) = *v }
                     }
                 }
                 r0 += take;
@@ -252,6 +318,73 @@ impl QWeight {
             (0..chunks).for_each(work);
         } else {
             (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+
+    /// Integer kernels on packed weights: activations quantized once here, eight activation
+    /// rows per pass over a group of 16 weight rows, groups split across the pool.
+    fn gemm_packed(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, nb) = (self.rows, self.cols / QFormat::BLOCK);
+        let q = Q8Rows::quantize(x, m, self.cols);
+        let ptrs = q.rows();
+        let groups = n.div_ceil(packed::GROUP);
+        let tile_group = nb * packed::GROUP * self.format.block_bytes();
+        let threads = rayon::current_num_threads();
+        let chunk = groups.div_ceil(threads * 4).clamp(1, 16);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let work = |c: usize| {
+            let mut r0 = 0;
+            while r0 < m {
+                let take = [8, 4, 2, 1].into_iter().find(|&w| w <= m - r0).unwrap_or(1);
+                for g in c * chunk..((c + 1) * chunk).min(groups) {
+                    let j = g * packed::GROUP;
+                    // SAFETY: rows r0..r0 + take of `out`, columns j..j + lanes: in bounds and
+                    // written by this task only (its groups).
+                    let outs = |r: usize| unsafe { dst.get().add((r0 + r) * n + j) };
+                    let tiles = self.data[g * tile_group..].as_ptr();
+                    let lanes = (n - j).min(packed::GROUP);
+                    let xs = &ptrs[r0..r0 + take];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `tiles` holds this group's nb tiles, every activation row has nb
+                    // blocks (padded to even), `outs` as above; VNNI was detected at packing.
+                    unsafe {
+                        match take {
+                            8 => group::<8>(self.format, tiles, nb, xs, outs, lanes),
+                            4 => group::<4>(self.format, tiles, nb, xs, outs, lanes),
+                            2 => group::<2>(self.format, tiles, nb, xs, outs, lanes),
+                            _ => group::<1>(self.format, tiles, nb, xs, outs, lanes),
+                        }
+                    }
+                }
+                r0 += take;
+            }
+        };
+        let chunks = groups.div_ceil(chunk);
+        if chunks == 1 || threads == 1 {
+            (0..chunks).for_each(work);
+        } else {
+            (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+
+    fn dot_q8<const R: usize>(
+        &self,
+        (ptrs, q): &(Vec<Q8Row>, Q8Rows),
+        r0: usize,
+        row: &[u8],
+    ) -> [f32; R] {
+        let nb = self.cols / QFormat::BLOCK;
+        let Ok(xs) = <&[Q8Row; R]>::try_from(&ptrs[r0..r0 + R]) else {
+            unreachable!("a slice of R rows")
+        };
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `row` is one weight row (nb blocks); every row of `q` has nb blocks padded
+            // to an even count (Q8Rows::quantize of this weight's cols); features were checked.
+            Isa::Avx512 | Isa::Avx2 => unsafe {
+                x86_q8::dot_q8_avx2(self.format, row.as_ptr(), nb, xs)
+            },
+            _ => scalar::dot_rows_q8(self.format, row, q, std::array::from_fn(|i| r0 + i)),
         }
     }
 
@@ -341,6 +474,26 @@ impl QWeight {
             }
         })
     }
+}
+
+/// One group of packed weight rows times `R` activation rows (`xs.len() == R`).
+///
+/// # Safety
+/// As [`x86_q8::group_q8_vnni`]: `tiles` holds `nb` tiles, `xs` rows of `nb` (padded) blocks,
+/// `outs(r)` has room for `lanes` floats, and the CPU has AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+unsafe fn group<const R: usize>(
+    format: QFormat,
+    tiles: *const u8,
+    nb: usize,
+    xs: &[Q8Row],
+    outs: impl Fn(usize) -> *mut f32,
+    lanes: usize,
+) {
+    let Ok(xs) = <&[Q8Row; R]>::try_from(xs) else {
+        unreachable!("a slice of R rows")
+    };
+    x86_q8::group_q8_vnni(format, tiles, nb, xs, std::array::from_fn(outs), lanes)
 }
 
 /// `x.apply_op1_no_bwd(&weight)`: `[.., cols]` float32 -> `[.., rows]`.

@@ -82,3 +82,52 @@ pub(super) fn dot_rows<const R: usize>(
     }
     acc
 }
+
+/// Dot products of one weight row with `R` rows of 8-bit activations: per block the exact integer
+/// dot products with both planes, scaled by `d_w * d_x` and `d_w * d2_x`, plus the offset
+/// `m * s_x`.
+/// The reference the integer SIMD kernels are tested against.
+pub(super) fn dot_rows_q8<const R: usize>(
+    format: QFormat,
+    row: &[u8],
+    xs: &super::q8::Q8Rows,
+    rows: [usize; R],
+) -> [f32; R] {
+    let mut acc = [0f32; R];
+    let bytes = format.block_bytes();
+    for (b, block) in row.chunks_exact(bytes).enumerate() {
+        for (r, &xr) in rows.iter().enumerate() {
+            let x = xs.block(xr, b);
+            let (dot, d, m) = int_dot(format, block, x.q);
+            let (dot2, _, _) = int_dot(format, block, x.q2);
+            acc[r] += (d * x.d) * dot as f32 + (d * x.d2) * dot2 as f32 + m * x.s;
+        }
+    }
+    acc
+}
+
+/// `(sum(q_w * q_x), d, m)` of one weight block and 32 activation quants (Q8_0: `m = 0`).
+pub(super) fn int_dot(format: QFormat, block: &[u8], q: &[i8]) -> (i32, f32, f32) {
+    match format {
+        QFormat::Q8_0 => {
+            let dot = block[2..34]
+                .iter()
+                .zip(q)
+                .map(|(&w, &x)| i32::from(w as i8) * i32::from(x))
+                .sum();
+            (dot, f16(block, 0), 0.0)
+        }
+        QFormat::Q4_0 | QFormat::Q4_1 => {
+            let (d, m) = scale_min(format, block);
+            let qs = &block[format.quants_at()..format.block_bytes()];
+            let dot = qs
+                .iter()
+                .enumerate()
+                .map(|(j, &w)| {
+                    i32::from(w & 0x0F) * i32::from(q[j]) + i32::from(w >> 4) * i32::from(q[j + 16])
+                })
+                .sum();
+            (dot, d, m)
+        }
+    }
+}

@@ -125,3 +125,121 @@ fn custom_op_keeps_leading_dims_and_refuses_other_dtypes() {
     let narrow = x.narrow(2, 0, 32).unwrap();
     assert!(narrow.apply_op1_no_bwd(&qw).is_err());
 }
+
+/// The integer kernels against the scalar reference of the same arithmetic (exact integer block
+/// dot products, then float scaling) and against the float32 product of the dequantized weights.
+///
+/// Against the reference the integer parts are exact; only the float32 scaling and summation
+/// order differ (lanes of four products are converted and scaled separately), bounded by
+/// `(nb + 32) * eps` times the sum of the magnitudes of the scaled terms. Against float32 the
+/// error is that of the second plane's rounding (step `d2_x`): at most `d2_x / 2` per value, so
+/// `sum_b d2_x,b / 2 * sum_i |w_i|` per output, plus the float32 slack of both sides.
+fn check_int8(dtype: GgmlDType, m: usize, rows: usize, cols: usize) {
+    let q = quantized(dtype, rows, cols, (m * 17 + rows * 5 + cols) as u64);
+    let w: Vec<f32> = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let x = values(m * cols, 7 + m as u64);
+    let xq = Q8Rows::quantize(&x, m, cols);
+    let plain = QWeight::from_qtensor(&q).unwrap().expect("covered format");
+    let format = plain.format();
+    let nb = cols / 32;
+    for isa in isas() {
+        let qw = plain
+            .clone()
+            .with_isa(isa)
+            .unwrap()
+            .with_int8_activations(true);
+        let mut got = vec![f32::NAN; m * rows];
+        qw.matmul(&x, m, &mut got);
+        let mut row_f32 = vec![0f32; cols];
+        for r in 0..m {
+            for j in 0..rows {
+                qw.dequantize_row(j, &mut row_f32);
+                assert!(row_f32 == w[j * cols..(j + 1) * cols], "{isa:?}: row {j}");
+                let row = plain.row(j);
+                let want = scalar::dot_rows_q8(format, row, &xq, [r])[0];
+                let (mut scaled, mut step_err) = (0f32, 0f32);
+                for b in 0..nb {
+                    let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
+                    let xb = xq.block(r, b);
+                    let (_, d, mw) = scalar::int_dot(format, block, xb.q);
+                    for (plane, dx) in [(xb.q, xb.d), (xb.q2, xb.d2)] {
+                        let abs_qx: Vec<i8> = plane.iter().map(|v| v.saturating_abs()).collect();
+                        let abs_dot = abs_int_dot(format, block, &abs_qx);
+                        // Packed Q8_0 weights are stored + 128 (m = -128 d): terms of that size.
+                        let offset = if format == QFormat::Q8_0 {
+                            let sum_abs: i32 = abs_qx.iter().map(|&v| i32::from(v)).sum();
+                            (d * dx).abs() * 128.0 * sum_abs as f32
+                        } else {
+                            0.0
+                        };
+                        scaled += (d * dx).abs() * abs_dot as f32 + 2.0 * offset;
+                    }
+                    scaled += (mw * xb.s).abs();
+                    let dx = xb.d2;
+                    let wsum: f32 = w[j * cols + b * 32..j * cols + b * 32 + 32]
+                        .iter()
+                        .map(|v| v.abs())
+                        .sum();
+                    step_err += dx / 2.0 * wsum;
+                }
+                let tol = (nb + 32) as f32 * f32::EPSILON * scaled;
+                let g = got[r * rows + j];
+                // Without VNNI, long products run float32 GEMM panels (checked against float32).
+                assert!(
+                    !(qw.packed || m <= GEMV_MAX_ROWS) || (g - want).abs() <= tol,
+                    "{dtype:?} {isa:?} m={m} out[{r},{j}]: {g} vs int8 reference {want} (tol {tol})"
+                );
+                let exact: f64 = (0..cols)
+                    .map(|i| f64::from(x[r * cols + i]) * f64::from(w[j * cols + i]))
+                    .sum();
+                let bound = f64::from(step_err) * 1.0001 + f64::from(tol) * 2.0 + 1e-6;
+                assert!(
+                    (f64::from(g) - exact).abs() <= bound,
+                    "{dtype:?} {isa:?} m={m} out[{r},{j}]: {g} vs float32 {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+/// `sum |q_w| * |q_x|` of a block (the 4-bit quants are unsigned, so `|q_w| = q_w`).
+fn abs_int_dot(format: QFormat, block: &[u8], abs_qx: &[i8]) -> i32 {
+    if format == QFormat::Q8_0 {
+        return block[2..34]
+            .iter()
+            .zip(abs_qx)
+            .map(|(&w, &x)| i32::from((w as i8).unsigned_abs()) * i32::from(x))
+            .sum();
+    }
+    scalar::int_dot(format, block, abs_qx).0
+}
+
+#[test]
+fn int8_kernels_match_their_reference_and_float32_within_the_rounding_step() {
+    for dtype in FORMATS {
+        // Odd and even block counts (the AVX-512 kernel pairs blocks), every pass width (16, 8,
+        // 4, 2, 1) and remainders of them.
+        for (m, rows, cols) in [(1, 37, 160), (1, 300, 576), (3, 29, 128), (7, 13, 96)] {
+            check_int8(dtype, m, rows, cols);
+        }
+        for m in [2, 5, 15, GEMV_MAX_ROWS] {
+            check_int8(dtype, m, 21, 224);
+        }
+    }
+}
+
+#[test]
+fn int8_prefill_lengths_and_partial_row_groups_match_their_reference() {
+    for dtype in FORMATS {
+        // More rows than one pass takes, weight rows that leave a partial group of 16.
+        for (m, rows) in [(GEMV_MAX_ROWS + 1, 45), (40, 16), (11, 3)] {
+            check_int8(dtype, m, rows, 96);
+        }
+    }
+}

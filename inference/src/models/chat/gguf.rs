@@ -23,8 +23,8 @@ use crate::models::{LoadedChat, ModelError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
     /// Weights kept in their blocks (memory of the file). Q4_0, Q4_1 and Q8_0 run on our CPU
-    /// kernels with float32 activations; other types on candle's ggml-style kernels, which
-    /// quantize activations to 8 bits.
+    /// integer kernels (activations quantized to two int8 planes per matmul, see
+    /// `glm_kernels::quant`); other types on candle's ggml-style kernels.
     Quantized,
     /// Weights dequantized to the compute dtype at load: the reference path, 4-8x the memory.
     Dequantized,
@@ -93,6 +93,7 @@ pub fn load(path: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelE
         device: device.clone(),
         dtype,
         blocks: mode != GgufMode::Dequantized && device.is_cpu(),
+        int8: mode == GgufMode::Quantized,
         fallback: fallback_mode(mode, &content, dtype),
     };
     if meta.has_tensor("rope_freqs.weight") {
@@ -322,6 +323,8 @@ struct GgufWeights<'a> {
     dtype: DType,
     /// Run covered block types on our kernels.
     blocks: bool,
+    /// Our kernels quantize activations to 8 bits (`Quantized` mode; `Auto` keeps float32).
+    int8: bool,
     /// `Quantized` or `Dequantized`: how the other tensors run.
     fallback: GgufMode,
 }
@@ -378,7 +381,7 @@ impl GgufWeights<'_> {
         let t = self.qtensor(name, Some(shape))?;
         if self.blocks {
             if let Some(w) = QWeight::from_qtensor(&t)? {
-                return Ok(Held::Blocks(w));
+                return Ok(Held::Blocks(w.with_int8_activations(self.int8)));
             }
         }
         let quantizable = !is_float(t.dtype()) && shape[1].is_multiple_of(t.dtype().block_size());
