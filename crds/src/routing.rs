@@ -49,23 +49,13 @@ mod tests {
     use kube::CustomResourceExt;
     use serde_json::Value;
 
+    use crate::tests::rules;
     use crate::GLMModel;
 
     fn schema() -> Value {
         serde_json::to_value(GLMModel::crd()).unwrap_or_else(|e| panic!("{e}"))["spec"]["versions"]
             [0]["schema"]["openAPIV3Schema"]
             .clone()
-    }
-
-    fn rules(v: &Value) -> Vec<String> {
-        v["x-kubernetes-validations"]
-            .as_array()
-            .map(|rs| {
-                rs.iter()
-                    .filter_map(|r| r["rule"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! Profile that motivated it (perf, SmolLM2-135M Q4_1): candle's scalar `BlockQ4_1::vec_dot_unopt`
 //! was 72% of decode samples in quantized mode, and dequantized float32 weights (auto mode) made
 //! every decode step read ~540 MB instead of ~85 MB.
+mod format;
 mod packed;
 mod q8;
 mod scalar;
@@ -33,53 +34,13 @@ pub use q8::Q8Rows;
 
 use std::cell::RefCell;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
 pub use super::Isa;
 use super::SyncPtr;
-
-/// Block formats the kernels cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QFormat {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-impl QFormat {
-    pub const BLOCK: usize = 32;
-
-    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
-        match dtype {
-            GgmlDType::Q4_0 => Some(QFormat::Q4_0),
-            GgmlDType::Q4_1 => Some(QFormat::Q4_1),
-            GgmlDType::Q8_0 => Some(QFormat::Q8_0),
-            _ => None,
-        }
-    }
-
-    /// Bytes of one block as GGUF stores it (f16 scale, [f16 min], quants).
-    pub const fn block_bytes(self) -> usize {
-        match self {
-            QFormat::Q4_0 => 18,
-            QFormat::Q4_1 => 20,
-            QFormat::Q8_0 => 34,
-        }
-    }
-
-    const fn quants_at(self) -> usize {
-        match self {
-            QFormat::Q4_1 => 4,
-            _ => 2,
-        }
-    }
-
-    fn has_sums(self) -> bool {
-        self != QFormat::Q8_0
-    }
-}
+pub use format::QFormat;
 
 /// Activation rows above which the product runs as dequantized panels times gemm. Below it the
 /// fused kernels win: they read each weight block once per four rows without writing floats.
