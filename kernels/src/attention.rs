@@ -123,6 +123,15 @@ struct Tile<'a> {
     scale: f32,
 }
 
+impl Tile<'_> {
+    /// Offset of position `j`'s key (`width` = key_dim) or value (value_dim) row for this tile's
+    /// key/value head.
+    #[inline(always)]
+    fn kv_at(&self, j: usize, width: usize) -> usize {
+        (self.span.row(j, self.d.block_size) * self.d.kv_heads + self.it.g) * width
+    }
+}
+
 /// Sizes shared by both ways of computing a tile.
 struct Geom {
     groups: usize,
@@ -210,7 +219,7 @@ fn tile_dots_body<D: Dot>(t: &Tile) -> Vec<f32> {
     };
     let mut scores = vec![0f32; rows * kv_len];
     for j in 0..kv_len {
-        let at = (span.row(j, d.block_size) * d.kv_heads + it.g) * dk;
+        let at = t.kv_at(j, dk);
         let key = &k[at..at + dk];
         // Query i sees position j when first + i >= j.
         for r in j.saturating_sub(first) * groups..rows {
@@ -223,7 +232,7 @@ fn tile_dots_body<D: Dot>(t: &Tile) -> Vec<f32> {
     }
     let mut out = vec![0f32; rows * dv];
     for j in 0..kv_len {
-        let at = (span.row(j, d.block_size) * d.kv_heads + it.g) * dv;
+        let at = t.kv_at(j, dv);
         let value = &v[at..at + dv];
         for r in j.saturating_sub(first) * groups..rows {
             axpy(
@@ -245,49 +254,34 @@ const GEMM_MIN_ROWS: usize = 16;
 /// share of the products), positions a query may not see get probability 0.
 fn tile_gemm(t: &Tile) -> Vec<f32> {
     use crate::sgemm::{matmul, PackedB};
-    let Geom {
-        groups,
-        dk,
-        dv,
-        rows,
-        first,
-        kv_len,
-    } = Geom::new(t.span, t.it, t.d);
-    let Tile {
-        q,
-        k,
-        v,
-        span,
-        it,
-        d,
-        scale,
-    } = *t;
-    let mut queries = Vec::with_capacity(rows * dk);
+    let g = Geom::new(t.span, t.it, t.d);
+    let (it, d) = (t.it, t.d);
+    let mut queries = Vec::with_capacity(g.rows * g.dk);
     for i in 0..it.n {
-        let at = ((span.offset + it.i0 + i) * d.heads + it.g * groups) * dk;
-        queries.extend_from_slice(&q[at..at + groups * dk]);
+        let at = ((t.span.offset + it.i0 + i) * d.heads + it.g * g.groups) * g.dk;
+        queries.extend_from_slice(&t.q[at..at + g.groups * g.dk]);
     }
     let gather = |src: &[f32], width: usize| {
-        let mut out = Vec::with_capacity(kv_len * width);
-        for j in 0..kv_len {
-            let at = (span.row(j, d.block_size) * d.kv_heads + it.g) * width;
+        let mut out = Vec::with_capacity(g.kv_len * width);
+        for j in 0..g.kv_len {
+            let at = t.kv_at(j, width);
             out.extend_from_slice(&src[at..at + width]);
         }
         out
     };
-    let keys = PackedB::from_weight(&gather(k, dk), kv_len, dk, dk, None);
-    let mut scores = vec![0f32; rows * kv_len];
-    matmul(&queries, dk, rows, &keys, &mut scores, kv_len);
-    for (r, row) in scores.chunks_exact_mut(kv_len).enumerate() {
-        let seen = first + r / groups + 1;
-        row[..seen].iter_mut().for_each(|s| *s *= scale);
+    let keys = PackedB::from_weight(&gather(t.k, g.dk), g.kv_len, g.dk, g.dk, None);
+    let mut scores = vec![0f32; g.rows * g.kv_len];
+    matmul(&queries, g.dk, g.rows, &keys, &mut scores, g.kv_len);
+    for (r, row) in scores.chunks_exact_mut(g.kv_len).enumerate() {
+        let seen = g.first + r / g.groups + 1;
+        row[..seen].iter_mut().for_each(|s| *s *= t.scale);
         softmax_in_place(&mut row[..seen]);
         row[seen..].fill(0.0);
     }
     let mut values = PackedB::default();
-    values.pack_rows(&gather(v, dv), kv_len, dv, dv);
-    let mut out = vec![0f32; rows * dv];
-    matmul(&scores, kv_len, rows, &values, &mut out, dv);
+    values.pack_rows(&gather(t.v, g.dv), g.kv_len, g.dv, g.dv);
+    let mut out = vec![0f32; g.rows * g.dv];
+    matmul(&scores, g.kv_len, g.rows, &values, &mut out, g.dv);
     out
 }
 
