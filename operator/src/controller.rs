@@ -419,7 +419,7 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Where the controller watches.
+/// Where the controller, the autoscaler and the gateway watch.
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
     /// One namespace, or all when `None`.
@@ -427,7 +427,15 @@ pub struct Scope {
 }
 
 impl Scope {
-    fn api<K>(&self, client: &Client) -> Api<K>
+    /// From a `--*-namespace` flag: unset or empty (what the chart passes) means all namespaces.
+    pub fn new(namespace: Option<String>) -> Self {
+        Self {
+            namespace: namespace.filter(|ns| !ns.is_empty()),
+        }
+    }
+
+    /// An API over the scope's namespace, or all of them.
+    pub fn api<K>(&self, client: &Client) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
         K::DynamicType: Default,
