@@ -56,7 +56,9 @@ fn decode(model: &dyn CausalLM, n: usize, steps: usize) -> anyhow::Result<f64> {
             .zip(toks)
             .map(|(cache, t)| SeqStep { tokens: t, cache })
             .collect();
-        let logits = model.forward(&mut batch)?.to_vec2::<f32>()?;
+        // As the engine runs it: the whole pass on a pool worker.
+        let logits = glm_inference::kernels::on_pool(|| model.forward(&mut batch))?;
+        let logits = logits.to_vec2::<f32>()?;
         Ok(logits.iter().map(|r| argmax(r)).collect())
     };
     let firsts = run(&mut caches, &vec![prompt; n])?;
@@ -75,10 +77,12 @@ fn prefill(model: &dyn CausalLM, tokens: usize) -> anyhow::Result<f64> {
         .collect();
     let mut cache = reserve(model, tokens)?;
     let start = Instant::now();
-    model.forward(&mut [SeqStep {
-        tokens: &prompt,
-        cache: &mut cache,
-    }])?;
+    glm_inference::kernels::on_pool(|| {
+        model.forward(&mut [SeqStep {
+            tokens: &prompt,
+            cache: &mut cache,
+        }])
+    })?;
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 

@@ -294,7 +294,9 @@ impl Worker {
                 colbert: acc.colbert || e.outputs.colbert,
             });
         let inputs: Vec<&[u32]> = batch.iter().map(|e| e.ids.as_slice()).collect();
-        let result = catch_unwind(AssertUnwindSafe(|| self.embedder.embed(&inputs, outputs)));
+        let embedder = &self.embedder;
+        let pass = || crate::kernels::on_pool(|| embedder.embed(&inputs, outputs));
+        let result = catch_unwind(AssertUnwindSafe(pass));
         self.metrics
             .inference_duration
             .observe(started.elapsed().as_secs_f64());

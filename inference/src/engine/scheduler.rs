@@ -226,13 +226,13 @@ impl Scheduler {
             .collect();
         let expected = steps.len();
         let model = &self.model;
-        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut steps)))
-            .map_err(|panic| {
-                ModelError::Unsupported(format!(
-                    "forward pass panicked: {}",
-                    crate::error::panic_message(panic.as_ref())
-                ))
-            })??;
+        let pass = || crate::kernels::on_pool(|| model.forward(&mut steps));
+        let logits = std::panic::catch_unwind(AssertUnwindSafe(pass)).map_err(|panic| {
+            ModelError::Unsupported(format!(
+                "forward pass panicked: {}",
+                crate::error::panic_message(panic.as_ref())
+            ))
+        })??;
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
         if rows.len() != expected {
             return Err(ModelError::Unsupported(format!(

@@ -12,6 +12,37 @@ use std::ptr::read_unaligned;
 
 use super::QFormat;
 
+/// Bytes ahead of the block being read that the kernels prefetch. Decode streams every weight
+/// once per token: in `benches/gemv.rs`, walking 30 layers' distinct matrices (weights from
+/// memory, not cache) took ~15% less time with this than with the hardware prefetcher alone,
+/// which restarts at every row chunk of every matrix.
+pub(super) const PREFETCH_AHEAD: usize = 1024;
+
+/// Calls `even(block, b)` and `odd(block, b)` for blocks `0..nb` of `row` in turn, so that
+/// kernels keep one accumulator set per closure and consecutive blocks do not wait on one FMA
+/// chain, prefetching [`PREFETCH_AHEAD`] bytes ahead (a hint: an address past the weights is
+/// never read, hence `wrapping_add`).
+#[inline(always)]
+unsafe fn pairs(
+    row: *const u8,
+    nb: usize,
+    bytes: usize,
+    mut even: impl FnMut(*const u8, usize),
+    mut odd: impl FnMut(*const u8, usize),
+) {
+    let mut b = 0;
+    while b + 1 < nb {
+        let blk = row.add(b * bytes);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        even(blk, b);
+        odd(blk.add(bytes), b + 1);
+        b += 2;
+    }
+    if b < nb {
+        even(row.add(b * bytes), b);
+    }
+}
+
 /// `(d, m)` of the 4-bit block at `blk` as a broadcast `d` and a scalar `m`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -102,37 +133,24 @@ pub(super) unsafe fn dot_rows_avx512<const R: usize>(
     let mut acc1 = [_mm512_setzero_ps(); R];
     let mut macc = [0f32; R];
     let has_min = format == QFormat::Q4_1;
-    let mut b = 0;
-    while b + 1 < nb {
-        let blk = row.add(b * bytes);
+    let step = |blk, b, acc: &mut [__m512; R], macc: &mut [f32; R]| {
         if format == QFormat::Q8_0 {
-            step8_512(blk, b, &xs, &mut acc0);
-            step8_512(blk.add(bytes), b + 1, &xs, &mut acc1);
+            step8_512(blk, b, &xs, acc);
         } else {
-            step4_512(blk, has_min, b, &xs, &sums, &mut acc0, &mut macc);
-            step4_512(
-                blk.add(bytes),
-                has_min,
-                b + 1,
-                &xs,
-                &sums,
-                &mut acc1,
-                &mut macc,
-            );
+            step4_512(blk, has_min, b, &xs, &sums, acc, macc);
         }
-        b += 2;
-    }
-    if b < nb {
-        let blk = row.add(b * bytes);
-        if format == QFormat::Q8_0 {
-            step8_512(blk, b, &xs, &mut acc0);
-        } else {
-            step4_512(blk, has_min, b, &xs, &sums, &mut acc0, &mut macc);
-        }
-    }
+    };
+    let mut macc1 = [0f32; R];
+    pairs(
+        row,
+        nb,
+        bytes,
+        |blk, b| step(blk, b, &mut acc0, &mut macc),
+        |blk, b| step(blk, b, &mut acc1, &mut macc1),
+    );
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + macc[r];
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (macc[r] + macc1[r]);
     }
     out
 }
@@ -258,35 +276,17 @@ pub(super) unsafe fn dot_rows_avx2<const R: usize>(
     let mut acc0 = [_mm256_setzero_ps(); R];
     let mut acc1 = [_mm256_setzero_ps(); R];
     let mut macc = [0f32; R];
-    let mut b = 0;
-    while b + 1 < nb {
-        let blk = row.add(b * bytes);
-        step_256(format, blk, b, &xs, &sums, &mut acc0, &mut macc);
-        step_256(
-            format,
-            blk.add(bytes),
-            b + 1,
-            &xs,
-            &sums,
-            &mut acc1,
-            &mut macc,
-        );
-        b += 2;
-    }
-    if b < nb {
-        step_256(
-            format,
-            row.add(b * bytes),
-            b,
-            &xs,
-            &sums,
-            &mut acc0,
-            &mut macc,
-        );
-    }
+    let mut macc1 = [0f32; R];
+    pairs(
+        row,
+        nb,
+        bytes,
+        |blk, b| step_256(format, blk, b, &xs, &sums, &mut acc0, &mut macc),
+        |blk, b| step_256(format, blk, b, &xs, &sums, &mut acc1, &mut macc1),
+    );
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + macc[r];
+        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + (macc[r] + macc1[r]);
     }
     out
 }

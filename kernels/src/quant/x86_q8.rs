@@ -16,6 +16,7 @@ use std::ptr::read_unaligned;
 
 use super::packed::{self, GROUP};
 use super::q8::Q8Row;
+use super::x86::PREFETCH_AHEAD;
 use super::QFormat;
 
 #[inline]
@@ -45,6 +46,11 @@ pub(super) unsafe fn group_q8_vnni<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let t = tiles.add(b * tile);
+        // A tile is 16 rows' blocks (288-544 bytes): one prefetch per cache line of the tile
+        // PREFETCH_AHEAD bytes on.
+        for line in (0..tile).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH_AHEAD + line) as *const i8);
+        }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const __m256i));
         let m = match format {
             QFormat::Q4_1 => {
@@ -165,7 +171,9 @@ pub(super) unsafe fn dot_q8_avx2<const R: usize>(
     let bytes = format.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
-        step_avx2(format, row.add(b * bytes), b, xs, &mut acc);
+        let blk = row.add(b * bytes);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        step_avx2(format, blk, b, xs, &mut acc);
     }
     let mut out = [0f32; R];
     for r in 0..R {
