@@ -14,10 +14,11 @@ use tracing::{error, info};
 
 use crate::autoscaler::{Autoscaler, AutoscalerArgs};
 use crate::builders::{self, BuildConfig};
-use crate::controller::{self, Context, Scope};
+use crate::controller::{self, Context};
 use crate::gateway::{self, GatewayConfig};
 use crate::leader::{self, LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 use crate::{render, server};
 
 #[derive(Parser, Debug)]

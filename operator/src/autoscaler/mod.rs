@@ -21,8 +21,8 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::controller::Scope;
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 
 pub mod decide;
 pub mod discovery;

@@ -18,7 +18,7 @@ use kube::Api;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
-use crate::controller::Scope;
+use crate::scope::Scope;
 
 pub mod auth;
 pub mod balancer;
