@@ -6,14 +6,8 @@
 # Needs scripts/install-tools.sh first.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HELM="${HELM:-$ROOT/.tools/bin/helm}"
-CHECKOV="${CHECKOV:-$ROOT/.tools/checkov/bin/checkov}"
-CHART="$ROOT/charts/glm-operator"
-[[ -x "$HELM" && -x "$CHECKOV" ]] || { echo "tools missing: run scripts/install-tools.sh" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib/chart.sh"
+require_tools "$HELM" "$CHECKOV"
 mkdir -p "$work/default" "$work/all-on"
 "$HELM" template glm-operator "$CHART" --namespace glm-system >"$work/default/chart.yaml"
 "$HELM" template glm-operator "$CHART" --namespace glm-system \

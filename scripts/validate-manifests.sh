@@ -10,17 +10,10 @@
 # Needs scripts/install-tools.sh first; set GLM_OPERATOR_BIN to skip `cargo run`.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HELM="${HELM:-$ROOT/.tools/bin/helm}"
-PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/chart.sh"
 K8S_VERSION="${K8S_VERSION:-1.33.0}"
-CRD="$ROOT/crds/glmmodel.yaml"
 VALIDATOR="$ROOT/tests/manifests/validate_manifests.py"
-
-[[ -x "$HELM" && -x "$PYTHON" ]] || { echo "tools missing: run scripts/install-tools.sh" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+require_tools "$HELM" "$PYTHON"
 failures=0
 summary=()
 
@@ -44,15 +37,15 @@ manifests=("$ROOT"/manifests/*.yaml)
 validate "manifests/ (default values) + CRD" "${manifests[@]}" "$CRD"
 
 # 2. Chart with every optional branch switched on.
-"$HELM" lint --strict "$ROOT/charts/glm-operator" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; failures=$((failures + 1)); summary+=("FAIL helm lint --strict"); }
-"$HELM" template glm "$ROOT/charts/glm-operator" --namespace glm-system \
+"$HELM" lint --strict "$CHART" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; failures=$((failures + 1)); summary+=("FAIL helm lint --strict"); }
+"$HELM" template glm "$CHART" --namespace glm-system \
   --set watchNamespace=ml-models --set serviceMonitor.enabled=true --set controller.replicaCount=2 \
   --set networkPolicy.enabled=true --set 'networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ml' \
   --set 'serviceMonitor.labels.release=prometheus' --set 'imagePullSecrets[0].name=regcred' \
   --set 'controller.extraEnv[0].name=HTTPS_PROXY' --set 'controller.extraEnv[0].value=http://proxy:3128' \
   >"$work/chart-non-default.yaml"
 validate "chart, non-default values (namespaced RBAC, ServiceMonitor, NetworkPolicies)" "$work/chart-non-default.yaml"
-"$HELM" template glm "$ROOT/charts/glm-operator" --namespace glm-system \
+"$HELM" template glm "$CHART" --namespace glm-system \
   --set controller.leaderElection.enabled=false --set serviceAccount.create=false --set serviceAccount.name=existing \
   --set gateway.serviceAccount.create=false --set gateway.serviceAccount.name=existing-gateway \
   --set podDisruptionBudget.enabled=false \

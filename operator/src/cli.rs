@@ -14,10 +14,11 @@ use tracing::{error, info};
 
 use crate::autoscaler::{Autoscaler, AutoscalerArgs};
 use crate::builders::{self, BuildConfig};
-use crate::controller::{self, Context, Scope};
+use crate::controller::{self, Context};
 use crate::gateway::{self, GatewayConfig};
 use crate::leader::{self, LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 use crate::{render, server};
 
 #[derive(Parser, Debug)]
@@ -49,46 +50,6 @@ pub enum Command {
     Render(RenderArgs),
 }
 
-/// Settings the child-object builders use.
-#[derive(Args, Debug, Clone)]
-pub struct BuildArgs {
-    /// Inference image (a CPU build) of models that set no `spec.image` and no GPUs.
-    #[arg(long, env = "GLM_DEFAULT_IMAGE", default_value = builders::DEFAULT_IMAGE)]
-    pub default_image: String,
-    /// Inference image (a CUDA build) of models that set no `spec.image` and `gpus > 0`.
-    #[arg(long, env = "GLM_DEFAULT_CUDA_IMAGE", default_value = builders::DEFAULT_CUDA_IMAGE)]
-    pub default_cuda_image: String,
-    /// Image of the init container downloading hf:// weights (any image with python3 + pip).
-    #[arg(
-        long,
-        env = "GLM_DOWNLOADER_IMAGE",
-        default_value = "docker.io/library/python:3.12-slim"
-    )]
-    pub downloader_image: String,
-    /// Port glm-inference listens on (API_PORT) and the per-model Service port.
-    #[arg(long, env = "GLM_API_PORT", default_value_t = 8200)]
-    pub api_port: u16,
-    /// Cluster DNS domain used in status.endpoint.
-    #[arg(long, env = "GLM_CLUSTER_DOMAIN", default_value = "cluster.local")]
-    pub cluster_domain: String,
-    /// UID and GID the inference pods run as.
-    #[arg(long, env = "GLM_RUN_AS_USER", default_value_t = 65532)]
-    pub run_as_user: i64,
-}
-
-impl From<BuildArgs> for BuildConfig {
-    fn from(a: BuildArgs) -> Self {
-        BuildConfig {
-            default_image: a.default_image,
-            default_cuda_image: a.default_cuda_image,
-            downloader_image: a.downloader_image,
-            api_port: a.api_port,
-            cluster_domain: a.cluster_domain,
-            run_as_user: a.run_as_user,
-        }
-    }
-}
-
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ServiceMonitorMode {
     /// Apply ServiceMonitors when the monitoring.coreos.com/v1 API is served.
@@ -100,7 +61,7 @@ pub enum ServiceMonitorMode {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub build: BuildArgs,
+    pub build: BuildConfig,
 
     /// Watch only this namespace (all namespaces when unset).
     #[arg(long, env = "GLM_WATCH_NAMESPACE")]
@@ -168,7 +129,7 @@ pub struct RenderArgs {
     #[arg(long)]
     pub service_monitor: bool,
     #[command(flatten)]
-    pub build: BuildArgs,
+    pub build: BuildConfig,
 }
 
 pub fn init_tracing(json: bool) {
@@ -200,7 +161,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 namespace: args.namespace,
                 service_monitor: args.service_monitor,
             };
-            print!("{}", render::render(&input, &args.build.into(), &opts)?);
+            print!("{}", render::render(&input, &args.build, &opts)?);
             Ok(())
         }
         Command::Controller(args) => {
@@ -277,14 +238,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let reporter = Reporter {
-        controller: "glm-operator".into(),
+        controller: builders::MANAGER.into(),
         instance: Some(identity.clone()),
     };
     let mut ctx = Context::new(
         client.clone(),
         reporter.clone(),
         metrics.clone(),
-        args.build.clone().into(),
+        args.build.clone(),
     );
     ctx.service_monitors = match args.service_monitor {
         ServiceMonitorMode::Always => true,
@@ -292,10 +253,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ServiceMonitorMode::Auto => controller::service_monitors_available(&client).await,
     };
     let ctx = Arc::new(ctx);
-    let scope = Scope {
-        // The chart passes an empty string for "all namespaces".
-        namespace: args.watch_namespace.clone().filter(|ns| !ns.is_empty()),
-    };
+    let scope = Scope::new(args.watch_namespace.clone());
     let own_namespace = args
         .lease_namespace
         .clone()

@@ -26,6 +26,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::builders::{self, BuildConfig, BuildError, MANAGER, MODEL_LABEL};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 use crate::status::{self, Notice, Problem};
 
 /// Requeue of a settled model: a safety net, watches deliver the real changes.
@@ -417,26 +418,6 @@ fn truncate(mut s: String, max: usize) -> String {
         s.truncate(cut);
     }
     s
-}
-
-/// Where the controller watches.
-#[derive(Clone, Debug, Default)]
-pub struct Scope {
-    /// One namespace, or all when `None`.
-    pub namespace: Option<String>,
-}
-
-impl Scope {
-    fn api<K>(&self, client: &Client) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        match &self.namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
 }
 
 /// Whether the Prometheus Operator's ServiceMonitor kind is served by this cluster.

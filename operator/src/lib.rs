@@ -10,5 +10,6 @@ pub mod gateway;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+pub mod scope;
 pub mod server;
 pub mod status;

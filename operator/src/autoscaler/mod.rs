@@ -21,8 +21,8 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::controller::Scope;
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 
 pub mod decide;
 pub mod discovery;
@@ -178,10 +178,7 @@ impl Autoscaler {
             shutdown.await;
             return Ok(());
         }
-        let api: Api<GLMModel> = match &scope.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
-        };
+        let api: Api<GLMModel> = scope.api(&self.client);
         let (store, writer) = reflector::store();
         let feed = reflector(writer, watcher(api, watcher::Config::default()))
             .default_backoff()

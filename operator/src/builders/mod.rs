@@ -31,33 +31,37 @@ pub const SPEC_HASH_ANNOTATION: &str = "kubeglm.io/spec-hash";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "kubeglm.io/template-hash";
 pub const MODEL_LABEL: &str = "kubeglm.io/model";
 
-/// Inference image of CPU models (`--default-image`).
-pub const DEFAULT_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest";
-/// Inference image of GPU models (`--default-cuda-image`): the CUDA build of the same version.
-pub const DEFAULT_CUDA_IMAGE: &str = "ghcr.io/kubeglm/glm-inference:latest-cuda";
-
-/// Operator-wide settings the builders need (filled from the CLI, see `cli.rs`).
-#[derive(Clone, Debug)]
+/// Operator-wide settings the builders need: flags of `controller` and `render`, each with an
+/// environment twin.
+#[derive(clap::Args, Clone, Debug)]
 pub struct BuildConfig {
-    /// Image when `spec.image` is unset and the model uses no GPU (a CPU build).
+    /// Inference image (a CPU build) of models that set no `spec.image` and no GPUs.
+    #[arg(long, env = "GLM_DEFAULT_IMAGE", default_value_t = BuildConfig::default().default_image)]
     pub default_image: String,
-    /// Image when `spec.image` is unset and `gpus > 0` (a CUDA build).
+    /// Inference image (a CUDA build) of models that set no `spec.image` and `gpus > 0`.
+    #[arg(long, env = "GLM_DEFAULT_CUDA_IMAGE", default_value_t = BuildConfig::default().default_cuda_image)]
     pub default_cuda_image: String,
-    /// Image of the init container that downloads `hf://` sources (needs `python3`).
+    /// Image of the init container downloading hf:// weights (any image with python3 + pip).
+    #[arg(long, env = "GLM_DOWNLOADER_IMAGE", default_value_t = BuildConfig::default().downloader_image)]
     pub downloader_image: String,
-    /// Port `glm-inference` listens on (`API_PORT`), also the Service port.
+    /// Port glm-inference listens on (API_PORT) and the per-model Service port.
+    #[arg(long, env = "GLM_API_PORT", default_value_t = BuildConfig::default().api_port)]
     pub api_port: u16,
-    /// Cluster DNS domain used in `status.endpoint`.
+    /// Cluster DNS domain used in status.endpoint.
+    #[arg(long, env = "GLM_CLUSTER_DOMAIN", default_value_t = BuildConfig::default().cluster_domain)]
     pub cluster_domain: String,
-    /// UID/GID the pods run as (non-root).
+    /// UID and GID the inference pods run as.
+    #[arg(long, env = "GLM_RUN_AS_USER", default_value_t = BuildConfig::default().run_as_user)]
     pub run_as_user: i64,
 }
 
+/// The one place these defaults are written: the flags above read them.
 impl Default for BuildConfig {
     fn default() -> Self {
         Self {
-            default_image: DEFAULT_IMAGE.into(),
-            default_cuda_image: DEFAULT_CUDA_IMAGE.into(),
+            default_image: "ghcr.io/kubeglm/glm-inference:latest".into(),
+            // The CUDA build of the same version.
+            default_cuda_image: "ghcr.io/kubeglm/glm-inference:latest-cuda".into(),
             downloader_image: "docker.io/library/python:3.12-slim".into(),
             api_port: 8200,
             cluster_domain: "cluster.local".into(),

@@ -18,6 +18,8 @@ use kube::Api;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use crate::scope::Scope;
+
 pub mod auth;
 pub mod balancer;
 pub mod endpoints;
@@ -38,14 +40,14 @@ pub use metrics::GatewayMetrics;
 pub use proxy::{router, GatewayState};
 pub use routing::RoutingTable;
 
-/// Gateway flags; every flag has an environment twin.
+/// Gateway flags; every flag has an environment twin. Their defaults are [`Default`]'s.
 #[derive(clap::Args, Clone, Debug)]
 pub struct GatewayConfig {
     /// Port of the OpenAI-compatible gateway.
     #[arg(
         long = "gateway-port",
         env = "GLM_GATEWAY_PORT",
-        default_value_t = 8080
+        default_value_t = GatewayConfig::default().gateway_port
     )]
     pub gateway_port: u16,
 
@@ -53,7 +55,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-bind-address",
         env = "GLM_GATEWAY_BIND_ADDRESS",
-        default_value = "0.0.0.0"
+        default_value_t = GatewayConfig::default().gateway_bind_address
     )]
     pub gateway_bind_address: IpAddr,
 
@@ -65,7 +67,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-connect-timeout",
         env = "GLM_GATEWAY_CONNECT_TIMEOUT",
-        default_value_t = 5
+        default_value_t = GatewayConfig::default().gateway_connect_timeout_secs
     )]
     pub gateway_connect_timeout_secs: u64,
 
@@ -74,12 +76,12 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-read-timeout",
         env = "GLM_GATEWAY_READ_TIMEOUT",
-        default_value_t = 600
+        default_value_t = GatewayConfig::default().gateway_read_timeout_secs
     )]
     pub gateway_read_timeout_secs: u64,
 
     /// Largest request body accepted, in bytes.
-    #[arg(long = "gateway-max-body-bytes", env = "GLM_GATEWAY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    #[arg(long = "gateway-max-body-bytes", env = "GLM_GATEWAY_MAX_BODY_BYTES", default_value_t = GatewayConfig::default().gateway_max_body_bytes)]
     pub gateway_max_body_bytes: usize,
 
     /// Seconds to keep serving after SIGTERM with /ready failing, while the Service withdraws
@@ -87,7 +89,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-shutdown-delay",
         env = "GLM_GATEWAY_SHUTDOWN_DELAY",
-        default_value_t = 5
+        default_value_t = GatewayConfig::default().gateway_shutdown_delay_secs
     )]
     pub gateway_shutdown_delay_secs: u64,
 
@@ -97,7 +99,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-drain-timeout",
         env = "GLM_GATEWAY_DRAIN_TIMEOUT",
-        default_value_t = 300
+        default_value_t = GatewayConfig::default().gateway_drain_timeout_secs
     )]
     pub gateway_drain_timeout_secs: u64,
 
@@ -115,7 +117,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-max-attempts",
         env = "GLM_GATEWAY_MAX_ATTEMPTS",
-        default_value_t = 3,
+        default_value_t = GatewayConfig::default().gateway_max_attempts,
         value_parser = clap::value_parser!(u16).range(1..=100)
     )]
     pub gateway_max_attempts: u16,
@@ -125,7 +127,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-hold-timeout",
         env = "GLM_GATEWAY_HOLD_TIMEOUT",
-        default_value_t = 300
+        default_value_t = GatewayConfig::default().gateway_hold_timeout_secs
     )]
     pub gateway_hold_timeout_secs: u64,
 
@@ -133,7 +135,7 @@ pub struct GatewayConfig {
     #[arg(
         long = "gateway-max-held",
         env = "GLM_GATEWAY_MAX_HELD",
-        default_value_t = 1024
+        default_value_t = GatewayConfig::default().gateway_max_held
     )]
     pub gateway_max_held: usize,
 
@@ -143,6 +145,7 @@ pub struct GatewayConfig {
     pub gateway_api_keys_secret: Option<String>,
 }
 
+/// The one place the gateway's defaults are written: the flags and [`GatewayState::new`] read them.
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -189,7 +192,8 @@ pub async fn run(
     let mut watchers = Vec::new();
 
     let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(RoutingTable::default()));
-    let models: Api<GLMModel> = scoped(&client, cfg.gateway_namespace.as_deref());
+    let scope = Scope::new(cfg.gateway_namespace.clone());
+    let models: Api<GLMModel> = scope.api(&client);
     watchers.push(tokio::spawn(watch::maintain_table(
         models,
         table_tx,
@@ -197,7 +201,7 @@ pub async fn run(
         readiness.clone(),
     )));
     let (index_tx, index_rx) = tokio::sync::watch::channel(Arc::default());
-    let slices: Api<EndpointSlice> = scoped(&client, cfg.gateway_namespace.as_deref());
+    let slices: Api<EndpointSlice> = scope.api(&client);
     watchers.push(tokio::spawn(endpoints::maintain_index(
         slices,
         index_tx,
@@ -248,7 +252,7 @@ pub async fn run(
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the gateway to {}:{}", address.0, address.1))?;
-    tracing::info!(address = %listener.local_addr()?, namespace = ?cfg.gateway_namespace, "gateway listening");
+    tracing::info!(address = %listener.local_addr()?, namespace = ?scope.namespace, "gateway listening");
     let drain = Drain {
         delay: Duration::from_secs(cfg.gateway_shutdown_delay_secs),
         timeout: Duration::from_secs(cfg.gateway_drain_timeout_secs),
@@ -258,16 +262,4 @@ pub async fn run(
         watcher.abort();
     }
     served.context("gateway server failed")
-}
-
-/// An API over one namespace, or all of them.
-fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
 }

@@ -73,6 +73,7 @@ impl GatewayState {
         readiness: Readiness,
     ) -> Self {
         let (_, endpoints) = watch::channel(Arc::default());
+        let defaults = super::GatewayConfig::default();
         Self {
             table,
             endpoints,
@@ -82,8 +83,12 @@ impl GatewayState {
             readiness,
             connect_to: Arc::default(),
             balancer: Balancer::default(),
-            holder: Holder::new(1024, Duration::from_secs(300), None),
-            max_attempts: 3,
+            holder: Holder::new(
+                defaults.gateway_max_held,
+                Duration::from_secs(defaults.gateway_hold_timeout_secs),
+                None,
+            ),
+            max_attempts: usize::from(defaults.gateway_max_attempts),
             api_keys: ApiKeys::disabled(),
         }
     }

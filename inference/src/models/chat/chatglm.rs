@@ -9,17 +9,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::decoder::{Decoder, DecoderConfig};
 use super::dummy::{chat_assets_or, DummyWeights};
-use super::layers::{Embedding, Linear, RopeScaling};
+use super::layers::Linear;
 use super::snapshot::load_chat_assets_with;
 use super::tiktoken::{self, TokenizerSpec, GLM4_PATTERN};
 use super::weights::{SafetensorsWeights, Weights};
 use super::{ChatLoadOptions, LoadFormat};
 use crate::models::dir::ModelDir;
-use crate::models::{LoadedChat, ModelError};
+use crate::models::{Family, LoadedChat, ModelError};
 
 /// The special tokens of THUDM's `tokenization_chatglm.py`, numbered after the ranks, for folders
 /// whose `tokenizer_config.json` lacks `added_tokens_decoder`.
@@ -48,7 +48,7 @@ const GLM4_PREFIX: [&str; 2] = ["[gMASK]", "<sop>"];
 pub fn load(dir: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelError> {
     let model_dir = ModelDir::new(dir);
     let raw: Value = model_dir.config()?;
-    let cfg = config(&raw).map_err(|m| ModelError::load(model_dir.file("config.json"), m))?;
+    let cfg = config(&raw, &model_dir.file("config.json"))?;
     let dtype = options.dtype();
     let device = options.devices.first().cloned().unwrap_or(Device::Cpu);
     let st = match options.load_format {
@@ -70,9 +70,20 @@ pub fn load(dir: &Path, options: &ChatLoadOptions) -> Result<LoadedChat, ModelEr
     Ok(assets.with_model(Arc::new(model)))
 }
 
-/// `ChatGLMConfig` -> decoder shapes. Variants the GLM-4 release never uses (LayerNorm instead of
-/// RMSNorm, residual after the norm, biased dense layers) are rejected rather than misread.
-pub fn config(cfg: &Value) -> Result<DecoderConfig, String> {
+/// `ChatGLMConfig` -> decoder shapes, read as the transformers `GlmConfig` of the same network
+/// (what transformers' conversion writes) so the dense families share one reader and its defaults.
+pub fn config(cfg: &Value, path: &Path) -> Result<DecoderConfig, ModelError> {
+    let hf = glm_config(cfg).map_err(|m| ModelError::load(path, m))?;
+    Ok(DecoderConfig {
+        family: "chatglm",
+        ..DecoderConfig::from_hf(&hf, Family::Glm, path)?
+    })
+}
+
+/// THUDM's keys renamed to `GlmConfig`'s, with THUDM's defaults. Variants the GLM-4 release never
+/// uses (LayerNorm instead of RMSNorm, residual after the norm, biased dense layers) are rejected
+/// rather than misread.
+fn glm_config(cfg: &Value) -> Result<Value, String> {
     let num = |key: &str| {
         cfg.get(key)
             .and_then(Value::as_u64)
@@ -100,39 +111,32 @@ pub fn config(cfg: &Value) -> Result<DecoderConfig, String> {
     }
     let hidden_size = req("hidden_size")?;
     let num_heads = req("num_attention_heads")?;
-    let head_dim = num("kv_channels").unwrap_or(hidden_size / num_heads.max(1));
     let num_kv_heads = if flag("multi_query_attention", false) {
         req("multi_query_group_num")?
     } else {
         num_heads
     };
-    // modeling_chatglm.py: RotaryEmbedding(kv_channels // 2) over the first half of each head,
-    // base 10000 * rope_ratio, on interleaved pairs.
+    // modeling_chatglm.py: RotaryEmbedding(kv_channels // 2) over the first half of each head
+    // (partial_rotary_factor 0.5), base 10000 * rope_ratio, on interleaved pairs (as GlmConfig).
     let rope_ratio = cfg.get("rope_ratio").and_then(Value::as_f64).unwrap_or(1.0);
-    let config = DecoderConfig {
-        family: "chatglm",
-        vocab_size: req("padded_vocab_size")?,
-        hidden_size,
-        intermediate_size: req("ffn_hidden_size")?,
-        num_layers: req("num_layers")?,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_norm_eps: cfg
-            .get("layernorm_epsilon")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-5),
-        rope_theta: 10_000.0 * rope_ratio,
-        rotary_dim: head_dim / 2,
-        rope_scaling: RopeScaling::None,
-        rope_interleaved: true,
-        fused_gate_up: true,
-        sandwich_norms: false,
-        tie_word_embeddings: false,
-        max_context: num("seq_length").unwrap_or(8192),
-    };
-    config.validate().map_err(|m| format!("config.json: {m}"))?;
-    Ok(config)
+    let eps = cfg.get("layernorm_epsilon").and_then(Value::as_f64);
+    let mut hf = json!({
+        "vocab_size": req("padded_vocab_size")?,
+        "hidden_size": hidden_size,
+        "intermediate_size": req("ffn_hidden_size")?,
+        "num_hidden_layers": req("num_layers")?,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "rms_norm_eps": eps.unwrap_or(1e-5),
+        "rope_theta": 10_000.0 * rope_ratio,
+        "partial_rotary_factor": 0.5,
+        "tie_word_embeddings": false,
+        "max_position_embeddings": num("seq_length").unwrap_or(8192),
+    });
+    if let Some(head_dim) = num("kv_channels") {
+        hf["head_dim"] = head_dim.into();
+    }
+    Ok(hf)
 }
 
 /// Serves transformers tensor names from a THUDM checkpoint.
@@ -243,18 +247,14 @@ impl Weights for ChatGlmWeights {
                         weight.dim(0)?
                     )));
                 }
-                let bias = if self.st.has(&format!("{fused}.bias")) {
-                    Some(self.fused_rows(&fused, "bias", part, None)?)
-                } else {
-                    None
-                };
+                let bias = self
+                    .st
+                    .has(&format!("{fused}.bias"))
+                    .then(|| self.fused_rows(&fused, "bias", part, None))
+                    .transpose()?;
                 Ok(Linear::dense(weight, bias))
             }
         }
-    }
-
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
-        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -330,6 +330,7 @@ fn special_tokens(dir: &Path, first_id: usize) -> Result<Vec<(String, u32)>, Mod
 
 #[cfg(test)]
 mod tests {
+    use super::super::layers::RopeScaling;
     use super::*;
 
     #[test]
@@ -363,7 +364,7 @@ mod tests {
             "rope_ratio": 500, "rmsnorm": true, "add_qkv_bias": true, "add_bias_linear": false,
             "post_layer_norm": true, "apply_residual_connection_post_layernorm": false
         });
-        let c = config(&cfg).unwrap();
+        let c = config(&cfg, Path::new("config.json")).unwrap();
         assert_eq!(
             (
                 c.num_layers,
@@ -379,7 +380,16 @@ mod tests {
             (151552, 13696, 131072)
         );
         assert_eq!(c.rope_theta, 5_000_000.0);
+        assert_eq!(
+            (c.family, c.rms_norm_eps, c.rope_scaling, c.rope_interleaved),
+            ("chatglm", 1.5625e-07, RopeScaling::None, true)
+        );
+        assert_eq!(
+            (c.fused_gate_up, c.sandwich_norms, c.tie_word_embeddings),
+            (true, false, false)
+        );
         let bad = serde_json::json!({"rmsnorm": false});
-        assert!(config(&bad).unwrap_err().contains("RMSNorm"));
+        let err = config(&bad, Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("RMSNorm"), "{err}");
     }
 }

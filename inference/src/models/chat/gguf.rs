@@ -402,11 +402,12 @@ impl Weights for GgufWeights<'_> {
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
         let weight = self.name(name, "weight")?;
         let bias = self.name(name, "bias")?;
-        let bias = if self.content.tensor_infos.contains_key(&bias) {
-            Some(self.dense(&bias, &[out_dim])?)
-        } else {
-            None
-        };
+        let bias = self
+            .content
+            .tensor_infos
+            .contains_key(&bias)
+            .then(|| self.dense(&bias, &[out_dim]))
+            .transpose()?;
         Ok(match self.held(&weight, &[out_dim, in_dim])? {
             Held::Blocks(w) => Linear::blocks(Arc::new(w), bias),
             Held::Quantized(t) => Linear::quantized(Arc::new(t), bias)?,

@@ -16,8 +16,10 @@ pub trait Weights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError>;
     /// `{name}.weight` as `[out, in]`, with `{name}.bias` when the checkpoint has one.
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError>;
-    /// `{name}.weight` as `[vocab, hidden]` token embeddings.
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError>;
+    /// `{name}.weight` as `[vocab, hidden]` token embeddings (dense unless the source quantizes).
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
+        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
+    }
     /// Whether `{name}.weight` exists.
     fn contains(&self, name: &str) -> bool;
     /// The same source, creating tensors on `device` (layers split across GPUs).
@@ -115,16 +117,11 @@ impl Weights for SafetensorsWeights {
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, ModelError> {
         let weight = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let bias_name = format!("{name}.bias");
-        let bias = if self.vb.contains_tensor(&bias_name) {
-            Some(self.get(&bias_name, &[out_dim])?)
-        } else {
-            None
-        };
+        let bias = self
+            .has(&bias_name)
+            .then(|| self.get(&bias_name, &[out_dim]))
+            .transpose()?;
         Ok(Linear::dense(weight, bias))
-    }
-
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding, ModelError> {
-        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
     }
 
     fn contains(&self, name: &str) -> bool {
