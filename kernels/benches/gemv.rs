@@ -56,9 +56,10 @@ fn time(bench: bool, min_secs: f64, mut run: impl FnMut()) -> f64 {
 
 struct Layer(Vec<QWeight>);
 
-/// One decoder layer of SmolLM2-135M: q, k, v, o, gate, up, down.
-fn layer(seed: u64, int8: bool) -> Layer {
-    let shapes = [
+/// One decoder layer of SmolLM2-135M: q, k, v, o, gate, up, down (or, `fused`, qkv, o,
+/// gate_up, down).
+fn layer(seed: u64, int8: bool, fused: bool) -> Layer {
+    let separate: &[(usize, usize)] = &[
         (576, 576),
         (192, 576),
         (192, 576),
@@ -67,6 +68,8 @@ fn layer(seed: u64, int8: bool) -> Layer {
         (1536, 576),
         (576, 1536),
     ];
+    let joined: &[(usize, usize)] = &[(960, 576), (576, 576), (3072, 576), (576, 1536)];
+    let shapes = if fused { joined } else { separate };
     Layer(
         shapes
             .iter()
@@ -114,33 +117,36 @@ fn main() {
                 report(name, acts, m, t, w.size_in_bytes(), rows * cols / 32);
             }
         }
-        let layers: Vec<Layer> = (0..if bench { 30 } else { 1 })
-            .map(|l| layer(l + 10, int8))
-            .collect();
-        let head = weight(QFormat::Q8_0, 49152, 576, 99).with_int8_activations(int8);
-        let bytes: usize = layers
-            .iter()
-            .flat_map(|l| &l.0)
-            .chain([&head])
-            .map(QWeight::size_in_bytes)
-            .sum();
-        let blocks: usize = layers
-            .iter()
-            .flat_map(|l| &l.0)
-            .chain([&head])
-            .map(|w| w.dims().0 * w.dims().1 / 32)
-            .sum();
-        for m in [1, 4, 16] {
-            let x = activations(m * 1536);
-            let mut out = vec![0f32; m * 49152];
-            let t = time(bench, secs, || {
-                for w in layers.iter().flat_map(|l| &l.0).chain([&head]) {
-                    let (rows, cols) = w.dims();
-                    w.matmul(&x[..m * cols], m, &mut out[..m * rows]);
-                }
-            });
-            report("model: 30 layers + lm_head", acts, m, t, bytes, blocks);
+        for fused in [false, true] {
+            walk(bench, secs, acts, int8, fused);
         }
+    }
+}
+
+/// The decode step's weight walk: 30 layers and the output projection.
+fn walk(bench: bool, secs: f64, acts: &str, int8: bool, fused: bool) {
+    let layers: Vec<Layer> = (0..if bench { 30 } else { 1 })
+        .map(|l| layer(l + 10, int8, fused))
+        .collect();
+    let head = weight(QFormat::Q8_0, 49152, 576, 99).with_int8_activations(int8);
+    let all = || layers.iter().flat_map(|l| &l.0).chain([&head]);
+    let bytes: usize = all().map(QWeight::size_in_bytes).sum();
+    let blocks: usize = all().map(|w| w.dims().0 * w.dims().1 / 32).sum();
+    let name = if fused {
+        "model, fused qkv + gate_up"
+    } else {
+        "model: 30 layers + lm_head"
+    };
+    for m in [1, 4, 16] {
+        let x = activations(m * 1536);
+        let mut out = vec![0f32; m * 49152];
+        let t = time(bench, secs, || {
+            for w in all() {
+                let (rows, cols) = w.dims();
+                w.matmul(&x[..m * cols], m, &mut out[..m * rows]);
+            }
+        });
+        report(name, acts, m, t, bytes, blocks);
     }
 }
 

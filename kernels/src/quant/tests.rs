@@ -243,3 +243,55 @@ fn int8_prefill_lengths_and_partial_row_groups_match_their_reference() {
         }
     }
 }
+
+/// A joined matrix gives each part's outputs bit for bit (the same kernel per row), with float32
+/// and int8 activations; parts that cannot share one layout are refused.
+#[test]
+fn joined_rows_give_each_parts_products() {
+    for int8 in [false, true] {
+        let parts: Vec<QWeight> = [(32, 64), (16, 64), (48, 64)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| {
+                let q = quantized(GgmlDType::Q4_1, r, c, 90 + i as u64);
+                QWeight::from_qtensor(&q)
+                    .unwrap()
+                    .unwrap()
+                    .with_int8_activations(int8)
+            })
+            .collect();
+        let refs: Vec<&QWeight> = parts.iter().collect();
+        let joined = QWeight::concat_rows(&refs).expect("joinable parts");
+        assert_eq!(joined.dims(), (96, 64));
+        for m in [1, 3, 20] {
+            let x = values(m * 64, 7 + m as u64);
+            let mut all = vec![0f32; m * 96];
+            joined.matmul(&x, m, &mut all);
+            let mut offset = 0;
+            for p in &parts {
+                let rows = p.dims().0;
+                let mut own = vec![0f32; m * rows];
+                p.matmul(&x, m, &mut own);
+                for r in 0..m {
+                    let got = &all[r * 96 + offset..r * 96 + offset + rows];
+                    let want = &own[r * rows..(r + 1) * rows];
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(want), "int8 {int8}, m {m}, row {r}");
+                }
+                offset += rows;
+            }
+        }
+    }
+    let a = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 16, 64, 1))
+        .unwrap()
+        .unwrap();
+    let other_cols = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 16, 32, 2))
+        .unwrap()
+        .unwrap();
+    let other_format = QWeight::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 3))
+        .unwrap()
+        .unwrap();
+    assert!(QWeight::concat_rows(&[&a, &other_cols]).is_none());
+    assert!(QWeight::concat_rows(&[&a, &other_format]).is_none());
+    assert!(QWeight::concat_rows(&[]).is_none());
+}

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::attention::StepKv;
 use super::kv::{BlockAllocator, KvLayer, KvPool};
 use super::layers::{
-    Attention, Embedding, Linear, Llama3Scaling, Mlp, RmsNorm, RopeScaling, Rotary, StepLayout,
+    Attention, Embedding, Linear, Llama3Scaling, Mlp, Qkv, RmsNorm, RopeScaling, Rotary, StepLayout,
 };
 use super::placement::{self, ModelBytes, Placement};
 use super::weights::Weights;
@@ -378,9 +378,11 @@ fn load_block(
 ) -> Result<Block, ModelError> {
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let attn = Attention {
-        q_proj: w.linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * d, h)?,
-        k_proj: w.linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * d, h)?,
-        v_proj: w.linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * d, h)?,
+        qkv: Qkv::new(
+            w.linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * d, h)?,
+            w.linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * d, h)?,
+            w.linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * d, h)?,
+        )?,
         o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * d)?,
         num_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
@@ -395,11 +397,12 @@ fn load_block(
             intermediate: i,
         }
     } else {
-        Mlp::Split {
-            gate: w.linear(&format!("{p}.mlp.gate_proj"), i, h)?,
-            up: w.linear(&format!("{p}.mlp.up_proj"), i, h)?,
-            down: w.linear(&format!("{p}.mlp.down_proj"), h, i)?,
-        }
+        Mlp::new(
+            w.linear(&format!("{p}.mlp.gate_proj"), i, h)?,
+            w.linear(&format!("{p}.mlp.up_proj"), i, h)?,
+            w.linear(&format!("{p}.mlp.down_proj"), h, i)?,
+            i,
+        )?
     };
     let sandwich = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
         if cfg.sandwich_norms {

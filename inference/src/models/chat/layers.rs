@@ -212,12 +212,28 @@ impl StepLayout {
     }
 }
 
+/// The query, key and value projections: separate, or one matrix (rows q, then k, then v) when
+/// they are blocks our kernels can join ([`Linear::concat_rows`]).
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    /// Joins the three when [`Linear::concat_rows`] can.
+    pub fn new(q: Linear, k: Linear, v: Linear) -> Result<Qkv> {
+        Ok(match Linear::concat_rows(&[&q, &k, &v])? {
+            Some(fused) => Qkv::Fused(fused),
+            None => Qkv::Split { q, k, v },
+        })
+    }
+}
+
 /// Multi-head attention with grouped key/value heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: Qkv,
     pub o_proj: Linear,
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -231,21 +247,37 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, layout: &StepLayout, kv: &KvLayer) -> Result<Tensor> {
         let total = xs.dim(0)?;
         let (cos, sin) = layout.cos_sin(xs.device())?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            proj.forward(xs)?.reshape((total, n, self.head_dim))
-        };
-        let q = self
-            .rotary
-            .apply(&heads(&self.q_proj, self.num_heads)?, &cos, &sin)?;
+        let (q, k, v) = self.project(xs)?;
+        let heads = |t: Tensor, n: usize| t.reshape((total, n, self.head_dim));
+        let q = self.rotary.apply(&heads(q, self.num_heads)?, &cos, &sin)?;
         let k = self
             .rotary
-            .apply(&heads(&self.k_proj, self.num_kv_heads)?, &cos, &sin)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+            .apply(&heads(k, self.num_kv_heads)?, &cos, &sin)?;
+        let v = heads(v, self.num_kv_heads)?;
         layout.kv.write(kv, &k, &v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = paged_attention(&q, kv, &layout.kv, scale)?;
         self.o_proj
             .forward(&out.reshape((total, self.num_heads * self.head_dim))?)
+    }
+
+    /// Queries, keys and values `[total, heads * head_dim]` each.
+    fn project(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            Qkv::Split { q, k, v } => Ok((q.forward(xs)?, k.forward(xs)?, v.forward(xs)?)),
+            Qkv::Fused(qkv) => {
+                let all = qkv.forward(xs)?;
+                let (nq, nkv) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                Ok((
+                    all.narrow(D::Minus1, 0, nq)?,
+                    all.narrow(D::Minus1, nq, nkv)?,
+                    all.narrow(D::Minus1, nq + nkv, nkv)?,
+                ))
+            }
+        }
     }
 
     /// Keys/values this layer caches per position.
@@ -274,6 +306,18 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    /// Separate gate/up projections, joined into one when [`Linear::concat_rows`] can.
+    pub fn new(gate: Linear, up: Linear, down: Linear, intermediate: usize) -> Result<Mlp> {
+        Ok(match Linear::concat_rows(&[&gate, &up])? {
+            Some(gate_up) => Mlp::Fused {
+                gate_up,
+                down,
+                intermediate,
+            },
+            None => Mlp::Split { gate, up, down },
+        })
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Split { gate, up, down } => {

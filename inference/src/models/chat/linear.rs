@@ -40,6 +40,33 @@ impl Linear {
         })
     }
 
+    /// The projections of `parts` (same input) as one projection whose outputs are the parts'
+    /// outputs side by side, when they are all blocks our kernels can join
+    /// ([`QWeight::concat_rows`]); `None` otherwise (dense and candle-quantized projections stay
+    /// separate: joining them would copy weights for no gain on those paths).
+    pub fn concat_rows(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for p in parts {
+            let Linear::Blocks { weight, bias } = p else {
+                return Ok(None);
+            };
+            weights.push(weight.as_ref());
+            biases.push(bias.as_ref());
+        }
+        let Some(joined) = QWeight::concat_rows(&weights) else {
+            return Ok(None);
+        };
+        let bias = if biases.iter().all(Option::is_none) {
+            None
+        } else if let Some(all) = biases.iter().copied().collect::<Option<Vec<&Tensor>>>() {
+            Some(Tensor::cat(&all, 0)?)
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(Linear::blocks(Arc::new(joined), bias)))
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) => l.forward(xs),
