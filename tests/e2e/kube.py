@@ -293,6 +293,15 @@ def http_json(url: str, body: dict | None = None, timeout: float = 60) -> tuple[
     return send(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}), timeout)
 
 
+def respond(handler, code: int, body: bytes, content_type: str) -> None:
+    """Write one complete response from an http.server handler (the tests' stand-in servers)."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def http_text(url: str, timeout: float = 10) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import lease_holder
-from kube import has_event, http_text, metric, wait_until
+from kube import has_event, http_text, metric, respond, wait_until
 
 INTERVAL, WINDOW = 1, 2
 
@@ -33,12 +33,8 @@ class FakeGateway:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
-                body = gateway.render().encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                respond(self, 200 if self.path == "/metrics" else 404, gateway.render().encode(),
+                        "text/plain; version=0.0.4")
 
             def log_message(self, *args):
                 pass

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import lease_holder
-from kube import http_json, http_text, metric, unique, wait_until
+from kube import http_json, http_text, metric, respond, unique, wait_until
 
 SERVED = unique("demand-e2e")
 HELD = 6  # requests in flight during the burst
@@ -46,11 +46,7 @@ class HoldingBackend:
                 body = json.dumps({"object": "list", "model": SERVED,
                                    "data": [{"object": "embedding", "index": 0, "embedding": [0.0] * 4}],
                                    "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                respond(self, 200, body, "application/json")
 
             def log_message(self, *args):
                 pass
