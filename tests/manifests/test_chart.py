@@ -338,7 +338,7 @@ def test_validator_checks_glmmodels_against_the_crd(tmp_path):
 
 def copy_tree_for_render(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
-    for rel in ("charts", "manifests", "scripts/render-manifests.sh", "crds/glmmodel.yaml"):
+    for rel in ("charts", "manifests", "scripts/render-manifests.sh", "scripts/lib", "crds/glmmodel.yaml"):
         src = require(ROOT / rel, "run scripts/render-manifests.sh (and commit the result)")
         dst = repo / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
