@@ -1,0 +1,135 @@
+//! Products over packed tiles (int8 activations on AVX-512 VNNI, every row count) and, past
+//! [`super::GEMV_MAX_ROWS`] rows with float32 activations, dequantized panels times gemm.
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::q8::{Q8Row, Q8Rows};
+#[cfg(target_arch = "x86_64")]
+use super::x86_q8;
+use super::{packed, QFormat, QWeight, PANEL_FLOATS};
+use crate::SyncPtr;
+
+impl QWeight {
+    /// Integer kernels on packed weights: activations quantized once here, eight activation
+    /// rows per pass over a group of 16 weight rows, groups split across the pool.
+    pub(super) fn gemm_packed(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, nb) = (self.rows, self.cols / QFormat::BLOCK);
+        let q = Q8Rows::quantize(x, m, self.cols);
+        let ptrs = q.rows();
+        let groups = n.div_ceil(packed::GROUP);
+        let tile_group = nb * packed::GROUP * self.format.block_bytes();
+        let threads = rayon::current_num_threads();
+        let chunk = groups.div_ceil(threads * 4).clamp(1, 16);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let work = |c: usize| {
+            let mut r0 = 0;
+            while r0 < m {
+                let take = [8, 4, 2, 1].into_iter().find(|&w| w <= m - r0).unwrap_or(1);
+                for g in c * chunk..((c + 1) * chunk).min(groups) {
+                    let j = g * packed::GROUP;
+                    // SAFETY: rows r0..r0 + take of `out`, columns j..j + lanes: in bounds and
+                    // written by this task only (its groups).
+                    let outs = |r: usize| unsafe { dst.get().add((r0 + r) * n + j) };
+                    let tiles = self.data[g * tile_group..].as_ptr();
+                    let lanes = (n - j).min(packed::GROUP);
+                    let xs = &ptrs[r0..r0 + take];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `tiles` holds this group's nb tiles, every activation row has nb
+                    // blocks (padded to even), `outs` as above; VNNI was detected at packing.
+                    unsafe {
+                        match take {
+                            8 => group::<8>(self.format, tiles, nb, xs, outs, lanes),
+                            4 => group::<4>(self.format, tiles, nb, xs, outs, lanes),
+                            2 => group::<2>(self.format, tiles, nb, xs, outs, lanes),
+                            _ => group::<1>(self.format, tiles, nb, xs, outs, lanes),
+                        }
+                    }
+                }
+                r0 += take;
+            }
+        };
+        let chunks = groups.div_ceil(chunk);
+        if chunks == 1 || threads == 1 {
+            (0..chunks).for_each(work);
+        } else {
+            (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+
+    /// Dequantized panels of weight rows times gemm.
+    pub(super) fn gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        thread_local! {
+            static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        let (n, k) = (self.rows, self.cols);
+        let panel_rows = (PANEL_FLOATS / k).max(16).min(n);
+        let threads = rayon::current_num_threads();
+        PANEL.with(|cell| {
+            let mut panel = cell.borrow_mut();
+            if panel.len() < panel_rows * k {
+                panel.resize(panel_rows * k, 0.0);
+            }
+            let mut p0 = 0;
+            while p0 < n {
+                let rows = panel_rows.min(n - p0);
+                let panel = &mut panel[..rows * k];
+                panel
+                    .par_chunks_mut(k)
+                    .enumerate()
+                    .for_each(|(i, out)| self.dequantize_row(p0 + i, out));
+                // SAFETY: dst is [m, n] with row stride n and this panel's columns p0..p0+rows;
+                // lhs is [m, k] row-major; rhs is the panel read as [k, rows] (column j = weight
+                // row p0 + j, contiguous). All three buffers have those sizes.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        rows,
+                        k,
+                        out.as_mut_ptr().add(p0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        panel.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        if threads > 1 {
+                            gemm::Parallelism::Rayon(threads)
+                        } else {
+                            gemm::Parallelism::None
+                        },
+                    )
+                }
+                p0 += rows;
+            }
+        })
+    }
+}
+
+/// One group of packed weight rows times `R` activation rows (`xs.len() == R`).
+///
+/// # Safety
+/// As [`x86_q8::group_q8_vnni`]: `tiles` holds `nb` tiles, `xs` rows of `nb` (padded) blocks,
+/// `outs(r)` has room for `lanes` floats, and the CPU has AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+unsafe fn group<const R: usize>(
+    format: QFormat,
+    tiles: *const u8,
+    nb: usize,
+    xs: &[Q8Row],
+    outs: impl Fn(usize) -> *mut f32,
+    lanes: usize,
+) {
+    let Ok(xs) = <&[Q8Row; R]>::try_from(xs) else {
+        unreachable!("a slice of R rows")
+    };
+    x86_q8::group_q8_vnni(format, tiles, nb, xs, std::array::from_fn(outs), lanes)
+}
