@@ -83,11 +83,13 @@ for mode in auto quantized; do
     --gguf-mode "$mode" --chat-max-batch-size 16 &
   server_pid=$!
   wait_ready "$url" /ready
+  # After loading and warm-up, before any request: the weights' share of the goal.
+  loaded=$(awk '/^VmRSS/ {r = $2 * 1024} /^RssAnon/ {a = $2 * 1024} END {print r, a}' "/proc/$server_pid/status")
   "$py" scripts/bench/server_bench.py --url "$url" --ignore-eos --repeat "$repeat" \
     --decode-tokens "$decode_tokens" "${embed[@]}" >"$out/glm-$mode.raw"
   rss=$(awk '/VmHWM/ {print $2 * 1024}' "/proc/$server_pid/status")
-  "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["rss_bytes"]=int(sys.argv[2]); print(json.dumps(r))' \
-    "$out/glm-$mode.raw" "$rss" >"$out/glm-$mode.json"
+  "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["rss_bytes"]=int(sys.argv[2]); r["loaded_rss_bytes"], r["loaded_anon_bytes"]=map(int, sys.argv[3].split()); print(json.dumps(r))' \
+    "$out/glm-$mode.raw" "$rss" "$loaded" >"$out/glm-$mode.json"
   rm -f "$out/glm-$mode.raw"
   stop_server
 done

@@ -31,6 +31,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Hands the heap pages freed while loading (file buffers, weights before repacking or joining,
+/// warm-up activations) back to the kernel: glibc keeps them in its arenas otherwise, and they
+/// count in the resident set the pod's memory limit is checked against.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn fail(msg: String) -> ExitCode {
     eprintln!("glm-inference: error: {msg}");
     ExitCode::FAILURE
@@ -58,6 +69,7 @@ async fn serve(args: Args) -> Result<(), String> {
     .await
     .map_err(|e| format!("model loading panicked: {e}"))??;
     registry.warm_up().await.map_err(|e| e.to_string())?;
+    release_freed_memory();
     let registry = Arc::new(registry);
 
     let state = AppState::new(

@@ -59,6 +59,13 @@ def main(d):
             print(f"glm-inference `--gguf-mode {mode}` resident memory after the run: {mem / 1e6:.0f} MB "
                   f"(GGUF file {gguf['file_bytes'] / 1e6:.0f} MB; the process also holds the tokenizer, "
                   f"KV caches and the HTTP server)")
+        rss, anon = glm[mode].get("loaded_rss_bytes"), glm[mode].get("loaded_anon_bytes")
+        # Only `quantized` runs the chat model alone (`auto` also serves the embedding model).
+        if rss and anon and gguf and mode == "quantized":
+            f = gguf["file_bytes"]
+            print(f"glm-inference `--gguf-mode {mode}` after loading, before any request: {rss / 1e6:.0f} MB resident "
+                  f"({rss / f:.2f}x the file), of which {anon / 1e6:.0f} MB private anonymous memory "
+                  f"({anon / f:.2f}x; the rest is the binary's pages)")
     for name, res in [("glm-inference (auto)", glm["auto"].get("streams_detail")),
                       ("llama-cpp-python server", load(d, "llamacpp-server.json") or None)]:
         if res:
