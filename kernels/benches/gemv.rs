@@ -151,6 +151,10 @@ fn walk(bench: bool, secs: f64, acts: &str, int8: bool, fused: bool) {
 }
 
 fn report(name: &str, acts: &str, m: usize, secs: f64, bytes: usize, blocks: usize) {
+    if secs == 0.0 {
+        println!("{name:>26} | {acts:>5} | {m:>2} | ran once, not timed (pass --bench)");
+        return;
+    }
     println!(
         "{name:>26} | {acts:>5} | {m:>2} | {:>8.1} | {:>6.1} | {:>8.2}",
         secs * 1e6,
