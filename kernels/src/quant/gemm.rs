@@ -49,12 +49,7 @@ impl QWeight {
                 r0 += take;
             }
         };
-        let chunks = groups.div_ceil(chunk);
-        if chunks == 1 || threads == 1 {
-            (0..chunks).for_each(work);
-        } else {
-            (0..chunks).into_par_iter().for_each(work);
-        }
+        super::for_each_chunk(groups.div_ceil(chunk), work);
     }
 
     /// Dequantized panels of weight rows times gemm.

@@ -303,12 +303,7 @@ impl QWeight {
                 r0 += take;
             }
         };
-        let chunks = n.div_ceil(chunk);
-        if chunks == 1 || threads == 1 {
-            (0..chunks).for_each(work);
-        } else {
-            (0..chunks).into_par_iter().for_each(work);
-        }
+        for_each_chunk(n.div_ceil(chunk), work);
     }
 
     fn dot_q8<const R: usize>(
@@ -361,6 +356,16 @@ impl QWeight {
             },
             _ => scalar::dot_rows(self.format, row, xs, sums),
         }
+    }
+}
+
+/// `work(c)` for chunks `0..chunks`, across the pool when there is more than one chunk and
+/// more than one thread.
+fn for_each_chunk(chunks: usize, work: impl Fn(usize) + Sync + Send) {
+    if chunks == 1 || rayon::current_num_threads() == 1 {
+        (0..chunks).for_each(work);
+    } else {
+        (0..chunks).into_par_iter().for_each(work);
     }
 }
 
