@@ -45,7 +45,14 @@ def test_example_becomes_ready_with_its_children(k, api, chart, controller, name
     name = yaml.safe_load(path.read_text())["metadata"]["name"]
     spec = yaml.safe_load(path.read_text())["spec"]
 
-    model = wait_until(f"{name} Ready", lambda: (m := api.model(ns, name)) and condition_is(m, "Ready", "True") and m)
+    # Ready turns True with the first ready pod; the rollout is complete once every replica is
+    # ready (under load kwok may report the second pod a status sync later).
+    def rolled_out():
+        m = api.model(ns, name)
+        done = m and condition_is(m, "Ready", "True") and condition_is(m, "Progressing", "False", "Complete")
+        return done and (m.get("status") or {}).get("readyReplicas") == spec["replicas"] and m
+
+    model = wait_until(f"{name} Ready with every replica", rolled_out)
     status = model["status"]
     assert status["readyReplicas"] == spec["replicas"] == status["replicas"]
     assert status["endpoint"] == f"http://{name}.{ns}.svc.cluster.local:8200"
