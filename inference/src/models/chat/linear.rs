@@ -54,16 +54,19 @@ impl Linear {
             weights.push(weight.as_ref());
             biases.push(bias.as_ref());
         }
-        let Some(joined) = QWeight::concat_rows(&weights) else {
-            return Ok(None);
-        };
-        let bias = if biases.iter().all(Option::is_none) {
+        // Decide the bias before joining: a mix of biased and unbiased parts stays separate,
+        // and the weights are not copied for nothing.
+        let biases = if biases.iter().all(Option::is_none) {
             None
         } else if let Some(all) = biases.iter().copied().collect::<Option<Vec<&Tensor>>>() {
-            Some(Tensor::cat(&all, 0)?)
+            Some(all)
         } else {
             return Ok(None);
         };
+        let Some(joined) = QWeight::concat_rows(&weights) else {
+            return Ok(None);
+        };
+        let bias = biases.map(|all| Tensor::cat(&all, 0)).transpose()?;
         Ok(Some(Linear::blocks(Arc::new(joined), bias)))
     }
 
