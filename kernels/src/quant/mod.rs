@@ -231,7 +231,8 @@ impl QWeight {
     fn gemv(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let k = self.cols;
         let nb = k / QFormat::BLOCK;
-        let sums: Vec<f32> = if self.format.has_sums() {
+        // The AVX-512 kernel dequantizes blocks in registers and needs no block sums.
+        let sums: Vec<f32> = if self.format.has_sums() && self.isa != Isa::Avx512 {
             x.chunks_exact(QFormat::BLOCK)
                 .map(|b| b.iter().sum())
                 .collect()
@@ -246,7 +247,17 @@ impl QWeight {
                 &sums[r * nb..(r + 1) * nb]
             }
         };
-        self.row_passes(m, out, &[4, 3, 2, 1], |w, r, res| match res.len() {
+        let widths: &[usize] = if self.isa == Isa::Avx512 {
+            &[8, 4, 3, 2, 1]
+        } else {
+            &[4, 3, 2, 1]
+        };
+        self.row_passes(m, out, widths, |w, r, res| match res.len() {
+            8 => res.copy_from_slice(&self.dot::<8>(
+                std::array::from_fn(|i| xs(r + i)),
+                std::array::from_fn(|i| ss(r + i)),
+                w,
+            )),
             4 => res.copy_from_slice(&self.dot(
                 [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)],
                 [ss(r), ss(r + 1), ss(r + 2), ss(r + 3)],

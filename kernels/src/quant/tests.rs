@@ -87,8 +87,9 @@ fn decode_shapes_match_candle_reference_for_every_isa() {
 #[test]
 fn row_tiles_of_every_width_match_candle_reference() {
     for dtype in FORMATS {
-        // 2..=16 rows: tiles of four plus every remainder (1, 2, 3), at the GEMV limit too.
-        for m in [2, 3, 5, 6, 7, GEMV_MAX_ROWS] {
+        // 2..=16 rows: tiles of eight (AVX-512) and four plus every remainder (1, 2, 3), at the
+        // GEMV limit too.
+        for m in [2, 3, 5, 6, 7, 8, 9, 13, 15, GEMV_MAX_ROWS] {
             check(dtype, m, 29, 128);
         }
     }

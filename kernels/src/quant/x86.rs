@@ -71,86 +71,119 @@ unsafe fn scale(blk: *const u8) -> __m128 {
 // AVX-512
 // ---------------------------------------------------------------------------------------------
 
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn step4_512<const R: usize>(
+/// The 32 weights of a block as two float32 vectors (weights 0..16 and 16..32), bit-identical to
+/// candle's dequantization (`q * d` is exact, so `fma(q, d, m)` rounds as `q * d + m`). The 4-bit
+/// formats look their nibbles up in a 16-entry table `d * i + m` built once per block (`vpermps`
+/// reads only an index's low four bits, so the low nibbles need no mask): this replaces two
+/// integer-to-float conversions per block and, per activation row, the scaling and the
+/// `m * sum(x)` term of multiplying raw quants.
+#[inline(always)]
+unsafe fn weights512(format: QFormat, blk: *const u8) -> (__m512, __m512) {
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let table = match format {
+        QFormat::Q8_0 => {
+            let d = _mm512_broadcastss_ps(scale(blk));
+            let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                blk.add(2) as *const __m128i
+            )));
+            let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                blk.add(18) as *const __m128i
+            )));
+            return (_mm512_mul_ps(q0, d), _mm512_mul_ps(q1, d));
+        }
+        QFormat::Q4_1 => {
+            let (d, m) = scale_min(blk, true);
+            _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(d), _mm512_set1_ps(m))
+        }
+        QFormat::Q4_0 => {
+            let d = _mm512_broadcastss_ps(scale(blk));
+            _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0)), d)
+        }
+    };
+    let qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+        blk.add(format.quants_at()) as *const __m128i
+    ));
+    (
+        _mm512_permutexvar_ps(qi, table),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(qi), table),
+    )
+}
+
+/// One block times `R` activation rows, the two halves into separate accumulators so that the
+/// two multiply-adds of a row do not wait on each other.
+#[inline(always)]
+unsafe fn step512<const R: usize>(
+    format: QFormat,
     blk: *const u8,
-    has_min: bool,
-    b: usize,
+    x_at: usize,
     xs: &[*const f32; R],
-    sums: &[*const f32; R],
-    acc: &mut [__m512; R],
-    macc: &mut [f32; R],
+    acc: &mut [[__m512; 2]; R],
 ) {
-    let (d, m) = scale_min(blk, has_min);
-    let d = _mm512_broadcastss_ps(d);
-    let qoff = if has_min { 4 } else { 2 };
-    let qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
-    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(0x0F)));
-    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qi));
+    let (w0, w1) = weights512(format, blk);
     for r in 0..R {
-        let x = xs[r].add(b * 32);
-        let t = _mm512_mul_ps(_mm512_loadu_ps(x), lo);
-        let t = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), hi, t);
-        acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
-        macc[r] = m.mul_add(*sums[r].add(b), macc[r]);
+        let x = xs[r].add(x_at);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x), w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), w1, acc[r][1]);
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn step8_512<const R: usize>(
-    blk: *const u8,
-    b: usize,
-    xs: &[*const f32; R],
-    acc: &mut [__m512; R],
-) {
-    let d = _mm512_broadcastss_ps(scale(blk));
-    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-        blk.add(2) as *const __m128i
-    )));
-    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-        blk.add(18) as *const __m128i
-    )));
-    for r in 0..R {
-        let x = xs[r].add(b * 32);
-        let t = _mm512_mul_ps(_mm512_loadu_ps(x), q0);
-        let t = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), q1, t);
-        acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
-    }
-}
-
+/// Dot products of one weight row with `R` activation rows (`sums` is not read: the weights are
+/// dequantized in registers, see [`weights512`]).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows_avx512<const R: usize>(
     format: QFormat,
     row: *const u8,
     nb: usize,
     xs: [*const f32; R],
-    sums: [*const f32; R],
+    _sums: [*const f32; R],
 ) -> [f32; R] {
+    // One loop per format: with the format a run-time value LLVM kept its branches inside the
+    // block loop.
+    match format {
+        QFormat::Q4_0 => rows512::<R, 0>(row, nb, xs),
+        QFormat::Q4_1 => rows512::<R, 1>(row, nb, xs),
+        QFormat::Q8_0 => rows512::<R, 2>(row, nb, xs),
+    }
+}
+
+/// [`dot_rows_avx512`] for the format `[Q4_0, Q4_1, Q8_0][F]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows512<const R: usize, const F: usize>(
+    row: *const u8,
+    nb: usize,
+    xs: [*const f32; R],
+) -> [f32; R] {
+    let format = [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0][F];
     let bytes = format.block_bytes();
-    let mut acc0 = [_mm512_setzero_ps(); R];
-    let mut acc1 = [_mm512_setzero_ps(); R];
-    let mut macc = [0f32; R];
-    let has_min = format == QFormat::Q4_1;
-    let step = |blk, b, acc: &mut [__m512; R], macc: &mut [f32; R]| {
-        if format == QFormat::Q8_0 {
-            step8_512(blk, b, &xs, acc);
-        } else {
-            step4_512(blk, has_min, b, &xs, &sums, acc, macc);
+    let mut acc0 = [[_mm512_setzero_ps(); 2]; R];
+    let mut acc1 = [[_mm512_setzero_ps(); 2]; R];
+    if R > 4 {
+        // Four accumulators a row would not fit in the registers: one set, whose chains are
+        // long enough at this width (2R independent multiply-adds a block).
+        for b in 0..nb {
+            let blk = row.add(b * bytes);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_AHEAD) as *const i8);
+            step512(format, blk, b * 32, &xs, &mut acc0);
         }
-    };
-    let mut macc1 = [0f32; R];
-    pairs(
-        row,
-        nb,
-        bytes,
-        |blk, b| step(blk, b, &mut acc0, &mut macc),
-        |blk, b| step(blk, b, &mut acc1, &mut macc1),
-    );
+    } else {
+        pairs(
+            row,
+            nb,
+            bytes,
+            |blk, b| step512(format, blk, b * 32, &xs, &mut acc0),
+            |blk, b| step512(format, blk, b * 32, &xs, &mut acc1),
+        );
+    }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (macc[r] + macc1[r]);
+        let s = _mm512_add_ps(
+            _mm512_add_ps(acc0[r][0], acc0[r][1]),
+            _mm512_add_ps(acc1[r][0], acc1[r][1]),
+        );
+        out[r] = _mm512_reduce_add_ps(s);
     }
     out
 }
