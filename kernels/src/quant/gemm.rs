@@ -1,13 +1,14 @@
 //! Products over packed tiles (int8 activations on AVX-512 VNNI, every row count) and, past
 //! [`super::GEMV_MAX_ROWS`] rows with float32 activations, dequantized panels times gemm.
 use std::cell::RefCell;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::q8::{Q8Row, Q8Rows};
-#[cfg(target_arch = "x86_64")]
-use super::x86_q8;
 use super::{packed, QFormat, QWeight, PANEL_FLOATS};
+#[cfg(target_arch = "x86_64")]
+use super::{x86, x86_q8};
 use crate::SyncPtr;
 
 impl QWeight {
@@ -50,6 +51,63 @@ impl QWeight {
             }
         };
         super::for_each_chunk(groups.div_ceil(chunk), work);
+    }
+
+    /// Float32 activations on AVX-512: tiles of two weight rows times up to eight activation rows
+    /// ([`x86::tile_avx512`]), weight rows split across the pool.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn gemv_avx512(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let n = self.rows;
+        let threads = rayon::current_num_threads();
+        // Even, so that no pair of weight rows straddles two chunks.
+        let chunk = n.div_ceil(threads * 4).clamp(16, 256).next_multiple_of(2);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let work = |c: usize| {
+            let rows = c * chunk..((c + 1) * chunk).min(n);
+            let mut r0 = 0;
+            while r0 < m {
+                let take = [8, 4, 2, 1].into_iter().find(|&w| w <= m - r0).unwrap_or(1);
+                match take {
+                    8 => self.tiles::<8>(x, r0, rows.clone(), dst),
+                    4 => self.tiles::<4>(x, r0, rows.clone(), dst),
+                    2 => self.tiles::<2>(x, r0, rows.clone(), dst),
+                    _ => self.tiles::<1>(x, r0, rows.clone(), dst),
+                }
+                r0 += take;
+            }
+        };
+        super::for_each_chunk(n.div_ceil(chunk), work);
+    }
+
+    /// Activation rows `r0..r0 + R` times weight rows `rows`, two weight rows a tile, into
+    /// `dst` (`[m, self.rows]`); each task passes its own `rows`.
+    #[cfg(target_arch = "x86_64")]
+    fn tiles<const R: usize>(&self, x: &[f32], r0: usize, rows: Range<usize>, dst: SyncPtr) {
+        let (n, k) = (self.rows, self.cols);
+        let nb = k / QFormat::BLOCK;
+        let xs: [*const f32; R] = std::array::from_fn(|r| x[(r0 + r) * k..].as_ptr());
+        let store = |j: usize, v: [f32; R]| {
+            for (r, v) in v.into_iter().enumerate() {
+                // SAFETY: (r0 + r, j) is in bounds and written by this task only.
+                unsafe { *dst.get().add((r0 + r) * n + j) = v }
+            }
+        };
+        let mut j = rows.start;
+        while j + 1 < rows.end {
+            let pair = [self.row(j).as_ptr(), self.row(j + 1).as_ptr()];
+            // SAFETY: both rows hold nb blocks, every xs[r] cols floats, and AVX-512 was
+            // detected when the weight was built.
+            let [a, b] = unsafe { x86::tile_avx512::<R, 2>(self.format, pair, nb, xs) };
+            store(j, a);
+            store(j + 1, b);
+            j += 2;
+        }
+        if j < rows.end {
+            // SAFETY: as above, one row.
+            let [a] =
+                unsafe { x86::tile_avx512::<R, 1>(self.format, [self.row(j).as_ptr()], nb, xs) };
+            store(j, a);
+        }
     }
 
     /// Dequantized panels of weight rows times gemm.

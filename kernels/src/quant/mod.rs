@@ -12,8 +12,8 @@
 //!
 //! Float32 activations:
 //! - Few activation rows (decode, batched decode): each weight block is unpacked once in registers
-//!   and multiplied with up to four activation rows; weight rows are split across the rayon pool.
-//!   AVX-512 or AVX2+FMA kernels are chosen at run time, with a portable fallback.
+//!   and multiplied with up to eight (AVX-512) or four (AVX2+FMA) activation rows; weight rows are
+//!   split across the rayon pool. The kernels are chosen at run time, with a portable fallback.
 //! - Many rows (prefill): panels of weight rows are dequantized to float32 (bit-identical to
 //!   candle's dequantization) and multiplied by gemm's microkernels: a GEMM, not repeated GEMVs.
 //!
@@ -227,12 +227,15 @@ impl QWeight {
         }
     }
 
-    /// Fused float32 kernels, four activation rows per pass.
+    /// Fused float32 kernels, four activation rows per pass (AVX-512: [`QWeight::gemv_avx512`]).
     fn gemv(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let k = self.cols;
         let nb = k / QFormat::BLOCK;
-        // The AVX-512 kernel dequantizes blocks in registers and needs no block sums.
-        let sums: Vec<f32> = if self.format.has_sums() && self.isa != Isa::Avx512 {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            return self.gemv_avx512(x, m, out);
+        }
+        let sums: Vec<f32> = if self.format.has_sums() {
             x.chunks_exact(QFormat::BLOCK)
                 .map(|b| b.iter().sum())
                 .collect()
@@ -247,17 +250,7 @@ impl QWeight {
                 &sums[r * nb..(r + 1) * nb]
             }
         };
-        let widths: &[usize] = if self.isa == Isa::Avx512 {
-            &[8, 4, 3, 2, 1]
-        } else {
-            &[4, 3, 2, 1]
-        };
-        self.row_passes(m, out, widths, |w, r, res| match res.len() {
-            8 => res.copy_from_slice(&self.dot::<8>(
-                std::array::from_fn(|i| xs(r + i)),
-                std::array::from_fn(|i| ss(r + i)),
-                w,
-            )),
+        self.row_passes(m, out, &[4, 3, 2, 1], |w, r, res| match res.len() {
             4 => res.copy_from_slice(&self.dot(
                 [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)],
                 [ss(r), ss(r + 1), ss(r + 2), ss(r + 3)],
@@ -344,19 +337,8 @@ impl QWeight {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `row` is one weight row (nb blocks), every `xs[r]` has cols floats, every
             // `sums[r]` nb floats when the format uses them (else it is never read), and the ISA
-            // was checked when the weight was built.
-            Isa::Avx512 => unsafe {
-                x86::dot_rows_avx512(
-                    self.format,
-                    row.as_ptr(),
-                    nb,
-                    xs.map(<[f32]>::as_ptr),
-                    sums.map(<[f32]>::as_ptr),
-                )
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe {
+            // was checked when the weight was built (AVX-512 products run in `gemv_avx512`).
+            Isa::Avx2 | Isa::Avx512 => unsafe {
                 x86::dot_rows_avx2(
                     self.format,
                     row.as_ptr(),

@@ -1,8 +1,11 @@
-//! AVX-512 and AVX2 kernels, chosen at run time ([`super::Isa`]). Each weight block is unpacked
-//! once into float32 lanes and multiplied with up to four activation rows; block scales are
-//! applied per block (`acc += d * (x . q)`), the 4-bit formats' `m * sum(x)` term from the
-//! precomputed block sums. Two accumulator sets alternate between blocks so that consecutive
-//! blocks do not wait on one FMA chain.
+//! AVX-512 and AVX2 kernels, chosen at run time ([`super::Isa`]).
+//! - AVX-512 ([`tile_avx512`]): each weight block is dequantized once in registers (a nibble
+//!   table lookup) and multiplied with up to eight activation rows, two weight rows a tile so
+//!   that each activation vector is loaded once for both.
+//! - AVX2: each weight block is unpacked once into float32 lanes and multiplied with up to four
+//!   activation rows; block scales are applied per block (`acc += d * (x . q)`), the 4-bit
+//!   formats' `m * sum(x)` term from the precomputed block sums. Two accumulator sets alternate
+//!   between blocks so that consecutive blocks do not wait on one FMA chain.
 //!
 //! Safety contract of every `unsafe fn` here (checked by the safe caller in `super`): `row` holds
 //! `nb` blocks of the format, each `xs[r]` holds `nb * 32` floats and each `sums[r]` `nb` floats,
@@ -111,79 +114,63 @@ unsafe fn weights512(format: QFormat, blk: *const u8) -> (__m512, __m512) {
     )
 }
 
-/// One block times `R` activation rows, the two halves into separate accumulators so that the
-/// two multiply-adds of a row do not wait on each other.
-#[inline(always)]
-unsafe fn step512<const R: usize>(
-    format: QFormat,
-    blk: *const u8,
-    x_at: usize,
-    xs: &[*const f32; R],
-    acc: &mut [[__m512; 2]; R],
-) {
-    let (w0, w1) = weights512(format, blk);
-    for r in 0..R {
-        let x = xs[r].add(x_at);
-        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x), w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16)), w1, acc[r][1]);
-    }
-}
-
-/// Dot products of one weight row with `R` activation rows (`sums` is not read: the weights are
-/// dequantized in registers, see [`weights512`]).
+/// Products of `W` weight rows with `R` activation rows: each weight block is dequantized once
+/// ([`weights512`]) for the `R` rows, and each activation vector loaded once for the `W` weight
+/// rows. `sum(x * w)` in float32 lanes, as the product with candle's dequantized weights up to
+/// summation order.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn dot_rows_avx512<const R: usize>(
+pub(super) unsafe fn tile_avx512<const R: usize, const W: usize>(
     format: QFormat,
-    row: *const u8,
+    rows: [*const u8; W],
     nb: usize,
     xs: [*const f32; R],
-    _sums: [*const f32; R],
-) -> [f32; R] {
+) -> [[f32; R]; W] {
     // One loop per format: with the format a run-time value LLVM kept its branches inside the
     // block loop.
     match format {
-        QFormat::Q4_0 => rows512::<R, 0>(row, nb, xs),
-        QFormat::Q4_1 => rows512::<R, 1>(row, nb, xs),
-        QFormat::Q8_0 => rows512::<R, 2>(row, nb, xs),
+        QFormat::Q4_0 => tile512::<R, W, 0>(rows, nb, xs),
+        QFormat::Q4_1 => tile512::<R, W, 1>(rows, nb, xs),
+        QFormat::Q8_0 => tile512::<R, W, 2>(rows, nb, xs),
     }
 }
 
-/// [`dot_rows_avx512`] for the format `[Q4_0, Q4_1, Q8_0][F]`.
+/// [`tile_avx512`] for the format `[Q4_0, Q4_1, Q8_0][F]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn rows512<const R: usize, const F: usize>(
-    row: *const u8,
+unsafe fn tile512<const R: usize, const W: usize, const F: usize>(
+    rows: [*const u8; W],
     nb: usize,
     xs: [*const f32; R],
-) -> [f32; R] {
+) -> [[f32; R]; W] {
     let format = [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0][F];
     let bytes = format.block_bytes();
-    let mut acc0 = [[_mm512_setzero_ps(); 2]; R];
-    let mut acc1 = [[_mm512_setzero_ps(); 2]; R];
-    if R > 4 {
-        // Four accumulators a row would not fit in the registers: one set, whose chains are
-        // long enough at this width (2R independent multiply-adds a block).
-        for b in 0..nb {
-            let blk = row.add(b * bytes);
+    // A block's two halves go to separate accumulators (independent chains) while that fits in
+    // the 32 registers; past it the R * W chains are independent enough.
+    let h = usize::from(R * W <= 8);
+    let mut acc = [[[_mm512_setzero_ps(); 2]; R]; W];
+    for b in 0..nb {
+        // Plain loops, not `array::from_fn`: its closure was not inlined into this function.
+        let mut w = [(_mm512_setzero_ps(), _mm512_setzero_ps()); W];
+        for i in 0..W {
+            let blk = rows[i].add(b * bytes);
+            // A hint: an address past the weights is never read, hence `wrapping_add`.
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_AHEAD) as *const i8);
-            step512(format, blk, b * 32, &xs, &mut acc0);
+            w[i] = weights512(format, blk);
         }
-    } else {
-        pairs(
-            row,
-            nb,
-            bytes,
-            |blk, b| step512(format, blk, b * 32, &xs, &mut acc0),
-            |blk, b| step512(format, blk, b * 32, &xs, &mut acc1),
-        );
+        for r in 0..R {
+            let x = xs[r].add(b * 32);
+            let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+            for i in 0..W {
+                acc[i][r][0] = _mm512_fmadd_ps(x0, w[i].0, acc[i][r][0]);
+                acc[i][r][h] = _mm512_fmadd_ps(x1, w[i].1, acc[i][r][h]);
+            }
+        }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let s = _mm512_add_ps(
-            _mm512_add_ps(acc0[r][0], acc0[r][1]),
-            _mm512_add_ps(acc1[r][0], acc1[r][1]),
-        );
-        out[r] = _mm512_reduce_add_ps(s);
+    let mut out = [[0f32; R]; W];
+    for i in 0..W {
+        for r in 0..R {
+            out[i][r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][r][0], acc[i][r][1]));
+        }
     }
     out
 }
