@@ -94,6 +94,11 @@ fn avx_dot_is_the_portable_dot_bit_for_bit() {
         let (a, b) = (fill(n, 3), fill(n, 4));
         let avx = <x86::Avx as Dot>::dot(&a, &b);
         assert_eq!(avx.to_bits(), dot(&a, &b).to_bits(), "length {n}");
+        let bs = [b.clone(), fill(n, 5), fill(n, 6), fill(n, 7)];
+        let four = <x86::Avx as Dot>::dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+        for (got, b) in four.iter().zip(&bs) {
+            assert_eq!(got.to_bits(), dot(&a, b).to_bits(), "dot4, length {n}");
+        }
     }
 }
 
