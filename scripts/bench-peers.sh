@@ -12,6 +12,7 @@
 #
 # env: GLM_BENCH_THREADS (default: nproc), GLM_BENCH_REPEAT (runs per figure, median; default 3),
 #      GLM_BENCH_DECODE_TOKENS (single-stream decode length, default 128),
+#      GLM_BENCH_ROUNDS (interleaved single-stream decode rounds, default 5; 0 skips them),
 #      OMP_WAIT_POLICY (passed to llama.cpp's OpenMP threads; unset = llama.cpp's default
 #      spin-waiting, which collapses when other processes share the cores: PASSIVE then),
 #      GLM_BENCH_OUT (default target/bench-peers), GLM_BENCH_CACHE (peer venv, ~/.cache/kubeglm-bench),
@@ -22,6 +23,7 @@ cd "$root"
 threads="${GLM_BENCH_THREADS:-$(nproc)}"
 repeat="${GLM_BENCH_REPEAT:-3}"
 decode_tokens="${GLM_BENCH_DECODE_TOKENS:-128}"
+rounds="${GLM_BENCH_ROUNDS:-5}"
 out="${GLM_BENCH_OUT:-$root/target/bench-peers}"
 gguf="$root/.models/SmolLM2-135M-Instruct.Q4_1.gguf"
 minilm="$root/.models/all-MiniLM-L6-v2"
@@ -34,12 +36,14 @@ cargo build --release -p glm-inference >&2
 bin="${CARGO_TARGET_DIR:-$root/target}/release/glm-inference"
 
 server_pid=""
+pids=() # servers running side by side (the interleaved decode rounds)
 stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
+  for pid in $server_pid "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  server_pid=""
+  pids=()
 }
 trap stop_server EXIT
 
@@ -93,6 +97,36 @@ for mode in auto quantized; do
   rm -f "$out/glm-$mode.raw"
   stop_server
 done
+
+# Single-stream decode again, the sides taking turns: llama.cpp's rate moved between 72 and 103
+# tok/s from one run of this script to the next while ours stayed within a few percent, so a
+# ratio of two figures taken minutes apart says little. Turns a few seconds apart see the same
+# machine; each side's figure in a round is the median of GLM_BENCH_REPEAT decodes, and the table
+# reports the median of the per-round ratios.
+if [ "$rounds" -gt 0 ]; then
+  echo "-- single-stream decode, $rounds interleaved rounds" >&2
+  declare -A urls=()
+  for mode in auto quantized; do
+    port="$(free_port)"
+    urls[$mode]="http://127.0.0.1:$port"
+    RUST_LOG=warn "$bin" --model "smollm2=$gguf" --host 127.0.0.1 --port "$port" --threads "$threads" \
+      --gguf-mode "$mode" &
+    server_pid=$!
+    pids+=("$server_pid")
+    wait_ready "${urls[$mode]}" /ready
+  done
+  : >"$out/decode-rounds.jsonl"
+  for _ in $(seq "$rounds"); do
+    l=$("$py" scripts/bench/llamacpp_bench.py --gguf "$gguf" --threads "$threads" --repeat "$repeat" \
+      --decode-tokens "$decode_tokens" --decode-only 2>>"$out/llamacpp.log")
+    a=$("$py" scripts/bench/server_bench.py --url "${urls[auto]}" --ignore-eos --repeat "$repeat" \
+      --decode-tokens "$decode_tokens" --decode-only)
+    q=$("$py" scripts/bench/server_bench.py --url "${urls[quantized]}" --ignore-eos --repeat "$repeat" \
+      --decode-tokens "$decode_tokens" --decode-only)
+    echo "{\"llama\": $l, \"auto\": $a, \"quantized\": $q}" >>"$out/decode-rounds.jsonl"
+  done
+  stop_server
+fi
 
 echo "-- llama-cpp-python server (streaming load, for TTFT / inter-token latency)" >&2
 port="$(free_port)"

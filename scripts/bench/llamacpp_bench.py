@@ -111,10 +111,14 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=64)
+    ap.add_argument("--decode-only", action="store_true", help="only the single-stream decode row")
     args = ap.parse_args()
     bench = Bench(args.gguf, args.threads)
     decode_rate(bench, 8)  # warm-up
     med = lambda f: statistics.median(f() for _ in range(args.repeat))  # noqa: E731
+    if args.decode_only:
+        print(json.dumps({"decode_tok_s": med(lambda: decode_rate(bench, args.decode_tokens))}))
+        return
     result = {
         "version": L.__version__,
         "system_info": L.llama_print_system_info().decode(errors="replace"),

@@ -94,8 +94,12 @@ def main():
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--secs", type=float, default=3.0)
     ap.add_argument("--skip-chat", action="store_true", help="only the embedding rows")
+    ap.add_argument("--decode-only", action="store_true", help="only the single-stream decode row")
     args = ap.parse_args()
     result = {}
+    if args.decode_only:
+        print(json.dumps({"decode_tok_s": decode(args)}))
+        return
     if not args.skip_chat:
         result["decode_tok_s"] = decode(args)
         s = streams(args)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Assemble the JSON files of scripts/bench-peers.sh into the markdown table of issue 13."""
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def main(d):
             print(f"{name}, 16 concurrent streaming requests x 64 tokens: {res['tok_per_s']:.1f} tok/s, "
                   f"TTFT p50 {res['ttft_p50_ms']:.0f} ms p99 {res['ttft_p99_ms']:.0f} ms, "
                   f"ITL p50 {res['itl_p50_ms']:.1f} ms p99 {res['itl_p99_ms']:.1f} ms")
+    rounds = [json.loads(line) for line in (d / "decode-rounds.jsonl").read_text().splitlines()
+              if line.strip()] if (d / "decode-rounds.jsonl").is_file() else []
+    if rounds:
+        med = lambda xs: statistics.median(xs)  # noqa: E731
+        rate = lambda r, side: r[side]["decode_tok_s"]  # noqa: E731
+        print(f"\nSingle-stream decode in {len(rounds)} interleaved rounds (llama.cpp, then `auto`, then "
+              f"`quantized`, seconds apart; each the median of its repeats), tok/s per round:")
+        for side in ("llama", "auto", "quantized"):
+            print(f"- {side}: {', '.join(f'{rate(r, side):.0f}' for r in rounds)} "
+                  f"(median {med([rate(r, side) for r in rounds]):.0f})")
+        for mode, goal in (("auto", 1.0), ("quantized", 1 / 1.5)):
+            ratios = [rate(r, mode) / rate(r, "llama") for r in rounds]
+            met = "yes" if med(ratios) >= goal else "NO"
+            print(f"- `{mode}` / llama.cpp per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+                  f"median {med(ratios):.2f}x (goal >= {goal:.2f}x: {met})")
     if llama.get("version") or hf.get("versions"):
         print(f"\nPeers: llama-cpp-python {llama.get('version', '?')} ({llama.get('system_info', '')[:80]}); "
               f"{hf.get('versions', '?')}")
