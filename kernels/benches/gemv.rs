@@ -5,7 +5,7 @@
 //!
 //! cargo bench -p glm-kernels --bench gemv
 //! env: GLM_THREADS (pool size, default all CPUs), GLM_BENCH_ACTS (`f32`, `int8`; default both),
-//! GLM_BENCH_HOT (0: skip the single-matrix cases).
+//! GLM_BENCH_HOT (0: skip the single-matrix cases), GLM_BENCH_M (activation rows, default 1,4,16).
 //!
 //! Without `--bench` (`cargo test --all-targets`) it runs each case once and measures nothing.
 use std::time::Instant;
@@ -38,6 +38,15 @@ fn activations(n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect()
+}
+
+/// Activation rows per case: GLM_BENCH_M (comma-separated), default 1, 4, 16.
+fn rows_list() -> Vec<usize> {
+    std::env::var("GLM_BENCH_M")
+        .ok()
+        .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect())
+        .filter(|ms: &Vec<usize>| !ms.is_empty())
+        .unwrap_or_else(|| vec![1, 4, 16])
 }
 
 /// Seconds per call of `run`, over at least `min_secs` (one call when not benchmarking).
@@ -95,6 +104,7 @@ fn main() {
         "{:>26} | {:>5} | {:>2} | {:>8} | {:>6} | {:>8}",
         "case", "acts", "m", "us/call", "GB/s", "ns/block"
     );
+    let ms = rows_list();
     let wanted = std::env::var("GLM_BENCH_ACTS").unwrap_or_else(|_| "f32,int8".into());
     let hot_cases = std::env::var("GLM_BENCH_HOT").map_or(true, |v| v != "0");
     for int8 in [false, true] {
@@ -110,7 +120,7 @@ fn main() {
         ];
         for (name, format, rows, cols) in hot.into_iter().filter(|_| hot_cases) {
             let w = weight(format, rows, cols, 1).with_int8_activations(int8);
-            for m in [1, 4, 16] {
+            for &m in &ms {
                 let x = activations(m * cols);
                 let mut out = vec![0f32; m * rows];
                 let t = time(bench, secs, || w.matmul(&x, m, &mut out));
@@ -125,6 +135,7 @@ fn main() {
 
 /// The decode step's weight walk: 30 layers and the output projection.
 fn walk(bench: bool, secs: f64, acts: &str, int8: bool, fused: bool) {
+    let ms = rows_list();
     let layers: Vec<Layer> = (0..if bench { 30 } else { 1 })
         .map(|l| layer(l + 10, int8, fused))
         .collect();
@@ -137,7 +148,7 @@ fn walk(bench: bool, secs: f64, acts: &str, int8: bool, fused: bool) {
     } else {
         "model: 30 layers + lm_head"
     };
-    for m in [1, 4, 16] {
+    for &m in &ms {
         let x = activations(m * 1536);
         let mut out = vec![0f32; m * 49152];
         let t = time(bench, secs, || {

@@ -41,9 +41,16 @@ pub use super::Isa;
 use super::SyncPtr;
 pub use format::QFormat;
 
-/// Activation rows above which the product runs as dequantized panels times gemm. Below it the
-/// fused kernels win: they read each weight block once per four rows without writing floats.
+/// Activation rows above which the product runs as dequantized panels times gemm (AVX-512 float32:
+/// [`FUSED_MAX_ROWS_AVX512`]). Below it the fused kernels win: they read each weight block once
+/// per four rows without writing floats.
 pub const GEMV_MAX_ROWS: usize = 16;
+
+/// [`GEMV_MAX_ROWS`] for the AVX-512 float32 kernel, whose tiles take eight rows a pass: the gemv
+/// bench's 30-layer walk at 24 / 32 / 48 / 64 / 128 rows took 56-59 / 65-75 / 105-112 / 147-156
+/// / 305-339 ms fused against 178-190 / 189-191 / 210-215 / 236-240 / 297-336 ms as panels,
+/// which first write every weight out as a float (prompts of a few dozen tokens paid that).
+pub const FUSED_MAX_ROWS_AVX512: usize = 96;
 
 /// Floats of one dequantized panel (4 MiB: stays in L2/L3 while gemm walks the activations).
 const PANEL_FLOATS: usize = 1 << 20;
@@ -218,12 +225,21 @@ impl QWeight {
         }
         if self.packed {
             self.gemm_packed(x, m, out)
-        } else if m > GEMV_MAX_ROWS {
+        } else if m > self.fused_max_rows() {
             self.gemm(x, m, out)
         } else if self.int8 {
             self.gemv_q8(x, m, out)
         } else {
             self.gemv(x, m, out)
+        }
+    }
+
+    /// Activation rows up to which float32 products run fused kernels rather than panels.
+    fn fused_max_rows(&self) -> usize {
+        if self.isa == Isa::Avx512 && !self.int8 {
+            FUSED_MAX_ROWS_AVX512
+        } else {
+            GEMV_MAX_ROWS
         }
     }
 

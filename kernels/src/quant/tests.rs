@@ -98,7 +98,8 @@ fn row_tiles_of_every_width_match_candle_reference() {
 #[test]
 fn gemm_panels_match_candle_reference() {
     for dtype in FORMATS {
-        for m in [GEMV_MAX_ROWS + 1, 40] {
+        // Panels for every ISA past FUSED_MAX_ROWS_AVX512 (fused kernels below it on AVX-512).
+        for m in [GEMV_MAX_ROWS + 1, 40, FUSED_MAX_ROWS_AVX512 + 1] {
             check(dtype, m, 45, 96);
         }
     }
