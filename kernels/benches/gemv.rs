@@ -49,8 +49,14 @@ fn rows_list() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 4, 16])
 }
 
-/// Seconds per call of `run`, over at least `min_secs` (one call when not benchmarking).
-fn time(bench: bool, min_secs: f64, mut run: impl FnMut()) -> f64 {
+/// Seconds per call of `run`, over at least `min_secs` (one call when not benchmarking). Timed
+/// on a pool worker, as the server runs every forward pass (`on_pool`): called from outside the
+/// pool, each product's fork-join would also pay for waking the pool.
+fn time(bench: bool, min_secs: f64, run: impl FnMut() + Send) -> f64 {
+    glm_kernels::on_pool(|| time_here(bench, min_secs, run))
+}
+
+fn time_here(bench: bool, min_secs: f64, mut run: impl FnMut()) -> f64 {
     run();
     if !bench {
         return 0.0;

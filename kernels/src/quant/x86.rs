@@ -17,9 +17,12 @@ use super::QFormat;
 
 /// Bytes ahead of the block being read that the kernels prefetch. Decode streams every weight
 /// once per token: in `benches/gemv.rs`, walking 30 layers' distinct matrices (weights from
-/// memory, not cache) took ~15% less time with this than with the hardware prefetcher alone,
-/// which restarts at every row chunk of every matrix.
-pub(super) const PREFETCH_AHEAD: usize = 1024;
+/// memory, not cache) took ~15% less time with 1 KiB than with the hardware prefetcher alone,
+/// which restarts at every row chunk of every matrix. With the faster AVX-512 tiles and the
+/// bench timed on a pool worker, 2 KiB took ~8% less than 1 KiB for one float32 row (medians of
+/// four interleaved rounds, 2.1 vs 2.3 ns a block; 4 and 8 KiB no better than 2) and 1.20-1.35 vs
+/// 1.24-1.78 ns for int8.
+pub(super) const PREFETCH_AHEAD: usize = 2048;
 
 /// Calls `even(block, b)` and `odd(block, b)` for blocks `0..nb` of `row` in turn, so that
 /// kernels keep one accumulator set per closure and consecutive blocks do not wait on one FMA
