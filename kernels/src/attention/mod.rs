@@ -124,16 +124,17 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Offsets of positions `0..kv_len`'s keys (`width` = key_dim) or values (value_dim) for this
-    /// tile's key/value head. Walking the block table, not dividing each position by the block
-    /// size: in a 16-stream decode profile the two divisions per position (keys, then values) cost
-    /// about as much as the position's dot product and value update.
-    fn kv_offsets(&self, kv_len: usize, width: usize) -> Vec<usize> {
+    /// Rows of positions `0..kv_len` for this tile's key/value head in the `[rows, kv_heads, _]`
+    /// pools (times key_dim or value_dim: the offset of the key or value). Walking the block table,
+    /// not dividing each position by the block size: in a 16-stream decode profile the two
+    /// divisions per position (keys, then values) cost about as much as the position's dot
+    /// product and value update.
+    fn kv_slots(&self, kv_len: usize) -> Vec<usize> {
         let (bs, heads, g) = (self.d.block_size, self.d.kv_heads, self.it.g);
         self.span
             .blocks
             .iter()
-            .flat_map(|&b| (0..bs).map(move |o| ((b as usize * bs + o) * heads + g) * width))
+            .flat_map(|&b| (0..bs).map(move |o| (b as usize * bs + o) * heads + g))
             .take(kv_len)
             .collect()
     }
@@ -231,8 +232,8 @@ fn tile_dots_body<D: Dot>(t: &Tile) -> Vec<f32> {
         &q[at..at + dk]
     };
     let mut scores = vec![0f32; rows * kv_len];
-    let keys = t.kv_offsets(kv_len, dk);
-    let key = |j: usize| &k[keys[j]..keys[j] + dk];
+    let slots = t.kv_slots(kv_len);
+    let key = |j: usize| &k[slots[j] * dk..(slots[j] + 1) * dk];
     for r in 0..rows {
         // Query i sees position j when first + i >= j.
         let seen = first + r / groups + 1;
@@ -255,11 +256,10 @@ fn tile_dots_body<D: Dot>(t: &Tile) -> Vec<f32> {
         softmax_in_place(&mut scores[r * kv_len..r * kv_len + seen]);
     }
     let mut out = vec![0f32; rows * dv];
-    let values = t.kv_offsets(kv_len, dv);
     for (r, out) in out.chunks_exact_mut(dv).enumerate() {
         let seen = first + r / groups + 1;
         weighted_sum(out, &scores[r * kv_len..r * kv_len + seen], |j| {
-            &v[values[j]..values[j] + dv]
+            &v[slots[j] * dv..(slots[j] + 1) * dv]
         });
     }
     out
@@ -307,10 +307,11 @@ fn tile_gemm(t: &Tile) -> Vec<f32> {
         let at = ((t.span.offset + it.i0 + i) * d.heads + it.g * g.groups) * g.dk;
         queries.extend_from_slice(&t.q[at..at + g.groups * g.dk]);
     }
+    let slots = t.kv_slots(g.kv_len);
     let gather = |src: &[f32], width: usize| {
         let mut out = Vec::with_capacity(g.kv_len * width);
-        for at in t.kv_offsets(g.kv_len, width) {
-            out.extend_from_slice(&src[at..at + width]);
+        for &s in &slots {
+            out.extend_from_slice(&src[s * width..(s + 1) * width]);
         }
         out
     };

@@ -245,12 +245,12 @@ impl QWeight {
 
     /// Fused float32 kernels, four activation rows per pass (AVX-512: [`QWeight::gemv_avx512`]).
     fn gemv(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let k = self.cols;
-        let nb = k / QFormat::BLOCK;
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 {
             return self.gemv_avx512(x, m, out);
         }
+        let k = self.cols;
+        let nb = k / QFormat::BLOCK;
         let sums: Vec<f32> = if self.format.has_sums() {
             x.chunks_exact(QFormat::BLOCK)
                 .map(|b| b.iter().sum())

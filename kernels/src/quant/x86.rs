@@ -178,7 +178,7 @@ unsafe fn tile512<const R: usize, const W: usize, const F: usize>(
     out
 }
 
-/// One row of `nb` blocks to float32, bit-identical to candle's `to_float` (`q * d` is exact).
+/// One row of `nb` blocks to float32, bit-identical to candle's `to_float` ([`weights512`]).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn dequantize_row_avx512(
     format: QFormat,
@@ -188,26 +188,9 @@ pub(super) unsafe fn dequantize_row_avx512(
 ) {
     let bytes = format.block_bytes();
     for b in 0..nb {
-        let blk = row.add(b * bytes);
-        let o = out.add(b * 32);
-        if format == QFormat::Q8_0 {
-            let d = _mm512_broadcastss_ps(scale(blk));
-            for h in 0..2 {
-                let q =
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
-                _mm512_storeu_ps(o.add(16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-            }
-        } else {
-            let has_min = format == QFormat::Q4_1;
-            let (d, m) = scale_min(blk, has_min);
-            let (d, m) = (_mm512_broadcastss_ps(d), _mm512_set1_ps(m));
-            let qoff = if has_min { 4 } else { 2 };
-            let qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
-            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(0x0F)));
-            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qi));
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(lo, d, m));
-            _mm512_storeu_ps(o.add(16), _mm512_fmadd_ps(hi, d, m));
-        }
+        let (w0, w1) = weights512(format, row.add(b * bytes));
+        _mm512_storeu_ps(out.add(b * 32), w0);
+        _mm512_storeu_ps(out.add(b * 32 + 16), w1);
     }
 }
 
