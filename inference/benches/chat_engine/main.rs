@@ -4,7 +4,8 @@
 //!
 //! cargo bench -p glm-inference --bench chat_engine -- [--model PATH] [--concurrency 1,4,16,64]
 //!     [--prompt-tokens 64] [--max-tokens 64] [--load-format auto|dummy] [--device cpu|cuda]
-//!     [--dtype auto|f32|bf16] [--kv-cache-memory BYTES] [--hbm-gbps 4800]
+//!     [--dtype auto|f32|bf16] [--gguf-mode auto|quantized|dequantized]
+//!     [--kv-cache-memory BYTES] [--hbm-gbps 4800]
 //!     [--parity FIXTURE_DIR ...] [--bf16-tol 0.15]
 //!
 //! Per concurrency: aggregate tokens/s (all tokens / wall time), its ratio to one stream, time to
@@ -29,6 +30,7 @@ use glm_inference::config::{all_devices, ByteSize, DeviceChoice, DtypeChoice};
 use glm_inference::engine::{
     ChatEngine, EngineConfig, Event, GenerateRequest, SamplingParams, StopParams,
 };
+use glm_inference::models::chat::gguf::GgufMode;
 use glm_inference::models::chat::{self, ChatLoadOptions, LoadFormat};
 use glm_inference::models::detect_family;
 
@@ -49,6 +51,9 @@ struct Opts {
     device: DeviceChoice,
     #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
     dtype: DtypeChoice,
+    /// How GGUF blocks are multiplied (the server's `--gguf-mode`).
+    #[arg(long, default_value = "auto")]
+    gguf_mode: GgufMode,
     #[arg(long)]
     kv_cache_memory: Option<ByteSize>,
     /// Tokens per forward pass (prefill chunks plus decode tokens).
@@ -83,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     let load = ChatLoadOptions {
         dtype: opts.dtype.dtype(),
         load_format: opts.load_format,
+        gguf_mode: opts.gguf_mode,
         kv_cache_memory: opts.kv_cache_memory.map(|b| b.0),
         ..ChatLoadOptions::on(&device)
     };
