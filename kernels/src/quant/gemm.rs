@@ -1,5 +1,5 @@
 //! Products over packed tiles (int8 activations on AVX-512 VNNI, every row count) and, past
-//! [`super::GEMV_MAX_ROWS`] rows with float32 activations, dequantized panels times gemm.
+//! [`super::GEMV_MAX_ROWS`] rows with float32 activations, dequantized panels times our GEMM.
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -110,57 +110,46 @@ impl QWeight {
         }
     }
 
-    /// Dequantized panels of weight rows times gemm.
+    /// Dequantized panels of weight rows times our float32 GEMM ([`crate::sgemm`]): weight rows
+    /// are dequantized straight into its packed layout, a group of panels at a time, then chunks
+    /// of activation rows go to the pool. It replaced gemm's `gemm` on dequantized row-major
+    /// panels, which packed each panel again on every call: a 1,000-token prompt's TTFT fell by
+    /// ~8% (perf: 59% of a 16 x 64-token prefill in gemm's microkernel plus 6% in its packing).
     pub(super) fn gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        use crate::sgemm::{matmul_raw, PackedB, NR};
         thread_local! {
-            static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+            static PANELS: RefCell<PackedB> = RefCell::new(PackedB::default());
         }
         let (n, k) = (self.rows, self.cols);
-        let panel_rows = (PANEL_FLOATS / k).max(16).min(n);
+        let group = (PANEL_FLOATS / k / NR * NR).max(NR).min(n);
         let threads = rayon::current_num_threads();
-        PANEL.with(|cell| {
-            let mut panel = cell.borrow_mut();
-            if panel.len() < panel_rows * k {
-                panel.resize(panel_rows * k, 0.0);
-            }
+        let chunk = m.div_ceil(threads * 3).max(12);
+        PANELS.with(|cell| {
+            let mut b = cell.borrow_mut();
             let mut p0 = 0;
             while p0 < n {
-                let rows = panel_rows.min(n - p0);
-                let panel = &mut panel[..rows * k];
-                panel
-                    .par_chunks_mut(k)
-                    .enumerate()
-                    .for_each(|(i, out)| self.dequantize_row(p0 + i, out));
-                // SAFETY: dst is [m, n] with row stride n and this panel's columns p0..p0+rows;
-                // lhs is [m, k] row-major; rhs is the panel read as [k, rows] (column j = weight
-                // row p0 + j, contiguous). All three buffers have those sizes.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        rows,
-                        k,
-                        out.as_mut_ptr().add(p0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        panel.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        if threads > 1 {
-                            gemm::Parallelism::Rayon(threads)
-                        } else {
-                            gemm::Parallelism::None
-                        },
-                    )
-                }
+                let rows = group.min(n - p0);
+                b.pack_weight_rows(rows, k, |j, row| self.dequantize_row(p0 + j, row));
+                let b = &*b;
+                let dst = SyncPtr(out.as_mut_ptr());
+                (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
+                    let r0 = t * chunk;
+                    let mr = chunk.min(m - r0);
+                    // SAFETY: x holds m rows of k; out is [m, n] and this task writes rows
+                    // r0..r0 + mr, columns p0..p0 + rows only; the weight's ISA was detected.
+                    unsafe {
+                        matmul_raw(
+                            self.isa,
+                            &x[r0 * k..],
+                            k,
+                            mr,
+                            b,
+                            dst.get().add(r0 * n + p0),
+                            n,
+                            0..b.panels(),
+                        )
+                    }
+                });
                 p0 += rows;
             }
         })

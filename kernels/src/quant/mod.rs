@@ -15,7 +15,8 @@
 //!   and multiplied with up to eight (AVX-512) or four (AVX2+FMA) activation rows; weight rows are
 //!   split across the rayon pool. The kernels are chosen at run time, with a portable fallback.
 //! - Many rows (prefill): panels of weight rows are dequantized to float32 (bit-identical to
-//!   candle's dequantization) and multiplied by gemm's microkernels: a GEMM, not repeated GEMVs.
+//!   candle's dequantization) straight into [`crate::sgemm`]'s packed layout and multiplied by
+//!   its microkernels: a GEMM, not repeated GEMVs.
 //!
 //! Profile that motivated it (perf, SmolLM2-135M Q4_1): candle's scalar `BlockQ4_1::vec_dot_unopt`
 //! was 72% of decode samples in quantized mode, and dequantized float32 weights (auto mode) made
@@ -41,7 +42,7 @@ pub use super::Isa;
 use super::SyncPtr;
 pub use format::QFormat;
 
-/// Activation rows above which the product runs as dequantized panels times gemm (AVX-512 float32:
+/// Activation rows above which the product runs as dequantized panels times a GEMM (AVX-512 float32:
 /// [`FUSED_MAX_ROWS_AVX512`]). Below it the fused kernels win: they read each weight block once
 /// per four rows without writing floats.
 pub const GEMV_MAX_ROWS: usize = 16;
@@ -52,7 +53,8 @@ pub const GEMV_MAX_ROWS: usize = 16;
 /// which first write every weight out as a float (prompts of a few dozen tokens paid that).
 pub const FUSED_MAX_ROWS_AVX512: usize = 96;
 
-/// Floats of one dequantized panel (4 MiB: stays in L2/L3 while gemm walks the activations).
+/// Floats of one group of dequantized panels (4 MiB: stays in L2/L3 while the GEMM walks the
+/// activations).
 const PANEL_FLOATS: usize = 1 << 20;
 
 /// A `[rows, cols]` weight matrix in GGUF blocks, row-major (each row `cols / 32` blocks).

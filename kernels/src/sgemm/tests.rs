@@ -112,6 +112,19 @@ fn packing_rows_equals_packing_the_transposed_weight() {
 }
 
 #[test]
+fn packing_generated_rows_into_a_used_buffer_equals_packing_the_weight() {
+    let (k, n) = (19, 45);
+    let w = values(n * k, 5);
+    let want = PackedB::from_weight(&w, n, k, k, None);
+    // A buffer that held a larger product first: its stale values must not survive.
+    let mut got = PackedB::from_weight(&values(100 * 40, 6), 100, 40, 40, None);
+    got.pack_weight_rows(n, k, |j, row| row.copy_from_slice(&w[j * k..(j + 1) * k]));
+    let panels = |p: &PackedB| p.data[p.at..p.at + n.div_ceil(NR) * k * NR].to_vec();
+    assert_eq!((got.k(), got.n()), (k, n));
+    assert_eq!(panels(&got), panels(&want));
+}
+
+#[test]
 fn parallel_products_split_rows_or_columns_and_run_the_epilogue_once_per_row() {
     for &(m, n, k) in &[(3, 70, 40), (200, 40, 33)] {
         let a = values(m * k, 9);
