@@ -4,7 +4,7 @@
 //! profile of all-MiniLM-L6-v2. This evaluates erf with the rational approximation XLA and Eigen
 //! use for float32 (|x| clamped to 4, odd polynomial over even polynomial; a few ulp of error),
 //! in a loop the compiler vectorises for the AVX-512 / AVX2 code paths chosen at run time.
-use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor, D};
 
 /// `0.5 x (1 + erf(x / sqrt 2))`, in place when the tensor is a contiguous float32 CPU tensor,
 /// else candle's own.
@@ -16,6 +16,39 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     let xs = xs.copy()?;
     xs.inplace_op1(&GeluErf)?;
     Ok(xs)
+}
+
+/// `silu(gate) * up` for `gu` `[.., 2 * width]` holding each row's gate then up projection (a
+/// joined gate/up output), as [`crate::rows::silu_mul`] on a contiguous float32 CPU tensor, else
+/// with candle's ops.
+pub fn silu_mul(gu: &Tensor, width: usize) -> Result<Tensor> {
+    let candle = || {
+        let gate = gu.narrow(D::Minus1, 0, width)?;
+        let up = gu.narrow(D::Minus1, width, width)?;
+        gate.silu()? * up
+    };
+    let joined = gu.dims().last() == Some(&(2 * width));
+    if !joined || !gu.device().is_cpu() || gu.dtype() != candle_core::DType::F32 {
+        return candle();
+    }
+    let mut shape = gu.dims().to_vec();
+    let out = {
+        let (storage, layout) = gu.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            drop(storage);
+            return candle();
+        };
+        let gu = &v[start..end];
+        let mut out = vec![0f32; gu.len() / 2];
+        crate::rows::silu_mul(gu, width, &mut out);
+        out
+    };
+    if let Some(last) = shape.last_mut() {
+        *last = width;
+    }
+    Tensor::from_vec(out, shape, gu.device())
 }
 
 struct GeluErf;
@@ -148,5 +181,30 @@ mod tests {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
         assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+    }
+
+    #[test]
+    fn joined_silu_mul_matches_candle_on_contiguous_and_strided_input() {
+        let v: Vec<f32> = (0..3 * 2 * 50).map(|i| (i as f32 - 150.0) / 20.0).collect();
+        let gu = Tensor::from_vec(v, (3, 100), &candle_core::Device::Cpu).unwrap();
+        let theirs = |gu: &Tensor| -> Vec<f32> {
+            let g = gu.narrow(D::Minus1, 0, 50).unwrap().silu().unwrap();
+            (g * gu.narrow(D::Minus1, 50, 50).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // A transposed copy's view is not contiguous: that input goes to candle's ops.
+        let strided = gu.t().unwrap().contiguous().unwrap().t().unwrap();
+        for input in [&gu, &strided] {
+            let ours = silu_mul(input, 50).unwrap();
+            assert_eq!(ours.dims(), &[3, 50]);
+            let ours: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+            for (a, b) in ours.iter().zip(theirs(input)) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
     }
 }

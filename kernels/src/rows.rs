@@ -100,6 +100,33 @@ multiversion! {
 }
 
 multiversion! {
+    /// `xs` becomes `softmax(xs)` as candle's `softmax_last_dim` computes it (max subtracted,
+    /// exponentiated, divided by the sum), with [`exp`] in vector lanes. In a profile of a
+    /// 1,000-token chat prefill, libm's scalar `expf` in this loop and in SiLU was 12% of samples.
+    pub fn softmax(xs: &mut [f32]) {
+        let m = max(xs);
+        xs.iter_mut().for_each(|x| *x = exp(*x - m));
+        let s = sum(xs);
+        xs.iter_mut().for_each(|x| *x /= s);
+    }
+}
+
+multiversion! {
+    /// `out[r] = silu(gu[r][..width]) * gu[r][width..]` for rows `[gate | up]` of `2 * width`
+    /// values (a joined gate/up projection's output), `silu(x) = x / (1 + exp(-x))` as candle
+    /// computes it, with [`exp`] in vector lanes: one pass instead of candle's copy of the gate
+    /// half, its scalar-`expf` SiLU and the product.
+    pub fn silu_mul(gu: &[f32], width: usize, out: &mut [f32]) {
+        for (row, out) in gu.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+            let (gate, up) = row.split_at(width);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + exp(-g)) * u;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `rows` (`[.., width]`) becomes `LayerNorm(rows + residual) * weight + bias` row by row;
     /// `residual` may be empty (no residual).
     pub fn add_layer_norm(rows: &mut [f32], residual: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
@@ -178,6 +205,34 @@ mod tests {
             for (j, g) in got.iter().enumerate() {
                 let want = (x[j] - mean) / (var + 1e-12).sqrt() * f64::from(w[j]) + f64::from(b[j]);
                 assert!((f64::from(*g) - want).abs() < 1e-5, "{g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_row_softmax_and_silu_mul_match_float64() {
+        let v: Vec<f32> = (0..53).map(|i| ((i * 7919) % 101) as f32 / 7.0 - 9.0).collect();
+        let mut s = v.clone();
+        softmax(&mut s);
+        let m = v.iter().fold(f64::MIN, |m, &x| m.max(f64::from(x)));
+        let total: f64 = v.iter().map(|&x| (f64::from(x) - m).exp()).sum();
+        for (x, g) in v.iter().zip(&s) {
+            let want = (f64::from(*x) - m).exp() / total;
+            assert!((f64::from(*g) - want).abs() < 1e-6, "softmax {g} vs {want}");
+        }
+        // Two rows of [gate | up], gates spanning where exp(-g) over- and underflows.
+        let width = 41;
+        let gu: Vec<f32> = (0..4 * width).map(|i| (i as f32 - 82.0) * 2.5).collect();
+        let mut out = vec![0f32; 2 * width];
+        silu_mul(&gu, width, &mut out);
+        for (row, got) in gu.chunks(2 * width).zip(out.chunks(width)) {
+            for ((g, u), o) in row[..width].iter().zip(&row[width..]).zip(got) {
+                let (g, u) = (f64::from(*g), f64::from(*u));
+                let want = g / (1.0 + (-g).exp()) * u;
+                assert!(
+                    (f64::from(*o) - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "silu({g}) * {u}: {o} vs {want}"
+                );
             }
         }
     }

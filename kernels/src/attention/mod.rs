@@ -2,6 +2,8 @@
 //! in float32, parallel over sequences x key/value heads x query tiles.
 use rayon::prelude::*;
 
+use crate::rows::softmax as softmax_in_place;
+
 /// One sequence of a step.
 #[derive(Debug, Clone, Copy)]
 pub struct Span<'a> {
@@ -432,20 +434,6 @@ mod x86 {
 fn axpy(out: &mut [f32], p: f32, x: &[f32]) {
     for (o, x) in out.iter_mut().zip(x) {
         *o += p * x;
-    }
-}
-
-/// As candle's `softmax_last_dim`: subtract the max, exponentiate, divide by the sum.
-#[inline(always)]
-fn softmax_in_place(xs: &mut [f32]) {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in xs.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    for x in xs.iter_mut() {
-        *x /= sum;
     }
 }
 

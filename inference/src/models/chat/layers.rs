@@ -330,9 +330,7 @@ impl Mlp {
                 intermediate,
             } => {
                 let gu = gate_up.forward(xs)?;
-                let gate = gu.narrow(D::Minus1, 0, *intermediate)?;
-                let up = gu.narrow(D::Minus1, *intermediate, *intermediate)?;
-                down.forward(&(gate.silu()? * up)?)
+                down.forward(&crate::kernels::act::silu_mul(&gu, *intermediate)?)
             }
         }
     }
