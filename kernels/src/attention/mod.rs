@@ -170,16 +170,19 @@ impl Geom {
     }
 }
 
-/// [`tile`] one query-key dot product at a time (decode: a few rows). perf of single-stream
-/// decode (SmolLM2, auto mode): 12% of samples were these loops as LLVM vectorises them (four
-/// lanes with shuffles, even with AVX-512 enabled); the dot products now run on eight-lane AVX
-/// vectors with the same eight partial sums in the same order, so results are bit for bit those
-/// of the portable loops.
+/// [`tile`] by dot products (decode: a few rows). On AVX-512, [`avx512::tile_dots`] (FMAs,
+/// several query rows a pass). On AVX2: perf of single-stream decode (SmolLM2, auto mode) had 12%
+/// of samples in these loops as LLVM vectorises them (four lanes with shuffles); the dot products
+/// run on eight-lane AVX vectors with the same eight partial sums in the same order, so results
+/// are bit for bit those of the portable loops.
 fn tile_dots(t: &Tile) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if crate::Isa::detect() != crate::Isa::Portable {
+    match crate::Isa::detect() {
+        // SAFETY: AVX-512F and FMA were detected on this CPU.
+        crate::Isa::Avx512 => return unsafe { avx512::tile_dots(t) },
         // SAFETY: AVX2 (hence AVX) was detected on this CPU.
-        return unsafe { tile_dots_avx(t) };
+        crate::Isa::Avx2 => return unsafe { tile_dots_avx(t) },
+        crate::Isa::Portable => {}
     }
     tile_dots_body::<Portable>(t)
 }
@@ -437,5 +440,7 @@ fn axpy(out: &mut [f32], p: f32, x: &[f32]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(test)]
 mod tests;

@@ -138,17 +138,84 @@ fn gemm_tiles_match_dot_product_tiles() {
         d,
         scale: 0.125,
     };
-    let want = tile_dots(&t);
+    let want = tile_dots_body::<Portable>(&t);
     let got = tile_gemm(&t);
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!((g - w).abs() <= 1e-5, "{i}: {g} vs {w}");
     }
-    // The widened build of the dot loops is the baseline build, bit for bit.
-    let baseline: Vec<u32> = tile_dots_body::<Portable>(&t)
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
-    let widened: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
-    assert_eq!(widened, baseline);
+    // The AVX2 build of the dot loops is the baseline build, bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::Avx2.supported() {
+        let baseline: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+        // SAFETY: AVX2 is supported.
+        let widened: Vec<u32> = unsafe { tile_dots_avx(&t) }
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(widened, baseline);
+    }
+}
+
+/// The AVX-512 dot-product tiles agree with the portable ones up to summation order, for key and
+/// value widths with and without a tail of 16 lanes, one to six query rows (one pass of four plus
+/// a remainder) and queries that see different numbers of positions.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_dot_tiles_match_the_portable_ones() {
+    if !crate::Isa::Avx512.supported() {
+        return;
+    }
+    let blocks = [3u32, 0, 5, 1, 7, 2, 6, 4];
+    for (heads, kv_heads, dk, dv, n, past) in [
+        (9, 3, 64, 64, 1, 29),
+        (6, 2, 64, 64, 2, 5),
+        (12, 2, 19, 70, 1, 0),
+        (4, 2, 3, 2, 2, 13),
+        (16, 1, 128, 128, 1, 25),
+    ] {
+        let d = Dims {
+            heads,
+            kv_heads,
+            key_dim: dk,
+            value_dim: dv,
+            block_size: 4,
+        };
+        let span = Span {
+            offset: 1,
+            len: n + 1,
+            past,
+            blocks: &blocks,
+        };
+        let rows = 8 * 4 * kv_heads;
+        let (k, v) = (fill(rows * dk, 11), fill(rows * dv, 12));
+        let q = fill((n + 2) * heads * dk, 13);
+        for g in 0..kv_heads {
+            let it = Item {
+                seq: 0,
+                g,
+                i0: 1,
+                n,
+            };
+            let t = Tile {
+                q: &q,
+                k: &k,
+                v: &v,
+                span: &span,
+                it,
+                d,
+                scale: 0.3,
+            };
+            let want = tile_dots_body::<Portable>(&t);
+            // SAFETY: AVX-512 is supported.
+            let got = unsafe { avx512::tile_dots(&t) };
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5,
+                    "heads {heads} dk {dk} dv {dv}: {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
 }
