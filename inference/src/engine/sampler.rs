@@ -54,15 +54,22 @@ impl Sampler {
 
     /// Choose the next token and record it for the penalties of later steps.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let mut work: Vec<f32> = logits
-            .iter()
-            .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
-            .collect();
-        self.apply_penalties(&mut work);
-        let id = if self.params.temperature < GREEDY_TEMPERATURE {
-            argmax(&work)
+        let greedy = self.params.temperature < GREEDY_TEMPERATURE;
+        let id = if greedy && !self.has_penalties() {
+            // No copy to adjust: NaN already loses in `argmax`, as it does after the copy's
+            // NaN -> -inf (one vocabulary-sized copy per sequence per step, 49k floats here).
+            argmax(logits)
         } else {
-            self.draw(&mut work)
+            let mut work: Vec<f32> = logits
+                .iter()
+                .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
+                .collect();
+            self.apply_penalties(&mut work);
+            if greedy {
+                argmax(&work)
+            } else {
+                self.draw(&mut work)
+            }
         };
         let (logprob, top_logprobs) = if self.params.logprobs {
             log_probs(logits, id, self.params.top_logprobs)
@@ -78,6 +85,13 @@ impl Sampler {
             logprob,
             top_logprobs,
         }
+    }
+
+    fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        (p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0)
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -193,14 +207,29 @@ fn top_p_prefix(
 }
 
 /// Index of the largest value; the first one on ties, as `torch.argmax`.
+/// NaN never wins; when nothing beats -inf, the first NaN or -inf (0 for all NaN), as after
+/// mapping NaN to -inf.
+///
+/// Two passes that vectorise (the largest value in 16 lanes, then its first position) instead of
+/// one loop that carries the best index from element to element: a 16-stream decode profile had
+/// 2.8% of samples in greedy sampling over SmolLM2's 49k logits.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] || values[best].is_nan() {
-            best = i;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            // A comparison with NaN is false: NaN is skipped.
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let at_max = |v: f32| v == max || (max == f32::NEG_INFINITY && v.is_nan());
+    values.iter().position(|&v| at_max(v)).unwrap_or(0) as u32
 }
 
 /// Log-probability of `id` and the `top` best tokens under log-softmax(logits).
@@ -239,6 +268,46 @@ fn log_probs(logits: &[f32], id: u32, top: usize) -> (Option<f32>, Vec<(u32, f32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `argmax` as the copy-and-scan it replaced computed it: NaN mapped to -inf, then the first
+    /// index of the largest value.
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nan() {
+        let naive = |v: &[f32]| {
+            let m: Vec<f32> = v
+                .iter()
+                .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+                .collect();
+            let mut best = 0;
+            for (i, &x) in m.iter().enumerate() {
+                if x > m[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut s = 7u64;
+        for len in [0usize, 1, 5, 16, 17, 33, 100] {
+            for _ in 0..50 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        match s >> 61 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            // Few distinct values: ties are common.
+                            _ => ((s >> 40) % 5) as f32,
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), naive(&v), "{v:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, 1.0, 1.0]), 2);
+    }
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams::default();
