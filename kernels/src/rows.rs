@@ -211,7 +211,9 @@ mod tests {
 
     #[test]
     fn one_row_softmax_and_silu_mul_match_float64() {
-        let v: Vec<f32> = (0..53).map(|i| ((i * 7919) % 101) as f32 / 7.0 - 9.0).collect();
+        let v: Vec<f32> = (0..53)
+            .map(|i| ((i * 7919) % 101) as f32 / 7.0 - 9.0)
+            .collect();
         let mut s = v.clone();
         softmax(&mut s);
         let m = v.iter().fold(f64::MIN, |m, &x| m.max(f64::from(x)));
