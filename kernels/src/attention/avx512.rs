@@ -103,9 +103,9 @@ unsafe fn dots<const R: usize>(
                 }
             }
         }
-        for r in 0..R {
-            for i in 0..4 {
-                *s[r].add(j + i) = _mm512_reduce_add_ps(acc[r][i]) * scale;
+        for (acc, s) in acc.iter().zip(s) {
+            for (i, &a) in acc.iter().enumerate() {
+                *s.add(j + i) = _mm512_reduce_add_ps(a) * scale;
             }
         }
         j += 4;
