@@ -81,8 +81,11 @@ impl PackedB {
             .enumerate()
             .for_each(|(p, dst)| {
                 let cols = NR.min(n - p * NR);
-                ROWS.with(|buf| {
-                    let mut buf = buf.borrow_mut();
+                ROWS.with(|cell| {
+                    // Taken already only if `row` itself waits on the pool.
+                    let mut own = Vec::new();
+                    let mut held = cell.try_borrow_mut();
+                    let buf = held.as_deref_mut().unwrap_or(&mut own);
                     buf.resize(NR * k, 0.0);
                     for c in 0..cols {
                         row(p * NR + c, &mut buf[c * k..(c + 1) * k]);

@@ -116,43 +116,51 @@ impl QWeight {
     /// panels, which packed each panel again on every call: a 1,000-token prompt's TTFT fell by
     /// ~8% (perf: 59% of a 16 x 64-token prefill in gemm's microkernel plus 6% in its packing).
     pub(super) fn gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        use crate::sgemm::{matmul_raw, PackedB, NR};
+        use crate::sgemm::PackedB;
         thread_local! {
             static PANELS: RefCell<PackedB> = RefCell::new(PackedB::default());
         }
+        PANELS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut panels) => self.gemm_with(&mut panels, x, m, out),
+            // This thread is already inside a product: waiting in its parallel part, the pool
+            // worker took up another product (e.g. another sequence batch's or model's pass).
+            Err(_) => self.gemm_with(&mut PackedB::default(), x, m, out),
+        })
+    }
+
+    /// [`QWeight::gemm`] with `b` as the buffer for a group of panels.
+    fn gemm_with(&self, b: &mut crate::sgemm::PackedB, x: &[f32], m: usize, out: &mut [f32]) {
+        use crate::sgemm::{matmul_raw, NR};
         let (n, k) = (self.rows, self.cols);
         let group = (PANEL_FLOATS / k / NR * NR).max(NR).min(n);
         let threads = rayon::current_num_threads();
         let chunk = m.div_ceil(threads * 3).max(12);
-        PANELS.with(|cell| {
-            let mut b = cell.borrow_mut();
-            let mut p0 = 0;
-            while p0 < n {
-                let rows = group.min(n - p0);
-                b.pack_weight_rows(rows, k, |j, row| self.dequantize_row(p0 + j, row));
-                let b = &*b;
-                let dst = SyncPtr(out.as_mut_ptr());
-                (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
-                    let r0 = t * chunk;
-                    let mr = chunk.min(m - r0);
-                    // SAFETY: x holds m rows of k; out is [m, n] and this task writes rows
-                    // r0..r0 + mr, columns p0..p0 + rows only; the weight's ISA was detected.
-                    unsafe {
-                        matmul_raw(
-                            self.isa,
-                            &x[r0 * k..],
-                            k,
-                            mr,
-                            b,
-                            dst.get().add(r0 * n + p0),
-                            n,
-                            0..b.panels(),
-                        )
-                    }
-                });
-                p0 += rows;
-            }
-        })
+        let mut p0 = 0;
+        while p0 < n {
+            let rows = group.min(n - p0);
+            b.pack_weight_rows(rows, k, |j, row| self.dequantize_row(p0 + j, row));
+            let b = &*b;
+            let dst = SyncPtr(out.as_mut_ptr());
+            (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
+                let r0 = t * chunk;
+                let mr = chunk.min(m - r0);
+                // SAFETY: x holds m rows of k; out is [m, n] and this task writes rows
+                // r0..r0 + mr, columns p0..p0 + rows only; the weight's ISA was detected.
+                unsafe {
+                    matmul_raw(
+                        self.isa,
+                        &x[r0 * k..],
+                        k,
+                        mr,
+                        b,
+                        dst.get().add(r0 * n + p0),
+                        n,
+                        0..b.panels(),
+                    )
+                }
+            });
+            p0 += rows;
+        }
     }
 }
 

@@ -107,6 +107,40 @@ fn gemm_panels_match_candle_reference() {
     check(GgmlDType::Q4_1, GEMV_MAX_ROWS + 3, 600, 4096);
 }
 
+/// Products handed to the pool from outside at once (as the engines of two chat models do): a
+/// worker waiting inside one product's parallel part takes up another queued product on the same
+/// stack, which must neither find the thread's panel buffer taken (a `RefCell` borrow panic, which
+/// aborts the pool) nor change any result.
+#[test]
+fn products_queued_on_the_pool_together_equal_one_at_a_time() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let (rows, cols, m) = (256, 512, 2 * FUSED_MAX_ROWS_AVX512);
+    let q = quantized(GgmlDType::Q4_1, rows, cols, 5);
+    let w = std::sync::Arc::new(QWeight::from_qtensor(&q).unwrap().expect("covered format"));
+    let xs: Vec<Vec<f32>> = (0..12).map(|i| values(m * cols, 100 + i)).collect();
+    let product = move |w: &QWeight, x: &[f32]| {
+        let mut out = vec![0f32; m * rows];
+        w.matmul(x, m, &mut out);
+        out
+    };
+    let one_at_a_time: Vec<Vec<f32>> = pool.install(|| xs.iter().map(|x| product(&w, x)).collect());
+    for _ in 0..5 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, x) in xs.iter().enumerate() {
+            let (w, x, tx) = (w.clone(), x.clone(), tx.clone());
+            pool.spawn(move || tx.send((i, product(&w, &x))).expect("receiver alive"));
+        }
+        drop(tx);
+        let mut together: Vec<(usize, Vec<f32>)> = rx.iter().collect();
+        together.sort_by_key(|r| r.0);
+        assert_eq!(together.len(), xs.len());
+        assert!(together.iter().map(|r| &r.1).eq(one_at_a_time.iter()));
+    }
+}
+
 #[test]
 fn uncovered_formats_and_bad_sizes_are_refused() {
     let q = quantized(GgmlDType::Q4K, 2, 256, 1);
