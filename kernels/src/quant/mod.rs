@@ -50,7 +50,9 @@ pub const GEMV_MAX_ROWS: usize = 16;
 /// [`GEMV_MAX_ROWS`] for the AVX-512 float32 kernel, whose tiles take eight rows a pass: the gemv
 /// bench's 30-layer walk at 24 / 32 / 48 / 64 / 128 rows took 56-59 / 65-75 / 105-112 / 147-156
 /// / 305-339 ms fused against 178-190 / 189-191 / 210-215 / 236-240 / 297-336 ms as panels,
-/// which first write every weight out as a float (prompts of a few dozen tokens paid that).
+/// which first write every weight out as a float (prompts of a few dozen tokens paid that). With
+/// the panels on our sgemm (2026-11-30): 48 / 64 / 96 rows 33-36 / 39-48 / 49-74 ms fused against
+/// 52-57 / 65-69 / 77-84 ms as panels, so the threshold stays.
 pub const FUSED_MAX_ROWS_AVX512: usize = 96;
 
 /// Floats of one group of dequantized panels (4 MiB: stays in L2/L3 while the GEMM walks the
