@@ -15,6 +15,9 @@ use super::{softmax_in_place, Geom, Tile};
 /// fit the 32 registers with the loaded keys or values.
 const ROWS: usize = 4;
 
+/// Key or value rows ahead of the one in use whose lines are prefetched.
+const AHEAD: usize = 8;
+
 /// # Safety
 /// The CPU has AVX-512F and FMA; `t` is a valid tile (as for [`super::tile_dots`]).
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -89,6 +92,11 @@ unsafe fn dots<const R: usize>(
 ) {
     let mut j = 0;
     while j + 4 <= keys.len() {
+        for &k in keys.iter().skip(j + AHEAD).take(4) {
+            for line in (0..dk).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T0>(k.add(line) as *const i8);
+            }
+        }
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for c in (0..dk).step_by(16) {
             let m = lanes(dk, c);
@@ -143,6 +151,11 @@ unsafe fn weighted_sums<const R: usize>(
         }
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for (j, &v) in values.iter().enumerate() {
+            if let Some(&ahead) = values.get(j + AHEAD) {
+                for line in (0..64.min(dv - c0)).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(c0 + line) as *const i8);
+                }
+            }
             let mut x = [_mm512_setzero_ps(); 4];
             for i in 0..4 {
                 // Past the row only where the mask is empty: nothing is read there.
